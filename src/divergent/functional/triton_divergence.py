@@ -1,0 +1,560 @@
+"""One fused Triton kernel per chunk: both log-softmaxes, the divergence and its gradient.
+
+This is the GPU inner loop of the output-layer-fused loss
+(:mod:`divergent.functional.fused_linear`). For a chunk of ``N`` tokens it
+receives the student and teacher logits ``s, t`` (``[N, V]``, bf16/fp16/fp32)
+and returns, for every registered divergence except ``sinkhorn``,
+
+    rows[i] = D(p_i || q_i),        p_i = softmax(t_i / T),  q_i = softmax(s_i / T)
+    grad    = d( sum_i row_scale[i] * rows[i] ) / d s
+
+with the functional layer's conventions (student first, teacher second, no T^2
+factor; rows with ``row_scale == 0`` give 0 and a zero gradient). The gradient
+is written into the student logits' own buffer when it is contiguous, so a
+chunk needs no ``[N, V]`` allocation beyond the two logits.
+
+The gradient of every divergence has one shape. Write l_k = log q_k =
+s_k / T - log Z_q and a_k = dD/dl_k (the sensitivity to the student's
+log-probability of class k). Since dl_k/ds_j = (delta_kj - q_j) / T,
+
+    dD/ds_j = ( a_j - q_j * A ) / T,        A = sum_k a_k.
+
+Each divergence therefore only supplies its per-class term, its ``a_k`` and,
+where ``a_k`` needs a row-level quantity (Cauchy-Schwarz, BD-KD), the sums that
+quantity is made of. One program handles one row in three passes over the
+vocabulary, ``BLOCK_V`` entries at a time, accumulating in float32:
+
+1. online log-sum-exp of ``s / T`` and ``t / T`` (running maximum, rescaled sum);
+2. the divergence's sums (its value and ``A``, or the row statistics it needs);
+3. ``grad_j = row_scale * (a_j - q_j * A) / T``, stored over ``s_j``.
+
+Reads per row: 3 x (student + teacher) logits, one write; no ``[N, V]`` float32
+temporaries. The Python side (:func:`rows_and_student_grad`) validates inputs,
+maps a name and its parameters to the kernel's constants, and launches one
+program per row.
+
+``import triton`` is optional: without it this module still imports and
+:func:`supports` returns False, so callers fall back to the PyTorch path. On a
+machine without a GPU the kernel runs on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported); that is how its
+tests check it against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+try:  # Triton is optional: CPU-only installs and CI have none.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+__all__ = ["supports", "rows_and_student_grad", "triton_available", "SUPPORTED_NAMES"]
+
+# Kernel identifiers of the per-class formulas (constexpr: each name compiles its own kernel).
+_FORWARD_KL = 0
+_REVERSE_KL = 1
+_JS = 2
+_TVD = 3
+_SKEW_KL = 4
+_SKEW_REVERSE_KL = 5
+_AB_GENERIC = 6  # alpha > 0, beta > 0
+_AB_ALPHA_ZERO = 7  # alpha = 0, beta > 0 (log form)
+_AB_BETA_ZERO = 8  # beta = 0, alpha > 0 (log form)
+_AB_BOTH_ZERO = 9  # alpha = beta = 0 (log form)
+_AMARI = 10  # 0 < alpha < 1; the ends are forward/reverse KL
+_HELLINGER = 11
+_CHI2 = 12
+_CAUCHY_SCHWARZ = 13
+_BDKD = 14
+
+SUPPORTED_NAMES = (
+    "forward_kl",
+    "reverse_kl",
+    "js",
+    "tvd",
+    "skew_kl",
+    "skew_reverse_kl",
+    "alpha_beta",
+    "alpha",
+    "hellinger",
+    "chi2",
+    "cauchy_schwarz",
+    "bdkd",
+)
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` succeeded."""
+    return triton is not None
+
+
+def supports(name: str) -> bool:
+    """Whether this module computes ``name`` (False for every name when Triton is absent).
+
+    ``sinkhorn`` couples all rows of a batch (a transport plan between them), so
+    it has no per-row kernel and is never supported here.
+    """
+    return triton is not None and name in SUPPORTED_NAMES
+
+
+if triton is not None:
+
+    @triton.jit
+    def _logaddexp(x, y):
+        # log(e^x + e^y) with -inf on either side allowed (then it is the other side).
+        hi = tl.maximum(x, y)
+        lo = tl.minimum(x, y)
+        safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
+        return hi + tl.log(1.0 + tl.exp(lo - safe_hi))
+
+    @triton.jit
+    def _online_logsumexp(row_max, row_sum, block):
+        # One step of the streaming log-sum-exp: keep sum(exp(x - row_max)) for the running maximum.
+        new_max = tl.maximum(row_max, tl.max(block, axis=0))
+        # While every value seen is -inf, shift by 0 so that exp(-inf - 0) = 0 instead of NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(block - shift), axis=0)
+        return new_max, row_sum
+
+    @triton.jit
+    def _class_terms(lp, lq, p, q, param0, param1, param2, DIVERGENCE: tl.constexpr):
+        """Per-class contributions to the pass-2 sums (acc0..acc3) of one divergence.
+
+        lp, lq: log p, log q of a block (-inf where a probability is 0); p, q: their exps.
+        For a sum of per-class terms, acc0 is the divergence and acc1 is A = sum_k a_k.
+        """
+        zero = tl.zeros_like(p)
+        p_pos = p > 0.0
+        q_pos = q > 0.0
+        acc0 = zero
+        acc1 = zero
+        acc2 = zero
+        acc3 = zero
+        if DIVERGENCE == 0:
+            # forward KL = sum p (log p - log q); A = -sum p = -1 is used in closed form
+            acc0 = tl.where(p_pos, p * (lp - lq), zero)
+        elif DIVERGENCE == 1:
+            # reverse KL = sum q (log q - log p); a = q (log q - log p + 1), so A = D + 1
+            acc0 = tl.where(q_pos, q * (lq - lp), zero)
+        elif DIVERGENCE == 2:
+            # JSD_beta = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q;
+            # a = (1-beta) q (log q - log m)  (the m-terms of the derivative cancel)
+            # param0 = beta, param1 = log beta, param2 = log(1 - beta)
+            lm = _logaddexp(param1 + lp, param2 + lq)
+            q_term = tl.where(q_pos, q * (lq - lm), zero)
+            acc0 = param0 * tl.where(p_pos, p * (lp - lm), zero) + (1.0 - param0) * q_term
+            acc1 = (1.0 - param0) * q_term
+        elif DIVERGENCE == 3:
+            # TVD = 1/2 sum |p - q|; a = q * sign(q - p) / 2
+            acc0 = 0.5 * tl.abs(p - q)
+            sign = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+            acc1 = 0.5 * q * sign
+        elif DIVERGENCE == 4:
+            # skew KL = KL(p || m), m = alpha p + (1-alpha) q; a = -(1-alpha) p q / m
+            # param0 = alpha, param1 = log alpha, param2 = log(1 - alpha)
+            lm = _logaddexp(param1 + lp, param2 + lq)
+            acc0 = tl.where(p_pos, p * (lp - lm), zero)
+            acc1 = tl.where(p_pos & q_pos, -(1.0 - param0) * tl.exp(lp + lq - lm), zero)
+        elif DIVERGENCE == 5:
+            # skew reverse KL = KL(q || m), m = alpha q + (1-alpha) p;
+            # a = q (log q - log m + 1) - alpha q^2 / m
+            lm = _logaddexp(param1 + lq, param2 + lp)
+            acc0 = tl.where(q_pos, q * (lq - lm), zero)
+            acc1 = tl.where(q_pos, q * (lq - lm + 1.0) - param0 * tl.exp(2.0 * lq - lm), zero)
+        elif DIVERGENCE == 6:
+            # AB-divergence, alpha, beta > 0:
+            #   D = -1/(alpha beta) sum [p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)]
+            #   a_k = (q^(a+b) - p^a q^b) / alpha;    param0 = alpha, param1 = beta
+            s = param0 + param1
+            pa_qb = tl.exp(param0 * lp + param1 * lq)
+            p_ab = tl.exp(s * lp)
+            q_ab = tl.exp(s * lq)
+            acc0 = -(pa_qb - (param0 / s) * p_ab - (param1 / s) * q_ab) / (param0 * param1)
+            acc1 = (q_ab - pa_qb) / param0
+        elif DIVERGENCE == 7:
+            # AB-divergence, alpha = 0 (limit): D = 1/b^2 sum [q^b b (log q - log p) - q^b + p^b]
+            #   a_k = q^b (log q - log p);    param1 = beta
+            qb = tl.exp(param1 * lq)
+            log_ratio = tl.where(q_pos, qb * (lq - lp), zero)
+            acc0 = (param1 * log_ratio - qb + tl.exp(param1 * lp)) / (param1 * param1)
+            acc1 = log_ratio
+        elif DIVERGENCE == 8:
+            # AB-divergence, beta = 0 (limit): D = 1/a^2 sum [p^a a (log p - log q) - p^a + q^a]
+            #   a_k = (q^a - p^a) / a;    param0 = alpha
+            pa = tl.exp(param0 * lp)
+            qa = tl.exp(param0 * lq)
+            log_ratio = tl.where(p_pos, pa * (lp - lq), zero)
+            acc0 = (param0 * log_ratio - pa + qa) / (param0 * param0)
+            acc1 = (qa - pa) / param0
+        elif DIVERGENCE == 9:
+            # AB-divergence, alpha = beta = 0 (limit): D = 1/2 sum (log p - log q)^2; a_k = log q - log p
+            diff = tl.where(p_pos | q_pos, lq - lp, zero)
+            acc0 = 0.5 * diff * diff
+            acc1 = diff
+        elif DIVERGENCE == 10:
+            # Amari alpha, 0 < alpha < 1: D = (1 - sum p^a q^(1-a)) / (a (1-a));
+            # acc0 collects sum p^a q^(1-a); a_k = -p^a q^(1-a) / a.   param0 = alpha
+            acc0 = tl.where(p_pos & q_pos, tl.exp(param0 * lp + (1.0 - param0) * lq), zero)
+        elif DIVERGENCE == 11:
+            # squared Hellinger = 1/2 sum (sqrt p - sqrt q)^2; a = (q - sqrt(p q)) / 2
+            root_pq = tl.exp(0.5 * (lp + lq))
+            acc0 = 0.5 * (p - 2.0 * root_pq + q)
+            acc1 = 0.5 * (q - root_pq)
+        elif DIVERGENCE == 12:
+            # Pearson chi^2 = sum (p - q)^2 / q; a = q - p^2 / q. With d = log p - log q the term is
+            # q (e^d - 1)^2 for d <= 0 and e^(log p + d) (1 - e^-d)^2 for d > 0: no overflow unless
+            # the value itself overflows (q = 0 < p gives +inf).
+            both_zero = (~p_pos) & (~q_pos)
+            d = tl.where(both_zero, 0.0, lp - lq)
+            d_pos = tl.maximum(d, 0.0)
+            d_neg = tl.minimum(d, 0.0)
+            above = tl.exp(lp + d_pos) * (1.0 - tl.exp(-d_pos)) * (1.0 - tl.exp(-d_pos))
+            below = q * (tl.exp(d_neg) - 1.0) * (tl.exp(d_neg) - 1.0)
+            acc0 = tl.where(both_zero, zero, tl.where(d > 0.0, above, below))
+            acc1 = tl.where(both_zero, zero, q - tl.exp(2.0 * lp - lq))
+        elif DIVERGENCE == 13:
+            # Cauchy-Schwarz: sum p^2 and sum q^2 here; log sum p q is streamed in the kernel
+            acc1 = p * p
+            acc2 = q * q
+        elif DIVERGENCE == 14:
+            # BD-KD: forward KL, reverse KL, teacher entropy H(p), student entropy H(q)
+            acc0 = tl.where(p_pos, p * (lp - lq), zero)
+            acc1 = tl.where(q_pos, q * (lq - lp), zero)
+            acc2 = tl.where(p_pos, -p * lp, zero)
+            acc3 = tl.where(q_pos, -q * lq, zero)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _class_sensitivity(lp, lq, p, q, param0, param1, param2, c0, c1, DIVERGENCE: tl.constexpr):
+        """a_k = dD/d(log q_k) for one block; c0, c1 are row constants from pass 2."""
+        zero = tl.zeros_like(p)
+        p_pos = p > 0.0
+        q_pos = q > 0.0
+        a = zero
+        if DIVERGENCE == 0:
+            a = -p
+        elif DIVERGENCE == 1:
+            a = tl.where(q_pos, q * (lq - lp + 1.0), zero)
+        elif DIVERGENCE == 2:
+            lm = _logaddexp(param1 + lp, param2 + lq)
+            a = (1.0 - param0) * tl.where(q_pos, q * (lq - lm), zero)
+        elif DIVERGENCE == 3:
+            sign = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+            a = 0.5 * q * sign
+        elif DIVERGENCE == 4:
+            lm = _logaddexp(param1 + lp, param2 + lq)
+            a = tl.where(p_pos & q_pos, -(1.0 - param0) * tl.exp(lp + lq - lm), zero)
+        elif DIVERGENCE == 5:
+            lm = _logaddexp(param1 + lq, param2 + lp)
+            a = tl.where(q_pos, q * (lq - lm + 1.0) - param0 * tl.exp(2.0 * lq - lm), zero)
+        elif DIVERGENCE == 6:
+            s = param0 + param1
+            a = (tl.exp(s * lq) - tl.exp(param0 * lp + param1 * lq)) / param0
+        elif DIVERGENCE == 7:
+            a = tl.where(q_pos, tl.exp(param1 * lq) * (lq - lp), zero)
+        elif DIVERGENCE == 8:
+            a = (tl.exp(param0 * lq) - tl.exp(param0 * lp)) / param0
+        elif DIVERGENCE == 9:
+            a = tl.where(p_pos | q_pos, lq - lp, zero)
+        elif DIVERGENCE == 10:
+            a = tl.where(p_pos & q_pos, -tl.exp(param0 * lp + (1.0 - param0) * lq) / param0, zero)
+        elif DIVERGENCE == 11:
+            a = 0.5 * (q - tl.exp(0.5 * (lp + lq)))
+        elif DIVERGENCE == 12:
+            a = tl.where(p_pos | q_pos, q - tl.exp(2.0 * lp - lq), zero)
+        elif DIVERGENCE == 13:
+            # D = -log sum pq + 1/2 log sum p^2 + 1/2 log sum q^2
+            # a = -p q / sum pq + q^2 / sum q^2;   c0 = log sum pq, c1 = 1 / sum q^2
+            a = -tl.exp(lp + lq - c0) + q * q * c1
+        elif DIVERGENCE == 14:
+            # D = w_f KL(p||q) + w_r KL(q||p) with the row weights fixed by the entropy gap
+            # (piecewise constant, so they carry no gradient); c0 = w_f, c1 = w_r
+            a = -c0 * p + c1 * tl.where(q_pos, q * (lq - lp + 1.0), zero)
+        return a
+
+    @triton.jit
+    def _fused_divergence_kernel(
+        student_ptr,
+        teacher_ptr,
+        row_scale_ptr,
+        rows_ptr,
+        vocab_size,
+        student_row_stride,
+        teacher_row_stride,
+        inv_temperature,
+        param0,
+        param1,
+        param2,
+        DIVERGENCE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        student_row = student_ptr + row * student_row_stride
+        teacher_row = teacher_ptr + row * teacher_row_stride
+        offsets = tl.arange(0, BLOCK_V)
+        row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
+
+        # Pass 1: log Z_q and log Z_p of the tempered logits, streamed over the vocabulary.
+        s_max = float("-inf")
+        s_sum = 0.0
+        t_max = float("-inf")
+        t_sum = 0.0
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offsets
+            in_vocab = cols < vocab_size
+            s = tl.load(student_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+            t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+            s_max, s_sum = _online_logsumexp(s_max, s_sum, s)
+            t_max, t_sum = _online_logsumexp(t_max, t_sum, t)
+        log_zq = s_max + tl.log(s_sum)
+        log_zp = t_max + tl.log(t_sum)
+
+        # Pass 2: the divergence's row sums, per lane in float32, reduced once at the end.
+        acc0 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        # Cauchy-Schwarz only: per-lane streaming log-sum-exp of log p + log q, because
+        # sum p q underflows float32 when the two distributions barely overlap.
+        cross_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+        cross_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offsets
+            in_vocab = cols < vocab_size
+            s = tl.load(student_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+            t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+            lq = s - log_zq
+            lp = t - log_zp
+            d0, d1, d2, d3 = _class_terms(lp, lq, tl.exp(lp), tl.exp(lq), param0, param1, param2, DIVERGENCE)
+            # Lanes past the vocabulary hold p = q = 0; every term is 0 there except where a
+            # formula is not (chi^2 and the AB log forms guard it), so mask them explicitly.
+            acc0 += tl.where(in_vocab, d0, 0.0)
+            acc1 += tl.where(in_vocab, d1, 0.0)
+            acc2 += tl.where(in_vocab, d2, 0.0)
+            acc3 += tl.where(in_vocab, d3, 0.0)
+            if DIVERGENCE == 13:
+                cross = lp + lq
+                new_max = tl.maximum(cross_max, cross)
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                cross_sum = cross_sum * tl.exp(cross_max - shift) + tl.exp(cross - shift)
+                cross_max = new_max
+        sum0 = tl.sum(acc0, axis=0)
+        sum1 = tl.sum(acc1, axis=0)
+        sum2 = tl.sum(acc2, axis=0)
+        sum3 = tl.sum(acc3, axis=0)
+
+        # Row value D, A = sum_k a_k, and the row constants the per-class a_k need.
+        c0 = 0.0
+        c1 = 0.0
+        if DIVERGENCE == 0:
+            value = sum0
+            total_a = -1.0
+        elif DIVERGENCE == 1:
+            value = sum0
+            total_a = sum0 + 1.0
+        elif DIVERGENCE == 10:
+            value = (1.0 - sum0) / (param0 * (1.0 - param0))
+            total_a = -sum0 / param0
+        elif DIVERGENCE == 13:
+            top = tl.max(cross_max, axis=0)
+            safe_top = tl.where(top == float("-inf"), 0.0, top)
+            log_cross = safe_top + tl.log(tl.sum(cross_sum * tl.exp(cross_max - safe_top), axis=0))
+            # >= 0 by the Cauchy-Schwarz inequality; clamp rounding below zero
+            value = tl.maximum(-log_cross + 0.5 * tl.log(sum1) + 0.5 * tl.log(sum2), 0.0)
+            total_a = 0.0  # -sum pq / sum pq + sum q^2 / sum q^2
+            c0 = log_cross
+            c1 = 1.0 / sum2
+        elif DIVERGENCE == 14:
+            # The less confident side gets the large weight on the KL that pulls it:
+            # student entropy above the teacher's -> reverse KL weighted high, else forward KL.
+            student_less_confident = sum3 > sum2
+            c0 = tl.where(student_less_confident, param1, param0)  # forward-KL weight
+            c1 = tl.where(student_less_confident, param0, param1)  # reverse-KL weight
+            value = c0 * sum0 + c1 * sum1
+            total_a = -c0 + c1 * (sum1 + 1.0)
+        else:
+            value = sum0
+            total_a = sum1
+
+        counted = row_scale != 0.0
+        tl.store(rows_ptr + row, tl.where(counted, value, 0.0))
+
+        # Pass 3: grad_j = row_scale * (a_j - q_j A) / T, written over the student logits.
+        coefficient = row_scale * inv_temperature
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offsets
+            in_vocab = cols < vocab_size
+            s_raw = tl.load(student_row + cols, mask=in_vocab, other=float("-inf"))
+            s = s_raw.to(tl.float32) * inv_temperature
+            t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+            lq = s - log_zq
+            lp = t - log_zp
+            q = tl.exp(lq)
+            a = _class_sensitivity(lp, lq, tl.exp(lp), q, param0, param1, param2, c0, c1, DIVERGENCE)
+            grad = tl.where(counted, coefficient * (a - q * total_a), 0.0)
+            tl.store(student_row + cols, grad.to(s_raw.dtype), mask=in_vocab)
+
+
+def _kernel_constants(name: str, params: Mapping[str, Any] | None) -> tuple[int, float, float, float]:
+    """Map a divergence and its parameters to (kernel id, param0, param1, param2).
+
+    Parameters are filled and range-checked by the registry (``get_spec(name).resolve``),
+    the one place their defaults and ranges are declared.
+    """
+    from divergent.functional.registry import get_spec
+
+    resolved = get_spec(name).resolve(dict(params or {}))
+    fixed = {
+        "forward_kl": _FORWARD_KL,
+        "reverse_kl": _REVERSE_KL,
+        "tvd": _TVD,
+        "hellinger": _HELLINGER,
+        "chi2": _CHI2,
+        "cauchy_schwarz": _CAUCHY_SCHWARZ,
+    }
+    if name in fixed:
+        return fixed[name], 0.0, 0.0, 0.0
+    if name == "js":
+        beta = resolved["beta"]
+        return _JS, beta, math.log(beta), math.log1p(-beta)
+    if name in ("skew_kl", "skew_reverse_kl"):
+        alpha = resolved["alpha"]
+        if alpha == 0.0:  # no smoothing: the plain KL of that direction
+            return (_FORWARD_KL if name == "skew_kl" else _REVERSE_KL), 0.0, 0.0, 0.0
+        kernel = _SKEW_KL if name == "skew_kl" else _SKEW_REVERSE_KL
+        return kernel, alpha, math.log(alpha), math.log1p(-alpha)
+    if name == "alpha_beta":
+        alpha, beta = resolved["alpha"], resolved["beta"]
+        if alpha > 0 and beta > 0:
+            return _AB_GENERIC, alpha, beta, 0.0
+        if beta > 0:
+            return _AB_ALPHA_ZERO, 0.0, beta, 0.0
+        if alpha > 0:
+            return _AB_BETA_ZERO, alpha, 0.0, 0.0
+        return _AB_BOTH_ZERO, 0.0, 0.0, 0.0
+    if name == "alpha":
+        alpha = resolved["alpha"]
+        if alpha == 1.0:  # the alpha -> 1 limit is forward KL
+            return _FORWARD_KL, 0.0, 0.0, 0.0
+        if alpha == 0.0:  # the alpha -> 0 limit is reverse KL
+            return _REVERSE_KL, 0.0, 0.0, 0.0
+        return _AMARI, alpha, 0.0, 0.0
+    if name == "bdkd":
+        return _BDKD, resolved["high_weight"], resolved["low_weight"], 0.0
+    raise ValueError(f"name {name!r} has no fused kernel; supported: {', '.join(SUPPORTED_NAMES)}")
+
+
+def _default_block_size(vocab_size: int) -> int:
+    return min(4096, triton.next_power_of_2(vocab_size))
+
+
+def _is_interpreted(kernel: Any) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def rows_and_student_grad(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    params: Mapping[str, Any] | None = None,
+    row_scale: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence of one chunk and the gradient of their weighted sum, in one kernel.
+
+    Args:
+        name: a registered divergence other than ``sinkhorn`` (see :func:`supports`).
+        student_logits: ``[N, V]`` float16/bfloat16/float32 student logits ``s``.
+            Overwritten with the gradient when contiguous (the chunk's logits
+            are not needed afterwards); otherwise a contiguous copy is.
+        teacher_logits: ``[N, V]`` teacher logits ``t`` (any float dtype); read only.
+        temperature: ``T > 0``; both sides are ``softmax(logits / T)``. No T^2 factor.
+        params: the divergence's parameters (registry defaults for the ones left out).
+        row_scale: ``[N]`` weights ``c_i`` (default ones); rows with ``c_i = 0`` give 0.
+        block_size: vocabulary entries per step (a power of two; default min(4096, V)).
+
+    Returns:
+        ``rows`` float32 ``[N]`` with ``rows[i] = D(p_i || q_i)`` (0 where ``c_i = 0``)
+        and ``grad = d(sum_i c_i rows[i]) / d s`` in ``student_logits``' dtype,
+        sharing its storage when it was contiguous.
+
+    Inputs are assumed free of NaN (the calling loss validates logits once).
+    """
+    if triton is None:
+        raise RuntimeError("divergent.functional.triton_divergence needs the triton package; it is not installed")
+    for argument, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{argument} must be a torch.Tensor of logits, got {type(tensor).__name__}")
+        if tensor.ndim != 2:
+            raise ValueError(f"{argument} must be 2-D [tokens, vocabulary], got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{argument} must be float16, bfloat16 or float32, got {tensor.dtype}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on one device, got "
+            f"{student_logits.device} and {teacher_logits.device}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not math.isfinite(float(temperature)):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
+    if not supports(name):
+        raise ValueError(f"name {name!r} has no fused kernel; supported: {', '.join(SUPPORTED_NAMES)}")
+    kernel_id, param0, param1, param2 = _kernel_constants(name, params)
+
+    rows_count, vocab_size = student_logits.shape
+    device = student_logits.device
+    if device.type == "cpu" and not _is_interpreted(_fused_divergence_kernel):
+        raise RuntimeError(
+            "the Triton kernel needs CUDA tensors; on CPU it runs only under the interpreter "
+            "(set TRITON_INTERPRET=1 before importing divergent.functional.triton_divergence)"
+        )
+    if row_scale is None:
+        row_scale = torch.ones(rows_count, dtype=torch.float32, device=device)
+    if not isinstance(row_scale, torch.Tensor) or row_scale.shape != (rows_count,):
+        got = tuple(row_scale.shape) if isinstance(row_scale, torch.Tensor) else type(row_scale).__name__
+        raise ValueError(f"row_scale must be a tensor of shape ({rows_count},), got {got}")
+    row_scale = row_scale.to(device=device, dtype=torch.float32).contiguous()
+    if block_size is None:
+        block_size = _default_block_size(vocab_size)
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+
+    # The gradient overwrites the logits it is computed from, one block after it was read.
+    student = student_logits if student_logits.is_contiguous() else student_logits.contiguous()
+    teacher = teacher_logits.contiguous()
+    rows = torch.empty(rows_count, dtype=torch.float32, device=device)
+    if rows_count == 0:
+        return rows, student
+    num_warps = 8 if block_size >= 2048 else 4
+    _fused_divergence_kernel[(rows_count,)](
+        student,
+        teacher,
+        row_scale,
+        rows,
+        vocab_size,
+        student.stride(0),
+        teacher.stride(0),
+        1.0 / float(temperature),
+        param0,
+        param1,
+        param2,
+        DIVERGENCE=kernel_id,
+        BLOCK_V=block_size,
+        num_warps=num_warps,
+    )
+    return rows, student
