@@ -1,0 +1,138 @@
+"""Shared benchmark harness: median timings, peak memory, CSV with provenance.
+
+Every benchmark file in this folder times one op with :func:`time_fn`, measures
+memory with :func:`peak_memory_mb`, and writes rows with :func:`write_results`,
+which records the command line and the machine in a comment header so that a
+committed CSV says where its numbers came from. Quote medians and ratios taken
+side by side in one run: these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["time_fn", "peak_memory_mb", "machine_description", "write_results", "command_line"]
+
+
+def _sync(device: str | torch.device | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times; return median/min/max in ms."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return {
+        "median_ms": statistics.median(samples),
+        "min_ms": min(samples),
+        "max_ms": max(samples),
+        "repeats": repeats,
+    }
+
+
+def _rss_worker(make_fn: Callable[[], Callable[[], Any]], queue: "mp.Queue[tuple[float, float]]") -> None:
+    fn = make_fn()  # inputs are created here and count toward the baseline
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    queue.put((before / 1024.0, after / 1024.0))  # ru_maxrss is KiB on Linux
+
+
+def peak_memory_mb(make_fn: Callable[[], Callable[[], Any]], device: str | torch.device = "cpu") -> float:
+    """Extra peak memory (MiB) of one call of the function that ``make_fn()`` returns.
+
+    ``make_fn`` builds the inputs and returns a zero-argument callable, so that
+    inputs are not counted. On CPU this runs in a fresh process (fork) and reports
+    the growth of the peak resident set during the call; on CUDA it reports
+    ``torch.cuda.max_memory_allocated`` above the allocation before the call.
+    ``make_fn`` must be picklable-free under fork (a module-level function or closure).
+    """
+    if torch.device(device).type == "cuda":
+        fn = make_fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_rss_worker, args=(make_fn, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"memory measurement process failed with exit code {proc.exitcode}")
+    before, after = queue.get()
+    return max(after - before, 0.0)
+
+
+def machine_description() -> str:
+    """One line: CPU or GPU model, core count, torch version."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as handle:
+                for line in handle:
+                    if line.startswith("model name"):
+                        device = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return f"{device}; {os.cpu_count()} cores; torch {torch.__version__}; python {platform.python_version()}"
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, command: str | None = None) -> Path:
+    """Write rows as CSV preceded by ``# command:``, ``# machine:`` and ``# date:`` comment lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    with path.open("w", newline="") as handle:
+        handle.write(f"# command: {command or command_line()}\n")
+        handle.write(f"# machine: {machine_description()}\n")
+        handle.write(f"# date: {_dt.datetime.now().isoformat(timespec='seconds')}\n")
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row))
+    return path

@@ -1,0 +1,154 @@
+"""A teacher given only as its top-k log-probabilities (sparse teacher).
+
+Storing a teacher's full distribution over a 128k vocabulary costs 256 KB per
+token in bf16; its top-k log-probs cost a few hundred bytes. ``TopK`` keeps the
+k largest teacher log-probs per row and puts the remaining mass, 1 − Σ top-k,
+in one extra *tail bucket*. The student's distribution is collapsed onto the
+same k+1 buckets (its own probabilities at the k indices, and the sum of all
+others), and any divergence is then taken between the two (k+1)-bucket
+distributions. Merging classes is a coarsening, so by the data-processing
+inequality every f-divergence on the buckets is at most the full one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["TopK"]
+
+
+class TopK:
+    """Sparse teacher: ``indices`` [..., k] (integer) and ``logprobs`` [..., k] (teacher log-probs).
+
+    The log-probs are the teacher's full-vocabulary log-softmax at the stored
+    indices (temperature 1). Pass a ``TopK`` wherever ``teacher_logits`` is accepted.
+
+    >>> import torch, divergent as dv
+    >>> teacher = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    >>> student = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    >>> sparse = dv.TopK.from_logits(teacher, k=2)
+    >>> sparse.k, sparse.indices.tolist()
+    (2, [[0, 1]])
+    >>> full = dv.divergence("forward_kl", student, teacher)
+    >>> bucketed = dv.divergence("forward_kl", student, sparse)
+    >>> bool(bucketed <= full)
+    True
+    """
+
+    def __init__(self, indices: Tensor, logprobs: Tensor) -> None:
+        if not isinstance(indices, Tensor) or not isinstance(logprobs, Tensor):
+            raise TypeError(
+                f"TopK(indices, logprobs) takes two tensors, got {type(indices).__name__} and "
+                f"{type(logprobs).__name__}"
+            )
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.is_complex():
+            raise TypeError(f"TopK indices must be an integer tensor, got dtype {indices.dtype}")
+        if not logprobs.is_floating_point():
+            raise TypeError(f"TopK logprobs must be a floating-point tensor, got dtype {logprobs.dtype}")
+        if indices.shape != logprobs.shape:
+            raise ValueError(
+                f"TopK indices and logprobs must have the same shape, got {tuple(indices.shape)} "
+                f"and {tuple(logprobs.shape)}"
+            )
+        if indices.ndim == 0 or indices.shape[-1] == 0:
+            raise ValueError(f"TopK needs at least one index per row (shape [..., k], k ≥ 1), got {tuple(indices.shape)}")
+        if torch.isnan(logprobs).any() or torch.isposinf(logprobs).any():
+            raise ValueError("TopK logprobs contain NaN or +inf; expected log-probabilities ≤ 0")
+        if (logprobs > 1e-4).any():
+            raise ValueError(
+                f"TopK logprobs must be log-probabilities (≤ 0), got a maximum of {float(logprobs.max()):.4g}; "
+                f"pass log_softmax(teacher_logits) values, or build it with TopK.from_logits"
+            )
+        mass = torch.logsumexp(logprobs.double(), dim=-1).exp()
+        if (mass > 1.0 + 1e-3).any():
+            raise ValueError(
+                f"TopK logprobs sum to more than 1 in probability (max {float(mass.max()):.6g}); they must be "
+                f"the teacher's full-vocabulary log-probs at the stored indices"
+            )
+        if (indices < 0).any():
+            raise ValueError("TopK indices must be ≥ 0")
+        if indices.shape[-1] > 1:
+            ordered = indices.sort(dim=-1).values
+            if (ordered[..., 1:] == ordered[..., :-1]).any():
+                raise ValueError("TopK indices contain a repeated index within a row; each class may appear once")
+        self.indices = indices.long()
+        self.logprobs = logprobs
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int) -> "TopK":
+        """Keep the ``k`` most probable classes of ``logits`` (full teacher logits, [..., V])."""
+        if not isinstance(logits, Tensor) or not logits.is_floating_point():
+            raise TypeError("TopK.from_logits needs a floating-point tensor of logits")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+            raise ValueError(f"k must be an integer in [1, {logits.shape[-1]}] (the vocabulary size), got {k!r}")
+        logprobs = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+        values, indices = logprobs.topk(k, dim=-1)
+        return cls(indices, values)
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the rows, ``[..., k]``."""
+        return self.indices.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.logprobs.device
+
+    @classmethod
+    def _trusted(cls, indices: Tensor, logprobs: Tensor) -> "TopK":
+        # Views of an already validated TopK skip the checks.
+        obj = cls.__new__(cls)
+        obj.indices, obj.logprobs = indices, logprobs
+        return obj
+
+    def to(self, device: torch.device | str) -> "TopK":
+        return TopK._trusted(self.indices.to(device), self.logprobs.to(device))
+
+    def __getitem__(self, item) -> "TopK":
+        return TopK._trusted(self.indices[item], self.logprobs[item])
+
+    def flatten_rows(self) -> "TopK":
+        """The same teacher with all leading dimensions flattened: ``[n, k]``."""
+        return TopK._trusted(self.indices.reshape(-1, self.k), self.logprobs.reshape(-1, self.k))
+
+    def __repr__(self) -> str:
+        return f"TopK(shape={tuple(self.shape)}, k={self.k}, dtype={self.logprobs.dtype})"
+
+
+def bucket_logprobs(student_logits: Tensor, teacher: TopK, temperature: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probs over the k+1 buckets (k stored classes, then the tail).
+
+    Student: log-softmax(student_logits / T) gathered at the indices; its tail is the
+    logsumexp of all other classes (computed directly, not as 1 − Σ, to stay exact).
+    Teacher: the stored log-probs and log(1 − Σ p_topk) for the tail, then tempered as
+    softmax(log p_bucket / T) — exact at T = 1; at T ≠ 1 the tail is tempered as if it were
+    one class. When k equals the vocabulary size there is no tail (both tails are -inf).
+    """
+    vocab = student_logits.shape[-1]
+    if teacher.k > vocab:
+        raise ValueError(f"TopK teacher has k={teacher.k} classes per row but the student has only {vocab}")
+    if int(teacher.indices.max()) >= vocab:
+        raise ValueError(
+            f"TopK indices go up to {int(teacher.indices.max())} but student_logits has vocabulary size {vocab}"
+        )
+    indices = teacher.indices.to(student_logits.device)
+    lq_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lq_top = lq_full.gather(-1, indices)
+    lp_top = teacher.logprobs.to(device=student_logits.device, dtype=dtype)
+    if teacher.k == vocab:
+        neg_inf = torch.full_like(lq_top[..., :1], float("-inf"))
+        lq_tail, lp_tail = neg_inf, neg_inf
+    else:
+        lq_tail = torch.logsumexp(lq_full.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True)
+        top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp_max(0.0)
+        lp_tail = torch.log(-torch.expm1(top_mass))  # log(1 − Σ p_topk); -inf when Σ = 1
+    lq = torch.cat([lq_top, lq_tail], dim=-1)
+    lp = torch.cat([lp_top, lp_tail], dim=-1)
+    if temperature != 1.0:
+        lp = torch.log_softmax(lp / temperature, dim=-1)
+    return lp, lq

@@ -1,0 +1,5 @@
+"""nn.Module wrappers that hold hyperparameters and call divergent.functional."""
+
+from divergent.losses.modules import DistillationLoss, DivergenceLoss
+
+__all__ = ["DivergenceLoss", "DistillationLoss"]

@@ -1,0 +1,1 @@
+"""Classifier distillation methods built from the functional layer."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics: accuracy, NLL, calibration, agreement, pass@k."""

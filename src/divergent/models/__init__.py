@@ -1,0 +1,1 @@
+"""Reference models: classifiers, CIFAR ResNets, a tiny GPT, local Hugging Face loading."""

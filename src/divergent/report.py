@@ -1,0 +1,215 @@
+"""Run folders, tables and result files shared by every command.
+
+Every command reports the same way: a rich table in the terminal, and in a run
+folder ``results.csv``/``results.json``, a Markdown ``report.md`` and PNG plots.
+The helpers here keep that uniform; they know nothing about any method.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+__all__ = [
+    "cache_dir",
+    "make_run_dir",
+    "write_csv",
+    "write_json",
+    "print_table",
+    "markdown_table",
+    "format_value",
+    "mean_std",
+    "paired_difference",
+    "progress",
+]
+
+
+def cache_dir() -> Path:
+    """Where cached teachers and warm-started policies live.
+
+    ``$DIVERGENT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/divergent``, else
+    ``~/.cache/divergent``. Created on first use.
+    """
+    env = os.environ.get("DIVERGENT_CACHE_DIR")
+    if env:
+        root = Path(env)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg) if xdg else Path.home() / ".cache") / "divergent"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def make_run_dir(root: str | os.PathLike, name: str) -> Path:
+    """Create and return a new folder ``root/<name>-<YYYYmmdd-HHMMSS>[-k]`` that did not exist."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{name}-{stamp}"
+    candidate, k = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=False, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = Path(f"{base}-{k}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows (dicts) as CSV; the header is the union of keys in first-seen order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _plain(v) for k, v in row.items()})
+    return path
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON (paths and 0-d tensors/arrays become plain values)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def default(value: Any) -> Any:
+        plain = _plain(value)
+        if plain is value:
+            if hasattr(value, "tolist"):
+                return value.tolist()
+            return str(value)
+        return plain
+
+    path.write_text(json.dumps(obj, indent=2, default=default) + "\n")
+    return path
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    """Compact text for a table cell: floats to ``digits`` significant places."""
+    value = _plain(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return "" if value is None else str(value)
+
+
+def print_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    title: str | None = None,
+    console: Console | None = None,
+) -> Table:
+    """Print rows as a rich table with the given columns; returns the table."""
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(format_value(row.get(column)) for column in columns))
+    (console or Console()).print(table)
+    return table
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as a GitHub-flavoured Markdown table.
+
+    >>> print(markdown_table([{"a": 1, "b": 0.123456}], ["a", "b"]))
+    | a | b |
+    |---|---|
+    | 1 | 0.1235 |
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = [format_value(row.get(c)).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value).
+
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 1.0)
+    """
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std needs at least one value, got an empty sequence")
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def paired_difference(a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, float]) -> dict[str, Any]:
+    """Paired comparison of two methods run on the same seeds (and splits).
+
+    The differences d_s = a_s - b_s over the shared seeds s give ``mean_diff`` and
+    ``std_diff`` (sample standard deviation). ``significant`` is True when at least
+    two seeds are shared and |mean_diff| > std_diff: the difference is larger than
+    its own spread across seeds, so it is unlikely to be seed noise alone. This is
+    deliberately a plain rule a reader can check, not a p-value.
+
+    >>> r = paired_difference({0: 0.9, 1: 0.92, 2: 0.91}, {0: 0.8, 1: 0.83, 2: 0.80})
+    >>> round(r["mean_diff"], 4), r["n"], r["significant"]
+    (0.1, 3, True)
+    """
+    seeds = [s for s in a_by_seed if s in b_by_seed]
+    if not seeds:
+        raise ValueError("paired_difference needs at least one seed present in both inputs")
+    diffs = [float(a_by_seed[s]) - float(b_by_seed[s]) for s in seeds]
+    mean, std = mean_std(diffs)
+    return {
+        "mean_diff": mean,
+        "std_diff": std,
+        "n": len(diffs),
+        "significant": len(diffs) >= 2 and abs(mean) > std,
+    }
+
+
+def progress(console: Console | None = None, transient: bool = False) -> Progress:
+    """A rich progress bar with description, bar, count, elapsed and remaining time.
+
+    Use as ``with progress() as bar: task = bar.add_task("training", total=n); bar.advance(task)``.
+    """
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )

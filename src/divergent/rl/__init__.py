@@ -1,0 +1,35 @@
+"""RL and preference objectives built from the functional layer.
+
+KL estimators, GRPO advantages and PPO-clip, DPH-RL generators, KDRL, f-DPO,
+balanced difficulty filtering and unbiased pass@k — each defined once here and
+imported by the trainers in ``divergent.train``.
+"""
+
+from divergent.rl.estimators import KL_ESTIMATORS, kl_estimator, token_logprobs
+from divergent.rl.fdpo import FDPO_DIVERGENCES, fdpo_loss, fdpo_psi
+from divergent.rl.filtering import BalancedBatch, accuracy_band_mask
+from divergent.rl.generators import GENERATORS, f_generator
+from divergent.rl.grpo import group_advantages, masked_token_mean, ppo_clip_loss
+from divergent.rl.kdrl import kdrl_coefficient, kdrl_kd_loss
+from divergent.rl.passk import distinct_correct, pass_at_k, pass_at_k_curve
+
+__all__ = [
+    "FDPO_DIVERGENCES",
+    "GENERATORS",
+    "KL_ESTIMATORS",
+    "BalancedBatch",
+    "accuracy_band_mask",
+    "distinct_correct",
+    "f_generator",
+    "fdpo_loss",
+    "fdpo_psi",
+    "group_advantages",
+    "kdrl_coefficient",
+    "kdrl_kd_loss",
+    "kl_estimator",
+    "masked_token_mean",
+    "pass_at_k",
+    "pass_at_k_curve",
+    "ppo_clip_loss",
+    "token_logprobs",
+]

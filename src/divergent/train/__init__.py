@@ -1,0 +1,1 @@
+"""Training loops: classifier, LM, RL and preference; checkpointing."""

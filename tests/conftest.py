@@ -1,0 +1,34 @@
+"""Shared test configuration: `slow` and `gpu` markers.
+
+Slow tests run with ``pytest --runslow`` or ``DIVERGENT_SLOW=1``; GPU tests run
+whenever CUDA is available.
+"""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("DIVERGENT_SLOW") == "1"
+    has_gpu = torch.cuda.is_available()
+    skip_slow = pytest.mark.skip(reason="slow: use --runslow or DIVERGENT_SLOW=1")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    # Keep cached teachers and run folders inside the test's tmp dir.
+    monkeypatch.setenv("DIVERGENT_CACHE_DIR", str(tmp_path / "cache"))
+    yield
