@@ -1,0 +1,477 @@
+"""Divergence fused with the output layer, chunked over tokens.
+
+For LLM distillation the logits ``x @ W^T`` of a 128k-token vocabulary are the
+largest tensors of the step: ``N`` tokens x ``V`` entries, twice (student and
+teacher), plus their gradient. This module computes
+
+    loss = sum_i  c_i * [ soft_scale * D(softmax(s_i / T) || softmax(t_i / T))
+                          + hard_scale * CE(s_i, y_i) ]
+
+    s_i = x_s[i] @ W_s^T      (student logits of token i)
+    t_i = x_t[i] @ W_t^T      (teacher logits of token i)
+
+with ``c_i = 1`` for counted tokens (label != ignore_index) and 0 otherwise,
+``soft_scale = soft_weight * (T^2 if t2_scale) / denominator`` and
+``hard_scale = hard_weight / denominator``, by walking over the tokens in
+chunks of ``chunk_size`` rows. Each chunk's logits and the gradient of the
+loss with respect to them live only while the chunk is processed; the
+gradients with respect to the inputs and weights are accumulated right away:
+
+    dL/dx_s[chunk] = G @ W_s          dL/dW_s += G^T @ x_s[chunk]
+
+where ``G = dL/ds[chunk]``. The whole computation happens in the forward pass
+(the backward only scales the stored gradients by ``grad_output``), so peak
+memory is O(N * H + chunk_size * V) instead of O(N * V).
+
+The per-row divergence and its gradient come from
+:func:`rows_and_student_grad_torch`, which calls ``dv.divergence`` (the one
+place the math lives). On CUDA, when the GPU module
+``divergent.functional.triton_divergence`` imports and ``supports(name)``, its
+``rows_and_student_grad`` (same signature) is used instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "fused_linear_distillation",
+    "rows_and_student_grad_torch",
+    "resolve_vocab_size",
+]
+
+
+def _divergence_module():
+    # Imported lazily: ``divergent.functional.__init__`` imports this module.
+    import divergent.functional as functional
+
+    return functional
+
+
+def _is_topk(teacher: Any) -> bool:
+    return type(teacher).__name__ == "TopK" and hasattr(teacher, "logprobs")
+
+
+def _slice_topk(teacher: Any, start: int, end: int) -> Any:
+    return type(teacher)(teacher.indices[start:end], teacher.logprobs[start:end])
+
+
+def rows_and_student_grad_torch(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: Any,
+    *,
+    temperature: float,
+    params: dict,
+    row_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence and the gradient of their weighted sum.
+
+    Returns ``rows`` (float32 ``[N]``; float64 for float64 logits, ``rows[i] = D(p_i || q_i)`` at
+    ``temperature``; rows with ``row_scale == 0`` are 0) and
+    ``grad = d(sum_i row_scale[i] * rows[i]) / d student_logits`` (same dtype,
+    ``[N, V]``). ``teacher_logits`` is ``[N, V]`` logits or a ``dv.TopK``; it
+    receives no gradient. This is the reference of the Triton kernel's
+    ``rows_and_student_grad`` and has the identical signature.
+    """
+    functional = _divergence_module()
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    row_scale = row_scale.to(dtype)
+    with torch.enable_grad():
+        student = student_logits.detach().to(dtype).requires_grad_(True)
+        teacher = teacher_logits if _is_topk(teacher_logits) else teacher_logits.detach()
+        rows = functional.divergence(
+            name,
+            student,
+            teacher,
+            temperature=temperature,
+            mask=row_scale != 0,
+            reduction="none",
+            **params,
+        )
+        (grad,) = torch.autograd.grad((rows.to(dtype) * row_scale).sum(), student)
+    return rows.detach().to(dtype), grad
+
+
+def _student_rows_and_grad(name, student_logits, teacher_logits, temperature, params, row_scale):
+    """Dispatch to the Triton kernel on CUDA when it exists and supports ``name``."""
+    implementation = rows_and_student_grad_torch
+    if student_logits.is_cuda and not _is_topk(teacher_logits):
+        try:
+            from divergent.functional import triton_divergence
+        except ImportError:
+            triton_divergence = None
+        if triton_divergence is not None and triton_divergence.supports(name):
+            implementation = triton_divergence.rows_and_student_grad
+    return implementation(
+        name,
+        student_logits,
+        teacher_logits,
+        temperature=temperature,
+        params=params,
+        row_scale=row_scale,
+    )
+
+
+def resolve_vocab_size(student_vocab: int, teacher_vocab: int | None, vocab_size: int | None) -> int:
+    """The vocabulary both sides are compared over.
+
+    Equal sizes are used as they are. A difference is accepted only when it is
+    padding: rows of the output layer beyond the tokenizer's real vocabulary
+    (models pad the embedding to a multiple of 64 or 128 for speed). Then
+    ``vocab_size`` must name the real size and both sides are cut to it.
+    Anything else means different tokenizers, whose token ids do not refer to
+    the same strings, so a token-level divergence between them is meaningless.
+    """
+    if vocab_size is not None:
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        for side, size in (("student", student_vocab), ("teacher", teacher_vocab)):
+            if size is not None and size < vocab_size:
+                raise ValueError(
+                    f"vocab_size={vocab_size} is larger than the {side} output layer ({size} rows)"
+                )
+        return vocab_size
+    if teacher_vocab is None or teacher_vocab == student_vocab:
+        return student_vocab
+    raise ValueError(
+        f"student vocabulary ({student_vocab}) and teacher vocabulary ({teacher_vocab}) differ. "
+        "Token-level distillation needs student and teacher to share one tokenizer. If the "
+        "difference is only padding rows of the output layer, pass vocab_size=<the tokenizer's "
+        "vocabulary size> to compare the first vocab_size entries; different tokenizers are "
+        "not supported."
+    )
+
+
+class _FusedLinearDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student_input,
+        student_weight,
+        teacher_input,
+        teacher_weight,
+        labels,
+        teacher_topk,
+        options,
+    ):
+        name = options["name"]
+        params = options["params"]
+        temperature = options["temperature"]
+        chunk_size = options["chunk_size"]
+        vocab = options["vocab_size"]
+        ignore_index = options["ignore_index"]
+        n_tokens = student_input.shape[0]
+
+        counted = (
+            labels != ignore_index
+            if labels is not None
+            else torch.ones(n_tokens, dtype=torch.bool, device=student_input.device)
+        )
+        if options["normalizer"] is not None:
+            denominator = float(options["normalizer"])
+        else:
+            # A fully masked batch gives loss 0 and zero gradients, never 0/0.
+            denominator = max(int(counted.sum()), 1)
+        soft_scale = options["soft_weight"] * options["t2"] / denominator
+        hard_scale = options["hard_weight"] / denominator
+
+        teacher_grad = teacher_topk is None and (
+            teacher_input.requires_grad or teacher_weight.requires_grad
+        )
+        # Accumulate in float32 (float64 stays float64), like the functional layer.
+        acc = torch.float64 if student_input.dtype == torch.float64 else torch.float32
+        student_w = student_weight[:vocab]
+        teacher_w = teacher_weight[:vocab] if teacher_topk is None else None
+
+        grad_student_input = torch.zeros_like(student_input) if student_input.requires_grad else None
+        grad_student_weight = (
+            torch.zeros(student_w.shape, dtype=acc, device=student_w.device)
+            if student_weight.requires_grad
+            else None
+        )
+        grad_teacher_input = (
+            torch.zeros_like(teacher_input) if teacher_grad and teacher_input.requires_grad else None
+        )
+        grad_teacher_weight = (
+            torch.zeros(teacher_w.shape, dtype=acc, device=teacher_w.device)
+            if teacher_grad and teacher_weight.requires_grad
+            else None
+        )
+        total = torch.zeros((), dtype=acc, device=student_input.device)
+
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            x_s = student_input[start:end]
+            row_scale = counted[start:end].to(acc) * soft_scale
+            student_logits = x_s @ student_w.T
+
+            if teacher_topk is not None:
+                teacher_chunk = _slice_topk(teacher_topk, start, end)
+            else:
+                x_t = teacher_input[start:end]
+                teacher_chunk = x_t @ teacher_w.T
+
+            # The hard term goes first: a GPU kernel may write its gradient over the
+            # student logits' buffer.
+            ce_grad = None
+            if hard_scale != 0.0 and labels is not None:
+                chunk_labels = labels[start:end]
+                chunk_counted = counted[start:end]
+                # CE(s, y) = logsumexp(s) - s_y;  dCE/ds = softmax(s) - onehot(y)
+                log_probs = torch.log_softmax(student_logits.to(acc), dim=-1)
+                safe_labels = torch.where(chunk_counted, chunk_labels, torch.zeros_like(chunk_labels))
+                if safe_labels.numel() and (
+                    int(safe_labels.max()) >= vocab or int(safe_labels.min()) < 0
+                ):
+                    raise ValueError(
+                        f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, "
+                        f"got values in [{int(safe_labels.min())}, {int(safe_labels.max())}]"
+                    )
+                picked = log_probs.gather(1, safe_labels[:, None]).squeeze(1)
+                hard_rows = -picked * chunk_counted.to(acc)
+                total = total + hard_scale * hard_rows.sum()
+                ce_grad = log_probs.exp()
+                ce_grad.scatter_add_(
+                    1, safe_labels[:, None], -torch.ones_like(picked)[:, None]
+                )
+                ce_grad *= (hard_scale * chunk_counted.to(acc))[:, None]
+                del log_probs
+
+            if teacher_grad:
+                # Trainable teacher (online distillation): both logits need gradients.
+                functional = _divergence_module()
+                with torch.enable_grad():
+                    s_leaf = student_logits.detach().requires_grad_(True)
+                    t_leaf = teacher_chunk.detach().requires_grad_(True)
+                    rows = functional.divergence(
+                        name,
+                        s_leaf,
+                        t_leaf,
+                        temperature=temperature,
+                        mask=row_scale != 0,
+                        reduction="none",
+                        **params,
+                    )
+                    grad_s, grad_t = torch.autograd.grad((rows.to(acc) * row_scale).sum(), [s_leaf, t_leaf])
+                soft_sum = (rows.detach().to(acc) * row_scale).sum()
+                grad_s, grad_t = grad_s.to(acc), grad_t.to(acc)
+            else:
+                rows, grad_s = _student_rows_and_grad(
+                    name, student_logits, teacher_chunk, temperature, params, row_scale
+                )
+                soft_sum = (rows.to(acc) * row_scale).sum()
+                grad_s = grad_s.to(acc)
+            total = total + soft_sum
+            if ce_grad is not None:
+                grad_s = grad_s + ce_grad
+                del ce_grad
+
+            grad_s_low = grad_s.to(student_w.dtype)
+            if grad_student_input is not None:
+                grad_student_input[start:end] = grad_s_low @ student_w
+            if grad_student_weight is not None:
+                grad_student_weight += (grad_s_low.T @ x_s).to(acc)
+            if teacher_grad:
+                grad_t_low = grad_t.to(teacher_w.dtype)
+                if grad_teacher_input is not None:
+                    grad_teacher_input[start:end] = grad_t_low @ teacher_w
+                if grad_teacher_weight is not None:
+                    grad_teacher_weight += (grad_t_low.T @ x_t).to(acc)
+            del student_logits, teacher_chunk, grad_s
+
+        def _pad_rows(grad, weight):
+            # Padding rows of the output layer beyond ``vocab`` get zero gradient.
+            if grad is None:
+                return None
+            grad = grad.to(weight.dtype)
+            if grad.shape[0] == weight.shape[0]:
+                return grad
+            full = torch.zeros_like(weight)
+            full[: grad.shape[0]] = grad
+            return full
+
+        ctx.save_for_backward(
+            *(
+                g if g is not None else torch.empty(0)
+                for g in (
+                    grad_student_input,
+                    _pad_rows(grad_student_weight, student_weight),
+                    grad_teacher_input,
+                    _pad_rows(grad_teacher_weight, teacher_weight) if teacher_topk is None else None,
+                )
+            )
+        )
+        ctx.has_grad = (
+            grad_student_input is not None,
+            grad_student_weight is not None,
+            grad_teacher_input is not None,
+            grad_teacher_weight is not None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = [
+            g * grad_output.to(g.dtype) if has else None
+            for g, has in zip(ctx.saved_tensors, ctx.has_grad)
+        ]
+        return (*grads, None, None, None)
+
+
+def _check_matrix(value: Any, argument: str, width: int | None = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{argument} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() != 2:
+        raise ValueError(f"{argument} must be 2-D, got shape {tuple(value.shape)}")
+    if width is not None and value.shape[1] != width:
+        raise ValueError(
+            f"{argument} has {value.shape[1]} columns, expected {width} to match its input's "
+            "hidden size"
+        )
+
+
+def fused_linear_distillation(
+    name: str,
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor | None,
+    teacher_weight: Any,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    t2_scale: bool = True,
+    ignore_index: int = -100,
+    normalizer: float | None = None,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """Distillation loss of the output layer without materialising ``[N, V]`` logits.
+
+    ``student_input`` ``[..., H_s]`` and ``student_weight`` ``[V_s, H_s]`` give
+    the student logits ``s = x_s @ W_s^T``; ``teacher_input`` ``[..., H_t]`` and
+    ``teacher_weight`` ``[V_t, H_t]`` the teacher's. Instead of the teacher
+    pair, ``teacher_weight`` may be a ``dv.TopK`` over the same tokens (a
+    cached sparse teacher) with ``teacher_input=None``.
+
+    Returns the scalar
+
+        sum_i c_i * (soft_weight * T^2 * D_i + hard_weight * CE_i) / denominator
+
+    with ``D_i`` the divergence ``name`` between the tempered teacher and
+    student distributions of token ``i``, ``CE_i`` the untempered cross-entropy
+    of the student with ``labels[i]`` (only when ``labels`` is given and
+    ``hard_weight != 0``), ``c_i = [labels[i] != ignore_index]`` (1 for all
+    tokens without labels), and the denominator the number of counted tokens,
+    or ``normalizer`` (global token count across accumulation steps or ranks).
+    ``T^2`` is applied when ``t2_scale``. The value and gradients equal those
+    of computing the full logits and calling ``dv.divergence`` on them.
+
+    ``vocab_size``: see :func:`resolve_vocab_size`; padding rows of either
+    output layer beyond it are ignored and get zero gradient.
+    """
+    functional = _divergence_module()
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    available = functional.available() if hasattr(functional, "available") else None
+    if available is not None and name not in available:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(available)}")
+    if hasattr(functional, "get_spec") and not functional.get_spec(name).per_row:
+        raise ValueError(
+            f"divergence {name!r} is not per-row (it couples all rows of a batch), so it cannot "
+            "be computed chunk by chunk; use dv.DistillationLoss on full logits instead"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if normalizer is not None and not float(normalizer) > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
+
+    _check_matrix(student_weight, "student_weight")
+    if not isinstance(student_input, torch.Tensor) or student_input.dim() < 1:
+        raise TypeError("student_input must be a tensor of shape [..., hidden]")
+    leading_shape = student_input.shape[:-1]
+    student_flat = student_input.reshape(-1, student_input.shape[-1])
+    _check_matrix(student_flat, "student_input")
+    if student_flat.shape[1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_input hidden size {student_flat.shape[1]} does not match student_weight "
+            f"{tuple(student_weight.shape)} (expected [vocab, {student_flat.shape[1]}])"
+        )
+    n_tokens = student_flat.shape[0]
+
+    teacher_topk = None
+    teacher_flat = None
+    if _is_topk(teacher_weight):
+        if teacher_input is not None:
+            raise ValueError("teacher_input must be None when the teacher is a dv.TopK")
+        teacher_topk = teacher_weight
+        topk_rows = teacher_topk.logprobs.reshape(-1, teacher_topk.logprobs.shape[-1])
+        topk_index = teacher_topk.indices.reshape(-1, teacher_topk.indices.shape[-1])
+        if topk_rows.shape[0] != n_tokens:
+            raise ValueError(
+                f"TopK teacher covers {topk_rows.shape[0]} tokens, student_input has {n_tokens}"
+            )
+        teacher_topk = type(teacher_topk)(topk_index, topk_rows)
+        vocab = resolve_vocab_size(student_weight.shape[0], None, vocab_size)
+        teacher_weight_tensor = None
+    else:
+        _check_matrix(teacher_weight, "teacher_weight")
+        if not isinstance(teacher_input, torch.Tensor):
+            raise TypeError(
+                f"teacher_input must be a torch.Tensor, got {type(teacher_input).__name__}"
+            )
+        teacher_flat = teacher_input.reshape(-1, teacher_input.shape[-1])
+        if teacher_flat.shape[0] != n_tokens:
+            raise ValueError(
+                f"teacher_input covers {teacher_flat.shape[0]} tokens, student_input has {n_tokens}"
+            )
+        if teacher_flat.shape[1] != teacher_weight.shape[1]:
+            raise ValueError(
+                f"teacher_input hidden size {teacher_flat.shape[1]} does not match teacher_weight "
+                f"{tuple(teacher_weight.shape)} (expected [vocab, {teacher_flat.shape[1]}])"
+            )
+        vocab = resolve_vocab_size(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+        teacher_weight_tensor = teacher_weight
+
+    flat_labels = None
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+            raise TypeError("labels must be an integer tensor of token ids (ignore_index = masked)")
+        if labels.shape != leading_shape:
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}, expected {tuple(leading_shape)} "
+                "(the input's shape without the hidden dimension)"
+            )
+        flat_labels = labels.reshape(-1).long()
+
+    options = dict(
+        name=name,
+        params=params,
+        temperature=float(temperature),
+        chunk_size=chunk_size,
+        vocab_size=vocab,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        soft_weight=float(soft_weight),
+        hard_weight=float(hard_weight) if labels is not None else 0.0,
+        t2=float(temperature) ** 2 if t2_scale else 1.0,
+    )
+    return _FusedLinearDistillation.apply(
+        student_flat,
+        student_weight,
+        teacher_flat,
+        teacher_weight_tensor,
+        flat_labels,
+        teacher_topk,
+        options,
+    )
