@@ -1,0 +1,706 @@
+"""GRPO fine-tuning with verifiable rewards and a chosen regulariser.
+
+One training step, top to bottom (:meth:`GRPOTrainer.step`):
+
+1. Pick ``prompts_per_step`` training prompts; sample ``group_size`` responses
+   for each from the current policy (length capped at ``max_new_tokens``).
+   With difficulty filtering, only prompts whose group accuracy lies in
+   ``[filter_low, filter_high]`` are kept and more prompts are drawn until the
+   batch is full (or ``filter_max_rounds`` draws were made).
+2. Score each response with the task's reward; a reward function that raises
+   gives 0 for that response and is counted in ``reward_errors``.
+3. Advantages: rewards standardised within each group (``divergent.rl.group_advantages``).
+4. Loss = PPO-clip token-mean (``divergent.rl.ppo_clip_loss``) plus the regulariser:
+
+   - ``none``: nothing;
+   - ``reverse_kl``: ``kl_beta`` * token-mean KL estimator (k1/k2/k3) between the
+     policy and a frozen copy of the initial policy, on the sampled tokens;
+   - ``dph`` (DPH-RL): ``dph_eta`` * token-mean generator f(pi_theta/pi_0) over a
+     minibatch of stored rehearsal responses (``divergent.rl.f_generator``); the
+     rehearsal set is built once by sampling the initial policy, prompts it
+     solves leave the GRPO pool, and no reference model is kept;
+   - ``kdrl``: beta_t * reverse-KL-to-teacher estimate on the policy's own rollouts,
+     beta_t annealed, correct responses masked (``divergent.rl.kdrl_kd_loss``).
+5. Gradient clip, optimizer step. A non-finite loss or gradient stops the run
+   with :class:`NonFiniteLossError`; the last checkpoint on disk is the last good one.
+
+Checkpoints (model, optimizer, both random generators, history, reference
+weights, rehearsal set) are written atomically every ``checkpoint_every``
+steps, at the end and on Ctrl-C; ``train(resume=True)`` continues from the
+latest one and reproduces the uninterrupted run exactly on CPU.
+
+The policy is any causal LM called as ``model(input_ids)`` returning logits
+``[B, T, V]`` (the project's TinyGPT) or an object with ``.logits`` (a Hugging
+Face model). The task provides ``train``/``test`` problem lists,
+``encode_prompts`` (equal-length prompts), ``decode``, ``reward``, ``eos_id`` and
+``pad_id`` — see :class:`divergent.data.arithmetic.ArithmeticTask`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from divergent.rl import (
+    GENERATORS,
+    KL_ESTIMATORS,
+    BalancedBatch,
+    distinct_correct,
+    f_generator,
+    group_advantages,
+    kdrl_coefficient,
+    kdrl_kd_loss,
+    kl_estimator,
+    masked_token_mean,
+    pass_at_k_curve,
+    ppo_clip_loss,
+    token_logprobs,
+)
+from divergent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
+    "NonFiniteLossError",
+    "REGULARISERS",
+    "build_rehearsal_set",
+    "evaluate_policy",
+    "model_logits",
+    "response_logprobs",
+    "response_mask",
+    "sample_responses",
+    "score_responses",
+    "supervised_warm_start",
+]
+
+REGULARISERS = ("none", "reverse_kl", "dph", "kdrl")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss or gradient is NaN/inf; the last written checkpoint is the last good state."""
+
+
+@dataclass
+class GRPOConfig:
+    """Settings of :class:`GRPOTrainer`. Every field is documented once, here.
+
+    steps: total optimizer steps of the run (a resumed run continues up to this).
+    prompts_per_step: prompts per step (groups in the batch).
+    group_size: G, responses sampled per prompt (>= 2).
+    max_new_tokens: generation length cap; a response without EOS by then is cut and scored as is.
+    temperature: sampling temperature of the rollouts.
+    lr: AdamW learning rate (constant).
+    weight_decay: AdamW weight decay.
+    grad_clip: max global gradient norm (0 = no clipping).
+    clip_eps: PPO clip range (ratio kept in [1 - clip_eps, 1 + clip_eps]).
+    num_iterations: optimizer passes over each rollout batch (1 = on-policy; >1 makes PPO clipping active).
+    regulariser: one of "none", "reverse_kl", "dph", "kdrl".
+    kl_estimator: k1, k2 or k3 for ``reverse_kl``.
+    kl_beta: coefficient of the reverse-KL term.
+    dph_divergence: DPH-RL generator: "forward_kl", "js" or "alpha".
+    dph_eta: coefficient of the DPH term (paper: 0.01-0.05 forward KL, 0.05-0.2 JS).
+    dph_alpha: order of the alpha generator.
+    dph_probe_prompts: training prompts sampled from the initial policy to build the rehearsal set.
+    dph_probe_samples: samples per probed prompt.
+    dph_solved_fraction: a probed prompt is "solved" (goes to rehearsal) when at least this fraction
+        of its samples are correct (1.0 = all of them; the paper's exact rule is unverified, see docs/rl.md).
+    dph_batch_size: rehearsal responses per step.
+    kdrl_beta0, kdrl_delta, kdrl_beta_min: KD coefficient max(beta0 - delta * step, beta_min).
+    kdrl_estimator: "k1", "k2", "k3" or "full" (exact reverse KL over the vocabulary).
+    kdrl_mask_correct: reward-guided masking — no KD term on responses with reward > 0.
+    filter_low, filter_high: balanced difficulty band on group accuracy; filtering is off when
+        filter_low is None.
+    filter_max_rounds: at most this many prompt draws per step while refilling the batch.
+    checkpoint_every: steps between checkpoints (0 = only at the end and on Ctrl-C).
+    keep_checkpoints: how many recent checkpoints to keep on disk.
+    seed: seeds prompt selection and sampling.
+    """
+
+    steps: int = 150
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 6
+    temperature: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2
+    num_iterations: int = 1
+    regulariser: str = "none"
+    kl_estimator: str = "k3"
+    kl_beta: float = 0.05
+    dph_divergence: str = "js"
+    dph_eta: float = 0.1
+    dph_alpha: float = 0.2
+    dph_probe_prompts: int = 512
+    dph_probe_samples: int = 8
+    dph_solved_fraction: float = 0.5
+    dph_batch_size: int = 32
+    kdrl_beta0: float = 0.02
+    kdrl_delta: float = 0.0001
+    kdrl_beta_min: float = 0.005
+    kdrl_estimator: str = "k2"
+    kdrl_mask_correct: bool = True
+    filter_low: float | None = None
+    filter_high: float = 0.75
+    filter_max_rounds: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "dph_probe_prompts",
+                    "dph_probe_samples", "dph_batch_size", "filter_max_rounds", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GRPOConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"GRPOConfig.group_size must be an int >= 2, got {self.group_size!r}")
+        if self.regulariser not in REGULARISERS:
+            raise ValueError(f"GRPOConfig.regulariser must be one of {REGULARISERS}, got {self.regulariser!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"GRPOConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.kdrl_estimator not in KL_ESTIMATORS + ("full",):
+            raise ValueError(
+                f"GRPOConfig.kdrl_estimator must be one of {KL_ESTIMATORS + ('full',)}, got {self.kdrl_estimator!r}"
+            )
+        if self.dph_divergence not in GENERATORS:
+            raise ValueError(f"GRPOConfig.dph_divergence must be one of {GENERATORS}, got {self.dph_divergence!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}")
+        if self.lr <= 0:
+            raise ValueError(f"GRPOConfig.lr must be > 0, got {self.lr}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not 0 < self.dph_solved_fraction <= 1:
+            raise ValueError(f"GRPOConfig.dph_solved_fraction must be in (0, 1], got {self.dph_solved_fraction}")
+        if self.filter_low is not None and not 0 <= self.filter_low <= self.filter_high <= 1:
+            raise ValueError(
+                f"GRPOConfig needs 0 <= filter_low <= filter_high <= 1, got {self.filter_low}, {self.filter_high}"
+            )
+        for name in ("kl_beta", "dph_eta", "grad_clip", "weight_decay", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------- model helpers
+
+
+def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T, V]`` logits of a TinyGPT-style model (returns a tensor) or a HF model (``.logits``)."""
+    output = model(input_ids)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if logits is None:
+        raise TypeError(f"model output must be a logits tensor or have .logits, got {type(output).__name__}")
+    return logits
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``[N, max_new_tokens]`` response ids; positions after a row's EOS hold ``pad_id``.
+
+    Prompts must all have the same length (no attention mask is used). The
+    whole sequence is re-run at each position (no KV cache): responses here are
+    a few tokens long. Sampling draws on CPU from ``generator`` so that a run is
+    reproducible on any device.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        ids = prompt_ids
+        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            logits = model_logits(model, ids)[:, -1, :].float() / temperature
+            if not torch.isfinite(logits).all():
+                raise NonFiniteLossError("the policy produced non-finite logits while sampling")
+            probs = torch.softmax(logits, dim=-1).cpu()
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(ids.device)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+            finished |= next_ids == eos_id
+            new_tokens.append(next_ids)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            if bool(finished.all()):
+                break
+        responses = torch.stack(new_tokens, dim=1)
+        if responses.shape[1] < max_new_tokens:
+            fill = torch.full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_id,
+                              dtype=responses.dtype, device=responses.device)
+            responses = torch.cat([responses, fill], dim=1)
+        return responses
+    finally:
+        model.train(was_training)
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True on response tokens up to and including the first EOS (all tokens when there is none)."""
+    is_eos = responses == eos_id
+    # A position counts if no EOS occurred strictly before it.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return eos_before == 0
+
+
+def response_logprobs(model: nn.Module, prompt_ids: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs ``[N, R]`` of ``responses`` after ``prompt_ids`` and the logits ``[N, R, V]`` behind them."""
+    sequence = torch.cat([prompt_ids, responses], dim=1)
+    logits = model_logits(model, sequence)[:, prompt_ids.shape[1] - 1 : -1, :]
+    return token_logprobs(logits, responses), logits
+
+
+def score_responses(reward_fn: Callable[[Any, str], float], problems: Sequence[Any], texts: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Rewards ``[N]`` for (problem, text) pairs; a reward that raises or is not finite counts as an error and scores 0."""
+    rewards, errors = [], 0
+    for problem, text in zip(problems, texts):
+        try:
+            value = float(reward_fn(problem, text))
+            if not math.isfinite(value):
+                raise ValueError(f"reward is not finite: {value}")
+        except Exception:  # a user reward function may fail in any way; count it, don't crash the run
+            value, errors = 0.0, errors + 1
+        rewards.append(value)
+    return torch.tensor(rewards, dtype=torch.float32), errors
+
+
+def _decode_all(task, responses: torch.Tensor) -> tuple[list[str], list[int]]:
+    texts, lengths = [], []
+    for row in responses.tolist():
+        text, length, _ = task.decode(row)
+        texts.append(text)
+        lengths.append(length)
+    return texts, lengths
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: nn.Module,
+    task,
+    problems: Sequence[Any],
+    *,
+    n_samples: int = 16,
+    max_new_tokens: int = 6,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_prompts: int = 64,
+) -> dict[str, Any]:
+    """Sample ``n_samples`` responses per problem and measure them.
+
+    Returns a dict with ``pass_at_k`` ({k: unbiased pass@k, k = 1..n_samples}),
+    ``distinct_correct`` (distinct correct responses summed over problems),
+    ``solved`` (problems with at least one correct sample), ``mean_reward``,
+    ``mean_length`` (response tokens incl. EOS), ``reward_errors`` and ``n_samples``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = _device(model)
+    correct_counts, all_texts, all_correct = [], [], []
+    reward_sum, length_sum, errors = 0.0, 0, 0
+    for start in range(0, len(problems), batch_prompts):
+        chunk = list(problems[start : start + batch_prompts])
+        prompts = task.encode_prompts(chunk).to(device).repeat_interleave(n_samples, dim=0)
+        responses = sample_responses(model, prompts, max_new_tokens=max_new_tokens, eos_id=task.eos_id,
+                                     pad_id=task.pad_id, temperature=temperature, generator=generator)
+        texts, lengths = _decode_all(task, responses)
+        expanded = [p for p in chunk for _ in range(n_samples)]
+        rewards, n_errors = score_responses(task.reward, expanded, texts)
+        errors += n_errors
+        reward_sum += float(rewards.sum())
+        length_sum += sum(lengths)
+        correct = (rewards > 0).view(len(chunk), n_samples)
+        correct_counts.extend(correct.sum(1).tolist())
+        for i in range(len(chunk)):
+            all_texts.append(texts[i * n_samples : (i + 1) * n_samples])
+            all_correct.append(correct[i].tolist())
+    total = len(problems) * n_samples
+    return {
+        "pass_at_k": pass_at_k_curve(correct_counts, n_samples),
+        "distinct_correct": distinct_correct(all_texts, all_correct),
+        "solved": int(sum(c > 0 for c in correct_counts)),
+        "mean_reward": reward_sum / total,
+        "mean_length": length_sum / total,
+        "reward_errors": errors,
+        "n_samples": n_samples,
+        "n_problems": len(problems),
+    }
+
+
+# ---------------------------------------------------------------------- warm start
+
+
+def supervised_warm_start(
+    model: nn.Module,
+    task,
+    *,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Teacher-forced cross-entropy on the answers of random training problems.
+
+    Returns the loss per step. ``on_step(step, loss)`` is called after each step
+    (for a progress bar).
+    """
+    rng = random.Random(seed)
+    device = _device(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        problems = rng.sample(task.train, min(batch_size, len(task.train)))
+        ids, target_mask = task.supervised_batch(problems)
+        ids, target_mask = ids.to(device), target_mask.to(device)
+        logits = model_logits(model, ids[:, :-1])
+        logp = token_logprobs(logits, ids[:, 1:])
+        loss = -masked_token_mean(logp, target_mask[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+# ---------------------------------------------------------------------- DPH rehearsal set
+
+
+@torch.no_grad()
+def build_rehearsal_set(
+    model: nn.Module,
+    task,
+    problems: Sequence[Any],
+    *,
+    n_samples: int,
+    solved_fraction: float,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator,
+    batch_prompts: int = 64,
+) -> dict[str, Any]:
+    """Sample the initial policy pi_0 on ``problems``; keep one correct response per solved prompt.
+
+    A prompt is solved when at least ``solved_fraction`` of its ``n_samples`` are correct.
+    Returns ``{"indices": [i into problems], "prompts": [N, L], "responses": [N, R],
+    "logprobs": [N, R] (log pi_0 per token), "mask": [N, R]}``.
+    """
+    device = _device(model)
+    keep_idx, keep_prompts, keep_responses = [], [], []
+    for start in range(0, len(problems), batch_prompts):
+        chunk = list(problems[start : start + batch_prompts])
+        prompts = task.encode_prompts(chunk).to(device)
+        repeated = prompts.repeat_interleave(n_samples, dim=0)
+        responses = sample_responses(model, repeated, max_new_tokens=max_new_tokens, eos_id=task.eos_id,
+                                     pad_id=task.pad_id, temperature=temperature, generator=generator)
+        texts, _ = _decode_all(task, responses)
+        rewards, _ = score_responses(task.reward, [p for p in chunk for _ in range(n_samples)], texts)
+        correct = (rewards > 0).view(len(chunk), n_samples)
+        for i in range(len(chunk)):
+            if float(correct[i].float().mean()) >= solved_fraction - 1e-9:
+                first = int(torch.nonzero(correct[i])[0])
+                keep_idx.append(start + i)
+                keep_prompts.append(prompts[i])
+                keep_responses.append(responses[i * n_samples + first])
+    if not keep_idx:
+        width = task.encode_prompts(problems[:1]).shape[1]
+        empty = torch.zeros(0, max_new_tokens, dtype=torch.long)
+        return {"indices": [], "prompts": torch.zeros(0, width, dtype=torch.long), "responses": empty,
+                "logprobs": torch.zeros(0, max_new_tokens), "mask": empty.bool()}
+    prompts = torch.stack(keep_prompts)
+    responses = torch.stack(keep_responses)
+    was_training = model.training
+    model.eval()
+    logprobs, _ = response_logprobs(model, prompts, responses)
+    model.train(was_training)
+    return {"indices": keep_idx, "prompts": prompts.cpu(), "responses": responses.cpu(),
+            "logprobs": logprobs.cpu(), "mask": response_mask(responses, task.eos_id).cpu()}
+
+
+# ---------------------------------------------------------------------- trainer
+
+
+class GRPOTrainer:
+    """GRPO with a pluggable regulariser; see the module docstring for one step.
+
+    Args:
+        policy: the causal LM being trained (modified in place).
+        task: provides problems, prompt encoding, decoding and the reward.
+        config: :class:`GRPOConfig`.
+        teacher: frozen teacher for ``regulariser="kdrl"``.
+        run_dir: folder for checkpoints (``checkpoints/step_N.pt``); None = no checkpoints.
+        reward_fn: overrides ``task.reward`` (``reward_fn(problem, text) -> float``).
+    """
+
+    def __init__(self, policy: nn.Module, task, config: GRPOConfig, *, teacher: nn.Module | None = None,
+                 run_dir: str | Path | None = None, reward_fn: Callable[[Any, str], float] | None = None):
+        if config.regulariser == "kdrl" and teacher is None:
+            raise ValueError("regulariser='kdrl' needs a teacher model (teacher=...)")
+        self.policy, self.task, self.config, self.teacher = policy, task, config, teacher
+        self.reward_fn = reward_fn if reward_fn is not None else task.reward
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.device = _device(policy)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step_index = 0
+        self.history: list[dict[str, Any]] = []
+        self.reference: nn.Module | None = None
+        self.rehearsal: dict[str, Any] | None = None
+        self.pool: list[Any] = list(task.train)
+        self._prepared = False
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------- setup
+    def _prepare(self) -> None:
+        """Build what the regulariser needs from the initial policy (reference copy or rehearsal set)."""
+        config = self.config
+        if config.regulariser == "reverse_kl":
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        elif config.regulariser == "dph":
+            probe = self.rng.sample(self.pool, min(config.dph_probe_prompts, len(self.pool)))
+            self.rehearsal = build_rehearsal_set(
+                self.policy, self.task, probe, n_samples=config.dph_probe_samples,
+                solved_fraction=config.dph_solved_fraction, max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature, generator=self.generator,
+            )
+            # Prompts pi_0 already solves are rehearsed, not explored: GRPO runs on the rest.
+            solved = {probe[i] for i in self.rehearsal["indices"]}
+            self.pool = [p for p in self.pool if p not in solved]
+        self._prepared = True
+
+    # ---------------------------------------------------------------- checkpoints
+    def _state(self) -> dict[str, Any]:
+        pool = set(self.pool)
+        return {
+            "step": self.step_index,
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(),
+            "generator": self.generator.get_state(),
+            "history": self.history,
+            "config": asdict(self.config),
+            "reference": None if self.reference is None else self.reference.state_dict(),
+            "rehearsal": self.rehearsal,
+            "pool_size": len(self.pool),
+            "solved_prompts": None if self.rehearsal is None else [
+                (p.prompt, p.answer) for p in self.task.train if p not in pool
+            ],
+        }
+
+    def save(self) -> Path | None:
+        """Write ``checkpoints/step_N.pt`` atomically and prune old ones; returns the path."""
+        if self.run_dir is None:
+            return None
+        path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step_index}.pt", self._state())
+        existing = sorted((self.run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for old in existing[: -self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save`."""
+        state = load_checkpoint(path, map_location="cpu")
+        self.policy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.step_index = state["step"]
+        self.history = list(state["history"])
+        if state["reference"] is not None:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference.load_state_dict(state["reference"])
+        self.rehearsal = state["rehearsal"]
+        if state["solved_prompts"] is not None:
+            solved = {tuple(x) for x in state["solved_prompts"]}
+            self.pool = [p for p in self.task.train if (p.prompt, p.answer) not in solved]
+        self._prepared = True
+
+    # ---------------------------------------------------------------- one step
+    def _rollouts(self) -> tuple[list[Any], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Sample groups (with difficulty filtering if on); returns problems, prompts, responses, rewards [P, G]."""
+        config, task = self.config, self.task
+        G = config.group_size
+        rounds = config.filter_max_rounds if config.filter_low is not None else 1
+        batch = BalancedBatch(config.prompts_per_step, low=config.filter_low or 0.0, high=config.filter_high) \
+            if config.filter_low is not None else None
+        kept: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        errors = 0
+        for _ in range(rounds):
+            problems = self.rng.sample(self.pool, min(config.prompts_per_step, len(self.pool)))
+            prompts = task.encode_prompts(problems).to(self.device).repeat_interleave(G, dim=0)
+            responses = sample_responses(self.policy, prompts, max_new_tokens=config.max_new_tokens,
+                                         eos_id=task.eos_id, pad_id=task.pad_id,
+                                         temperature=config.temperature, generator=self.generator)
+            texts, _ = _decode_all(task, responses)
+            rewards, n_errors = score_responses(self.reward_fn, [p for p in problems for _ in range(G)], texts)
+            errors += n_errors
+            groups = [(problems[i], prompts[i * G:(i + 1) * G], responses[i * G:(i + 1) * G],
+                       rewards[i * G:(i + 1) * G]) for i in range(len(problems))]
+            if batch is None:
+                kept = groups
+                break
+            batch.offer(groups, rewards.view(len(problems), G))
+            if batch.full:
+                break
+        if batch is not None:
+            kept = batch.items
+        stats = {"reward_errors": errors, "groups_kept": len(kept),
+                 "groups_offered": batch.offered if batch is not None else len(kept)}
+        if not kept:
+            return [], torch.empty(0), torch.empty(0), torch.empty(0, G), stats
+        problems = [g[0] for g in kept]
+        prompts = torch.cat([g[1] for g in kept])
+        responses = torch.cat([g[2] for g in kept])
+        rewards = torch.stack([g[3] for g in kept])
+        return problems, prompts, responses, rewards, stats
+
+    def _rehearsal_minibatch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        rehearsal = self.rehearsal
+        if rehearsal is None or rehearsal["prompts"].shape[0] == 0:
+            return None
+        n = rehearsal["prompts"].shape[0]
+        rows = torch.tensor(self.rng.sample(range(n), min(self.config.dph_batch_size, n)))
+        return tuple(rehearsal[key][rows].to(self.device) for key in ("prompts", "responses", "logprobs", "mask"))
+
+    def step(self) -> dict[str, Any]:
+        """One GRPO step; returns the logged metrics."""
+        if not self._prepared:
+            self._prepare()
+        config, task = self.config, self.task
+        started = time.perf_counter()
+        try:
+            problems, prompts, responses, rewards, stats = self._rollouts()
+        except NonFiniteLossError as exc:
+            raise self._non_finite("policy logits during sampling", float("nan")) from exc
+        record: dict[str, Any] = {"step": self.step_index + 1, **stats}
+        if problems:
+            mask = response_mask(responses, task.eos_id)
+            advantages = group_advantages(rewards).flatten().to(self.device)
+            flat_rewards = rewards.flatten().to(self.device)
+            with torch.no_grad():
+                old_logp, _ = response_logprobs(self.policy, prompts, responses)
+                ref_logp = teacher_logp = teacher_logits = None
+                if self.reference is not None:
+                    ref_logp, _ = response_logprobs(self.reference, prompts, responses)
+                if config.regulariser == "kdrl":
+                    teacher_logp, teacher_logits = response_logprobs(self.teacher, prompts, responses)
+            rehearsal = self._rehearsal_minibatch() if config.regulariser == "dph" else None
+            kdrl_beta = kdrl_coefficient(self.step_index, config.kdrl_beta0, config.kdrl_delta, config.kdrl_beta_min)
+            for _ in range(config.num_iterations):
+                self.policy.train()
+                logp, logits = response_logprobs(self.policy, prompts, responses)
+                policy_loss, clip_stats = ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=config.clip_eps)
+                loss = policy_loss
+                regulariser_value = torch.zeros((), device=self.device)
+                if config.regulariser == "reverse_kl":
+                    regulariser_value = masked_token_mean(kl_estimator(logp, ref_logp, config.kl_estimator), mask)
+                    loss = loss + config.kl_beta * regulariser_value
+                elif config.regulariser == "kdrl":
+                    regulariser_value = kdrl_kd_loss(
+                        logp, teacher_logp, mask, flat_rewards, estimator=config.kdrl_estimator,
+                        mask_correct=config.kdrl_mask_correct, student_logits=logits, teacher_logits=teacher_logits,
+                    )
+                    loss = loss + kdrl_beta * regulariser_value
+                elif config.regulariser == "dph" and rehearsal is not None:
+                    r_prompts, r_responses, r_logp0, r_mask = rehearsal
+                    r_logp, _ = response_logprobs(self.policy, r_prompts, r_responses)
+                    generator_values = f_generator(r_logp - r_logp0, config.dph_divergence, alpha=config.dph_alpha)
+                    regulariser_value = masked_token_mean(generator_values, r_mask)
+                    loss = loss + config.dph_eta * regulariser_value
+                self.optimizer.zero_grad(set_to_none=True)
+                self._check_finite(loss, "loss")
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
+                )
+                self._check_finite(grad_norm, "gradient norm")
+                self.optimizer.step()
+            lengths = mask.sum(1).float()
+            record.update({
+                "mean_reward": float(rewards.mean()),
+                "mean_length": float(lengths.mean()),
+                "loss": float(loss.detach()),
+                "policy_loss": float(policy_loss.detach()),
+                "regulariser": float(regulariser_value.detach()),
+                "clip_fraction": clip_stats["clip_fraction"],
+                "grad_norm": float(grad_norm),
+            })
+            if config.regulariser == "kdrl":
+                record["kdrl_beta"] = kdrl_beta
+        else:
+            # Every group was filtered out: nothing to learn from this step.
+            record.update({"mean_reward": float("nan"), "mean_length": float("nan"), "loss": 0.0,
+                           "policy_loss": 0.0, "regulariser": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0})
+        self.step_index += 1
+        record["seconds"] = time.perf_counter() - started
+        self.history.append(record)
+        return record
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            raise self._non_finite(what, float(value.detach()))
+
+    def _non_finite(self, what: str, value: float) -> NonFiniteLossError:
+        last = latest_checkpoint(self.run_dir / "checkpoints") if self.run_dir is not None else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return NonFiniteLossError(
+            f"non-finite {what} ({value}) at step {self.step_index + 1} with regulariser "
+            f"{self.config.regulariser!r}; stopping without updating the model — {where}. "
+            "Try a lower lr, a smaller regulariser coefficient or grad_clip > 0."
+        )
+
+    # ---------------------------------------------------------------- loop
+    def train(self, *, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint in ``run_dir``.
+
+        Ctrl-C writes a checkpoint of the last completed step before re-raising.
+        """
+        if resume:
+            if self.run_dir is None:
+                raise ValueError("resume=True needs run_dir")
+            last = latest_checkpoint(self.run_dir / "checkpoints")
+            if last is not None:
+                self.load(last)
+        if not self._prepared:
+            self._prepare()
+        try:
+            while self.step_index < self.config.steps:
+                record = self.step()
+                if on_step is not None:
+                    on_step(record)
+                every = self.config.checkpoint_every
+                if every and self.step_index % every == 0 and self.step_index < self.config.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        self.save()
+        return self.history
