@@ -80,8 +80,9 @@ class LMDistillConfig:
     batch_size: sequences per micro-batch on each process.
     grad_accum: micro-batches per step (the step's batch is batch_size * grad_accum per process).
     seq_len: tokens per training sequence.
-    lr, weight_decay, warmup_steps, grad_clip: AdamW, linear warmup then cosine decay
-        to 10% of ``lr``, gradient-norm clipping (0 = off).
+    optimizer: "adamw" or "sgd" (plain SGD makes gradient-scale errors visible in tests).
+    lr, weight_decay, warmup_steps, grad_clip: learning rate, weight decay, linear warmup
+        then cosine decay to 10% of ``lr``, gradient-norm clipping (0 = off).
     on_policy_fraction: λ, probability that a step trains on student-generated sequences (GKD).
     seq_kd_fraction: probability that a step trains on teacher-generated sequences (seq-KD).
     prompt_len: tokens of real data kept as the prompt of generated sequences.
@@ -105,6 +106,7 @@ class LMDistillConfig:
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 128
+    optimizer: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -135,6 +137,8 @@ class LMDistillConfig:
             )
         if not 1 <= self.prompt_len < self.seq_len:
             raise ValueError(f"prompt_len must be in [1, seq_len={self.seq_len}), got {self.prompt_len}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"LMDistillConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.hard_weight < 0 or self.soft_weight < 0 or self.hard_weight + self.soft_weight == 0:
             raise ValueError(
                 f"hard_weight and soft_weight must be >= 0 and not both 0, got "
@@ -311,7 +315,8 @@ def train_lm_distillation(
     wrapped: nn.Module = _HiddenStates(student, compute_logits=not config.fused)
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(wrapped)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optimizer_class(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     run_dir = Path(run_dir) if run_dir is not None else None
     start_step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
