@@ -105,6 +105,23 @@ def supports(name: str) -> bool:
 
 
 if triton is not None:
+    # Only Triton builtins and this module's own jit functions are called below (reductions
+    # through tl.reduce, zeros through tl.full): the standard-library wrappers (tl.sum, tl.max,
+    # tl.zeros) are jit functions bound when triton is imported, so with them the kernel could
+    # not be re-created under the interpreter after a normal import (see the tests). The
+    # combine functions are tl.sum's and tl.max's own where this Triton has them, because the
+    # interpreter recognises those and reduces with numpy instead of element by element.
+
+    @triton.jit
+    def _add(x, y):
+        return x + y
+
+    @triton.jit
+    def _larger(x, y):
+        return tl.maximum(x, y)
+
+    _add = getattr(tl.standard, "_sum_combine", _add)
+    _larger = getattr(tl.standard, "_elementwise_max", _larger)
 
     @triton.jit
     def _logaddexp(x, y):
@@ -117,10 +134,10 @@ if triton is not None:
     @triton.jit
     def _online_logsumexp(row_max, row_sum, block):
         # One step of the streaming log-sum-exp: keep sum(exp(x - row_max)) for the running maximum.
-        new_max = tl.maximum(row_max, tl.max(block, axis=0))
+        new_max = tl.maximum(row_max, tl.reduce(block, 0, _larger))
         # While every value seen is -inf, shift by 0 so that exp(-inf - 0) = 0 instead of NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(block - shift), axis=0)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.reduce(tl.exp(block - shift), 0, _add)
         return new_max, row_sum
 
     @triton.jit
@@ -130,9 +147,10 @@ if triton is not None:
         lp, lq: log p, log q of a block (-inf where a probability is 0); p, q: their exps.
         For a sum of per-class terms, acc0 is the divergence and acc1 is A = sum_k a_k.
         """
-        zero = tl.zeros_like(p)
-        p_pos = p > 0.0
-        q_pos = q > 0.0
+        zero = p * 0.0  # p = exp(log p) is finite
+        # "p > 0" as a log test: a probability that underflows float32 (log p = -1e4) is not a zero
+        p_pos = lp > float("-inf")
+        q_pos = lq > float("-inf")
         acc0 = zero
         acc1 = zero
         acc2 = zero
@@ -234,9 +252,10 @@ if triton is not None:
     @triton.jit
     def _class_sensitivity(lp, lq, p, q, param0, param1, param2, c0, c1, DIVERGENCE: tl.constexpr):
         """a_k = dD/d(log q_k) for one block; c0, c1 are row constants from pass 2."""
-        zero = tl.zeros_like(p)
-        p_pos = p > 0.0
-        q_pos = q > 0.0
+        zero = p * 0.0  # p = exp(log p) is finite
+        # "p > 0" as a log test: a probability that underflows float32 (log p = -1e4) is not a zero
+        p_pos = lp > float("-inf")
+        q_pos = lq > float("-inf")
         a = zero
         if DIVERGENCE == 0:
             a = -p
@@ -317,14 +336,14 @@ if triton is not None:
         log_zp = t_max + tl.log(t_sum)
 
         # Pass 2: the divergence's row sums, per lane in float32, reduced once at the end.
-        acc0 = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc0 = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
+        acc1 = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
+        acc2 = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
+        acc3 = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
         # Cauchy-Schwarz only: per-lane streaming log-sum-exp of log p + log q, because
         # sum p q underflows float32 when the two distributions barely overlap.
         cross_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
-        cross_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        cross_sum = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
         for start in range(0, vocab_size, BLOCK_V):
             cols = start + offsets
             in_vocab = cols < vocab_size
@@ -345,10 +364,10 @@ if triton is not None:
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
                 cross_sum = cross_sum * tl.exp(cross_max - shift) + tl.exp(cross - shift)
                 cross_max = new_max
-        sum0 = tl.sum(acc0, axis=0)
-        sum1 = tl.sum(acc1, axis=0)
-        sum2 = tl.sum(acc2, axis=0)
-        sum3 = tl.sum(acc3, axis=0)
+        sum0 = tl.reduce(acc0, 0, _add)
+        sum1 = tl.reduce(acc1, 0, _add)
+        sum2 = tl.reduce(acc2, 0, _add)
+        sum3 = tl.reduce(acc3, 0, _add)
 
         # Row value D, A = sum_k a_k, and the row constants the per-class a_k need.
         c0 = 0.0
@@ -363,9 +382,9 @@ if triton is not None:
             value = (1.0 - sum0) / (param0 * (1.0 - param0))
             total_a = -sum0 / param0
         elif DIVERGENCE == 13:
-            top = tl.max(cross_max, axis=0)
+            top = tl.reduce(cross_max, 0, _larger)
             safe_top = tl.where(top == float("-inf"), 0.0, top)
-            log_cross = safe_top + tl.log(tl.sum(cross_sum * tl.exp(cross_max - safe_top), axis=0))
+            log_cross = safe_top + tl.log(tl.reduce(cross_sum * tl.exp(cross_max - safe_top), 0, _add))
             # >= 0 by the Cauchy-Schwarz inequality; clamp rounding below zero
             value = tl.maximum(-log_cross + 0.5 * tl.log(sum1) + 0.5 * tl.log(sum2), 0.0)
             total_a = 0.0  # -sum pq / sum pq + sum q^2 / sum q^2

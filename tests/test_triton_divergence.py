@@ -1,0 +1,296 @@
+"""The fused Triton divergence kernel against the unfused float64 path.
+
+Without a GPU the kernel runs on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``); these tests skip when triton is not installed. The
+reference is ``dv.divergence(..., reduction="none")`` on float64 copies of the
+same logits, differentiated by autograd: independent of the kernel's
+hand-derived gradients. Tests marked ``gpu`` run the compiled kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import divergent as dv
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
+
+# Every supported name, with the parameter settings whose formulas differ (limits included).
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("js", {}),
+    ("js", {"beta": 0.2}),
+    ("tvd", {}),
+    ("skew_kl", {}),
+    ("skew_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.3}),
+    ("alpha_beta", {}),
+    ("alpha_beta", {"alpha": 0.0, "beta": 0.5}),
+    ("alpha_beta", {"alpha": 1.5, "beta": 0.0}),
+    ("alpha_beta", {"alpha": 0.0, "beta": 0.0}),
+    ("alpha_beta", {"alpha": 1.0, "beta": 0.0}),
+    ("alpha", {}),
+    ("alpha", {"alpha": 0.2}),
+    ("alpha", {"alpha": 1.0}),
+    ("alpha", {"alpha": 0.0}),
+    ("hellinger", {}),
+    ("chi2", {}),
+    ("cauchy_schwarz", {}),
+    ("bdkd", {}),
+    ("bdkd", {"high_weight": 2.0, "low_weight": 0.5}),
+]
+CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in CASES]
+ROW_SCALE = torch.tensor([1.0, 0.5, 0.0, 2.0, -0.7])
+VOCAB = 203  # odd: with BLOCK = 64 the row spans four blocks and the last one is partial
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The module re-imported with ``TRITON_INTERPRET=1`` (kernels run on CPU tensors)."""
+    pytest.importorskip("triton")
+    from divergent.functional import triton_divergence
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.reload(triton_divergence)
+    yield module
+    if previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+    importlib.reload(triton_divergence)  # compiled kernels again for any later CUDA test
+
+
+def reference(name, student, teacher, temperature, params, row_scale):
+    """Rows and d(sum_i c_i rows_i)/d student from the functional layer in float64."""
+    student64 = student.detach().double().requires_grad_(True)
+    rows = dv.divergence(
+        name,
+        student64,
+        teacher.detach().double(),
+        temperature=temperature,
+        mask=row_scale != 0,
+        reduction="none",
+        **params,
+    )
+    (grad,) = torch.autograd.grad((rows * row_scale.double()).sum(), student64)
+    return rows.detach(), grad
+
+
+def assert_rows_close(rows, expected, rtol, atol):
+    """Equal where the reference is finite; the same infinity where it is not."""
+    assert rows.dtype == torch.float32
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isinf(rows), ~finite), (rows, expected)
+    assert torch.equal(rows[~finite], expected[~finite].float())
+    torch.testing.assert_close(rows[finite].double(), expected[finite], rtol=rtol, atol=atol)
+
+
+def assert_grad_close(grad, expected, finite_rows, rtol, floor=1e-6):
+    """Gradients of the rows whose divergence is finite, to ``rtol`` of each row's largest entry.
+
+    ``floor`` is an absolute allowance at float32 level: a saturated row (TVD = 1 against a
+    one-hot teacher) has a gradient far below the probabilities it is computed from.
+    """
+    grad = grad.double()[finite_rows]
+    expected = expected[finite_rows]
+    assert torch.isfinite(grad).all()
+    allowed = rtol * expected.abs().amax(dim=-1, keepdim=True) + floor
+    excess = ((grad - expected).abs() - allowed).max()
+    assert excess <= 0, f"gradient off by {excess.item():.3g} beyond the allowance"
+
+
+def random_logits(rows, vocab, dtype=torch.float32, spread=3.0):
+    return (torch.randn(rows, vocab) * spread).to(dtype)
+
+
+def check_against_reference(module, name, params, student, teacher, temperature, rows_rtol, rows_atol, grad_rtol):
+    """Run the kernel on a copy of ``student`` and compare rows and gradient with the reference."""
+    expected_rows, expected_grad = reference(name, student, teacher, temperature, params, ROW_SCALE)
+    rows, grad = module.rows_and_student_grad(
+        name, student.clone(), teacher, temperature=temperature, params=params, row_scale=ROW_SCALE, block_size=BLOCK
+    )
+    assert grad.dtype == student.dtype
+    assert_rows_close(rows, expected_rows, rtol=rows_rtol, atol=rows_atol)
+    assert_grad_close(grad, expected_grad, torch.isfinite(expected_rows), rtol=grad_rtol)
+    return rows, grad
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_rows_and_gradient_match_float64_reference(interpreted, name, params):
+    """Odd vocabulary (203, not a multiple of the block), T != 1, row weights with 0 and < 0."""
+    student = random_logits(5, VOCAB)
+    teacher = random_logits(5, VOCAB)
+    rows, grad = check_against_reference(interpreted, name, params, student, teacher, 1.7, 1e-4, 1e-6, 1e-4)
+    assert rows[2] == 0 and torch.all(grad[2] == 0)  # row_scale 0: no value, no gradient
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_zero_probabilities_give_the_reference_value_or_its_infinity(interpreted, name, params):
+    """-inf logits: classes both sides give 0, classes only the teacher gives 0, and one row
+    where the student gives 0 to a class the teacher does not (infinite for some divergences)."""
+    student = random_logits(5, VOCAB)
+    teacher = random_logits(5, VOCAB)
+    neg_inf = float("-inf")
+    teacher[:, 10:40] = neg_inf
+    student[:, 10:25] = neg_inf  # shared zeros
+    teacher[1, 150:VOCAB] = neg_inf  # a teacher row with its whole tail at zero
+    student[4, 100:120] = neg_inf  # q = 0 < p: forward-type divergences are +inf here
+    check_against_reference(interpreted, name, params, student, teacher, 1.0, 1e-4, 1e-6, 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_extreme_logits(interpreted, name, params):
+    """Entries at +-1e4 (near one-hot rows, probabilities far below float32's range).
+
+    Where one side is near one-hot, log-probabilities of ~-1e4 carry float32's absolute
+    rounding of ~1e-3 into the gradient (reverse KL: q (log q - log p - D) with both terms
+    ~1e4); the float32 PyTorch path has the same error, hence 5e-3 for gradients here.
+    """
+    student = random_logits(5, VOCAB)
+    teacher = random_logits(5, VOCAB)
+    student[0, 5], teacher[0, 5] = 1e4, 1e4  # the same dominant class
+    student[1, 7], teacher[1, 9] = 1e4, 1e4  # different dominant classes
+    student[3, 50:60] = -1e4
+    teacher[3, 0:VOCAB:3] = -1e4
+    teacher[4, 11] = 1e4
+    check_against_reference(interpreted, name, params, student, teacher, 1.0, 1e-4, 1e-5, 5e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("name", "params", "dtype"),
+    [(name, params, torch.bfloat16) for name, params in CASES[::2]]
+    + [(name, params, torch.float16) for name, params in CASES[1::4]],
+    ids=[f"{i}-bf16" for i in CASE_IDS[::2]] + [f"{i}-fp16" for i in CASE_IDS[1::4]],
+)
+def test_half_precision_inputs_within_one_percent(interpreted, name, params, dtype):
+    """bf16/fp16 logits accumulate in float32; the gradient is stored in the input dtype."""
+    student = random_logits(5, VOCAB, dtype)
+    teacher = random_logits(5, VOCAB, dtype)
+    check_against_reference(interpreted, name, params, student, teacher, 2.0, 1e-2, 1e-5, 1e-2)
+
+
+@needs_triton
+def test_gradient_is_written_into_contiguous_student_logits(interpreted):
+    student = random_logits(4, 100)
+    teacher = random_logits(4, 100)
+    teacher_before = teacher.clone()
+    _, expected_grad = reference("js", student, teacher, 1.0, {}, torch.ones(4))
+    buffer = student.clone()
+    rows, grad = interpreted.rows_and_student_grad("js", buffer, teacher, temperature=1.0, params={}, row_scale=torch.ones(4))
+    assert grad.data_ptr() == buffer.data_ptr()
+    assert torch.equal(teacher, teacher_before)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_non_contiguous_student_is_left_unchanged(interpreted):
+    student = random_logits(100, 4).t()  # [4, 100] view with row stride 1
+    teacher = random_logits(100, 4).t()
+    before = student.clone()
+    _, expected_grad = reference("forward_kl", student, teacher, 1.0, {}, torch.ones(4))
+    _, grad = interpreted.rows_and_student_grad(
+        "forward_kl", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(4)
+    )
+    assert torch.equal(student, before)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_block_size_does_not_change_the_result(interpreted):
+    student = random_logits(3, 300)
+    teacher = random_logits(3, 300)
+    results = [
+        interpreted.rows_and_student_grad(
+            "skew_reverse_kl", student.clone(), teacher, temperature=1.0, params={}, row_scale=torch.ones(3), block_size=b
+        )
+        for b in (16, 256, 1024)
+    ]
+    for rows, grad in results[1:]:
+        # float32 sums in another order: rounding-level differences only
+        torch.testing.assert_close(rows, results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_bad_input_raises_clear_errors(interpreted):
+    student = random_logits(2, 10)
+    teacher = random_logits(2, 10)
+    call = interpreted.rows_and_student_grad
+    with pytest.raises(ValueError, match="sinkhorn"):
+        call("sinkhorn", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="nope"):
+        call("nope", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="same shape"):
+        call("js", student, teacher[:, :9], temperature=1.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="beta"):
+        call("js", student, teacher, temperature=1.0, params={"beta": 1.0}, row_scale=torch.ones(2))
+    with pytest.raises(TypeError, match="gamma"):
+        call("js", student, teacher, temperature=1.0, params={"gamma": 1.0}, row_scale=torch.ones(2))
+    with pytest.raises(TypeError, match="dtype|float"):
+        call("js", student.long(), teacher, temperature=1.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="temperature"):
+        call("js", student, teacher, temperature=0.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="row_scale"):
+        call("js", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="2-D"):
+        call("js", student[None], teacher[None], temperature=1.0, params={}, row_scale=torch.ones(2))
+
+
+@needs_triton
+def test_supports_every_per_row_divergence(interpreted):
+    for name in dv.available():
+        assert interpreted.supports(name) == dv.get_spec(name).per_row, name
+
+
+def test_module_imports_and_declines_without_triton():
+    """CI has no triton: the module must import and ``supports`` must say no."""
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "from divergent.functional import triton_divergence as td\n"
+        "assert not td.triton_available()\n"
+        "assert not any(td.supports(n) for n in ('forward_kl', 'js', 'sinkhorn'))\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_compiled_kernel_on_cuda_matches_reference(name, params, dtype):
+    """The compiled kernel at an LLM-sized vocabulary (32003 = odd), default block size."""
+    from divergent.functional import triton_divergence
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on; this test is for the compiled kernel")
+    rows_count, vocab = 64, 32003
+    student = random_logits(rows_count, vocab, dtype).cuda()
+    teacher = random_logits(rows_count, vocab, dtype).cuda()
+    row_scale = torch.rand(rows_count).cuda()
+    row_scale[::7] = 0.0
+    expected_rows, expected_grad = reference(name, student, teacher, 2.0, params, row_scale)
+    rows, grad = triton_divergence.rows_and_student_grad(
+        name, student.clone(), teacher, temperature=2.0, params=params, row_scale=row_scale
+    )
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_rows_close(rows.cpu(), expected_rows.cpu(), rtol=tolerance, atol=1e-5)
+    assert_grad_close(grad.cpu(), expected_grad.cpu(), torch.isfinite(expected_rows).cpu(), rtol=tolerance)
+    assert not math.isnan(rows.sum().item())
