@@ -35,9 +35,13 @@ def _plogratio(la: Tensor, lb: Tensor, zeros: bool) -> Tensor:
     if not zeros:
         return (la.exp() * (la - lb)).sum(-1)
     support = la > _NEG_INF
-    la_s = torch.where(support, la, 0.0)
-    lb_s = torch.where(support, lb, 0.0)
-    return torch.where(support, la_s.exp() * (la_s - lb_s), 0.0).sum(-1)
+    # a_k > 0 = b_k is an infinite term even when exp(la) underflows to 0 (0·inf would be NaN)
+    infinite = support & (lb == _NEG_INF)
+    keep = support & ~infinite
+    la_s = torch.where(keep, la, 0.0)
+    lb_s = torch.where(keep, lb, 0.0)
+    term = torch.where(keep, la_s.exp() * (la_s - lb_s), 0.0)
+    return torch.where(infinite, float("inf"), term).sum(-1)
 
 
 def _neg_entropy(la: Tensor, zeros: bool) -> Tensor:
@@ -167,9 +171,13 @@ def alpha_beta_rows(lp: Tensor, lq: Tensor, zeros: bool, alpha: float, beta: flo
     first = _scaled_expm1_product(x, y, s)
     if b == 0.0:
         d = y - x
-        if zeros:  # p^a·log ratio → 0 where the first distribution is 0
-            d = torch.where(x == _NEG_INF, 0.0, d)
-        second = (a * x).exp() * d
+        if zeros:
+            # p^a·log(q/p) → 0 where p = 0; where p > 0 = q the divergence is +inf
+            infinite = (y == _NEG_INF) & (x > _NEG_INF)
+            d = torch.where((x == _NEG_INF) | infinite, 0.0, d)
+            second = torch.where(infinite, _NEG_INF, (a * x).exp() * d)
+        else:
+            second = (a * x).exp() * d
     else:
         second = (a * x).exp() * _scaled_expm1_product(x, y, b)
     return ((first - second) / a).sum(-1).to(out_dtype)

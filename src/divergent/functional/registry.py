@@ -241,7 +241,13 @@ def available() -> tuple[str, ...]:
 
 
 def get_spec(name: str) -> DivergenceSpec:
-    """The registry entry for ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    """The registry entry for ``name``; an unknown name raises ``ValueError`` listing the valid ones.
+
+    >>> import divergent as dv
+    >>> spec = dv.get_spec("js")
+    >>> spec.behaviour, spec.symmetric, [(p.name, p.default) for p in spec.params]
+    ('in between', 'at beta = 0.5', [('beta', 0.5)])
+    """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string naming a divergence, got {type(name).__name__} {name!r}")
     try:

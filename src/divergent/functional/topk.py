@@ -132,7 +132,7 @@ def bucket_logprobs(student_logits: Tensor, teacher: TopK, temperature: float, d
     vocab = student_logits.shape[-1]
     if teacher.k > vocab:
         raise ValueError(f"TopK teacher has k={teacher.k} classes per row but the student has only {vocab}")
-    if int(teacher.indices.max()) >= vocab:
+    if teacher.indices.numel() and int(teacher.indices.max()) >= vocab:
         raise ValueError(
             f"TopK indices go up to {int(teacher.indices.max())} but student_logits has vocabulary size {vocab}"
         )

@@ -75,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # torch raises several kinds
+    except Exception as exc:  # torch.load raises pickle, runtime, EOF and zip errors for bad files
         raise ValueError(f"checkpoint {path} is not readable (truncated or corrupt): {exc}") from exc
 
 
