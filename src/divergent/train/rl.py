@@ -78,6 +78,7 @@ __all__ = [
     "response_logprobs",
     "response_mask",
     "sample_responses",
+    "save_rotating_checkpoint",
     "score_responses",
     "supervised_warm_start",
 ]
@@ -446,6 +447,17 @@ def build_rehearsal_set(
 # ---------------------------------------------------------------------- trainer
 
 
+def save_rotating_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write ``run_dir/checkpoints/step_{step}.pt`` and delete all but the ``keep`` newest."""
+    folder = Path(run_dir) / "checkpoints"
+    path = save_checkpoint(folder / f"step_{step}.pt", state)
+    existing = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    for old in existing[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+
 class GRPOTrainer:
     """GRPO with a pluggable regulariser; see the module docstring for one step.
 
@@ -519,11 +531,7 @@ class GRPOTrainer:
         """Write ``checkpoints/step_N.pt`` atomically and prune old ones; returns the path."""
         if self.run_dir is None:
             return None
-        path = save_checkpoint(self.run_dir / "checkpoints" / f"step_{self.step_index}.pt", self._state())
-        existing = sorted((self.run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-        for old in existing[: -self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        return path
+        return save_rotating_checkpoint(self.run_dir, self.step_index, self._state(), self.config.keep_checkpoints)
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save`."""
