@@ -58,6 +58,8 @@ __all__ = [
     "cache_sampler",
     "train_lm_distillation",
     "evaluate_lm",
+    "peak_memory_mb",
+    "reset_peak_memory",
 ]
 
 
@@ -135,7 +137,8 @@ class LMDistillConfig:
                 "on_policy_fraction + seq_kd_fraction must be <= 1, got "
                 f"{self.on_policy_fraction} + {self.seq_kd_fraction}"
             )
-        if not 1 <= self.prompt_len < self.seq_len:
+        generates = self.on_policy_fraction + self.seq_kd_fraction > 0
+        if generates and not 1 <= self.prompt_len < self.seq_len:
             raise ValueError(f"prompt_len must be in [1, seq_len={self.seq_len}), got {self.prompt_len}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"LMDistillConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
@@ -264,9 +267,31 @@ def _learning_rate(config: LMDistillConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def reset_peak_memory(device: str | torch.device = "cpu") -> None:
+    """Start a new peak-memory window (CUDA: allocator peak; Linux CPU: the RSS high-water mark)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size.
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak, or the process's peak RSS on CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -289,6 +314,7 @@ def train_lm_distillation(
     """
     device = torch.device(device)
     rank, world = _world()
+    reset_peak_memory(device)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -441,7 +467,7 @@ def train_lm_distillation(
         train_seconds=train_seconds,
         tokens_seen=tokens_seen,
         tokens_per_second=tokens_seen / train_seconds if train_seconds > 0 else float("nan"),
-        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_mb=peak_memory_mb(device),
         run_dir=run_dir,
     )
 
@@ -473,10 +499,12 @@ def evaluate_lm(
     batch_size: int = 16,
     max_windows: int | None = 64,
     device: str | torch.device = "cpu",
+    tokens_per_byte: float = 1.0,
 ) -> dict[str, float]:
-    """Validation metrics over non-overlapping windows of a byte stream.
+    """Validation metrics over non-overlapping windows of a token stream.
 
-    ``student_bpb``/``teacher_bpb``: bits per byte = mean token cross-entropy (nats) / ln 2;
+    ``student_bpb``/``teacher_bpb``: bits per byte = mean token cross-entropy (nats) / ln 2
+    x ``tokens_per_byte`` (1 for byte-level models; tokens / UTF-8 bytes of the text otherwise);
     ``kl_teacher_student``: mean over tokens of KL(p_teacher || q_student) at T = 1;
     ``top1_agreement``: fraction of tokens where both models' most likely next token agree.
     """
@@ -487,6 +515,8 @@ def evaluate_lm(
     count = 0
     was_training = student.training
     student.eval()
+    if teacher is not None:
+        teacher.eval()
     try:
         for start in range(0, len(inputs), batch_size):
             ids = inputs[start : start + batch_size].to(device)
@@ -506,10 +536,11 @@ def evaluate_lm(
             count += target.numel()
     finally:
         student.train(was_training)
-    metrics = {"student_bpb": sums["student_nll"] / count / math.log(2)}
+    bits = tokens_per_byte / count / math.log(2)
+    metrics = {"student_bpb": sums["student_nll"] * bits}
     if teacher is not None:
         metrics.update(
-            teacher_bpb=sums["teacher_nll"] / count / math.log(2),
+            teacher_bpb=sums["teacher_nll"] * bits,
             kl_teacher_student=sums["kl"] / count,
             top1_agreement=sums["agree"] / count,
         )
