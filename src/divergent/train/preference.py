@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from divergent.rl import FDPO_DIVERGENCES, fdpo_loss, token_logprobs
 from divergent.train.checkpoint import latest_checkpoint, load_checkpoint
-from divergent.train.rl import NonFiniteLossError, model_logits, save_rotating_checkpoint
+from divergent.train.rl import NonFiniteLossError, model_logits, run_resumable, save_rotating_checkpoint
 
 __all__ = ["PreferenceConfig", "PreferenceTrainer", "encode_preference_pairs", "sequence_logprobs"]
 
@@ -194,22 +194,4 @@ class PreferenceTrainer:
 
     def train(self, *, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Run until ``config.steps`` (continuing from the latest checkpoint with ``resume``); Ctrl-C saves."""
-        if resume:
-            if self.run_dir is None:
-                raise ValueError("resume=True needs run_dir")
-            last = latest_checkpoint(self.run_dir / "checkpoints")
-            if last is not None:
-                self.load(last)
-        try:
-            while self.step_index < self.config.steps:
-                record = self.step()
-                if on_step is not None:
-                    on_step(record)
-                every = self.config.checkpoint_every
-                if every and self.step_index % every == 0 and self.step_index < self.config.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        self.save()
-        return self.history
+        return run_resumable(self, resume=resume, on_step=on_step)

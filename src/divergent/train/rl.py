@@ -78,6 +78,7 @@ __all__ = [
     "response_logprobs",
     "response_mask",
     "sample_responses",
+    "run_resumable",
     "save_rotating_checkpoint",
     "score_responses",
     "supervised_warm_start",
@@ -447,6 +448,36 @@ def build_rehearsal_set(
 # ---------------------------------------------------------------------- trainer
 
 
+def run_resumable(trainer, *, resume: bool, on_step: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """The loop shared by the RL and preference trainers.
+
+    ``trainer`` has ``run_dir``, ``config.steps``, ``config.checkpoint_every``,
+    ``step_index``, ``history`` and the methods ``step()``, ``save()``, ``load(path)``.
+    With ``resume`` the latest ``run_dir/checkpoints/step_N.pt`` is loaded first;
+    Ctrl-C saves the last completed step and re-raises.
+    """
+    if resume:
+        if trainer.run_dir is None:
+            raise ValueError("resume=True needs run_dir")
+        last = latest_checkpoint(trainer.run_dir / "checkpoints")
+        if last is not None:
+            trainer.load(last)
+    try:
+        while trainer.step_index < trainer.config.steps:
+            record = trainer.step()
+            if on_step is not None:
+                on_step(record)
+            every = trainer.config.checkpoint_every
+            if every and trainer.step_index % every == 0 and trainer.step_index < trainer.config.steps:
+                trainer.save()
+    except KeyboardInterrupt:
+        trainer.save()
+        raise
+    trainer.save()
+    return trainer.history
+
+
+
 def save_rotating_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Atomically write ``run_dir/checkpoints/step_{step}.pt`` and delete all but the ``keep`` newest."""
     folder = Path(run_dir) / "checkpoints"
@@ -691,24 +722,4 @@ class GRPOTrainer:
 
         Ctrl-C writes a checkpoint of the last completed step before re-raising.
         """
-        if resume:
-            if self.run_dir is None:
-                raise ValueError("resume=True needs run_dir")
-            last = latest_checkpoint(self.run_dir / "checkpoints")
-            if last is not None:
-                self.load(last)
-        if not self._prepared:
-            self._prepare()
-        try:
-            while self.step_index < self.config.steps:
-                record = self.step()
-                if on_step is not None:
-                    on_step(record)
-                every = self.config.checkpoint_every
-                if every and self.step_index % every == 0 and self.step_index < self.config.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        self.save()
-        return self.history
+        return run_resumable(self, resume=resume, on_step=on_step)
