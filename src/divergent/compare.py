@@ -1,0 +1,494 @@
+"""``divergent compare``: which divergence should I distil my classifier with?
+
+One run trains (or loads from the cache) a teacher, then for every seed a
+student from scratch on hard labels and one student per divergence or method,
+all on the same data split and the same seeds. It reports test accuracy, NLL,
+ECE, Brier score, agreement with the teacher and training seconds, and a paired
+comparison of every row against a baseline (``forward_kl`` by default): the
+per-seed differences are averaged and a row is marked only when the mean
+difference exceeds its own spread across seeds, so seed noise is not read as a win.
+
+The run folder holds ``config.yaml``, ``results.csv`` (one row per run),
+``summary.csv``, ``results.json`` (everything), ``report.md`` and PNG figures;
+each training run checkpoints under ``runs/<entry>/seed<k>/`` so
+``divergent compare --resume RUN_DIR`` continues an interrupted comparison.
+
+Python API::
+
+    from divergent.compare import CompareConfig, run_compare
+    summary = run_compare(CompareConfig(seeds=[0, 1], epochs=10))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from divergent import report
+from divergent.config import config_to_dict, load_config, save_config
+from divergent.data.vision import ClassificationData
+from divergent.metrics.classification import classification_metrics, reliability_bins
+from divergent.metrics.plots import plot_accuracy_vs_ece, plot_reliability, plot_training_curves
+from divergent.models.classifiers import build_model
+from divergent.train.checkpoint import load_checkpoint, save_checkpoint
+from divergent.train.classifier import (
+    ClassifierTrainConfig,
+    NonFiniteLossError,
+    method_kind,
+    predict_logits,
+    train_classifier,
+)
+
+__all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset", "get_teacher", "DEFAULT_ENTRIES", "NO_TEACHER"]
+
+DEFAULT_ENTRIES = ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta", "bdkd", "sinkhorn-with-KD"]
+NO_TEACHER = "student alone (CE)"
+# Bump when a change makes cached teachers incompatible (e.g. a different data pipeline).
+_CACHE_VERSION = 1
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one comparison (``divergent compare``; every key can be set in YAML or on the command line).
+
+    dataset: ``"digits"`` (bundled with scikit-learn), ``"cifar10"`` or ``"cifar100"`` (read from ``data_dir``).
+    data_dir: folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/`` (CIFAR only; nothing is downloaded).
+    divergences: the rows to compare: registered divergences (offline KD with each) or method names
+        (``hinton``, ``dkd``, ``nkd``, ``abkd``, ``sinkhorn-with-KD``, ``nd``, ``ofa``, ``mcmi``,
+        ``dml``, ``bdkd-online``, ``pskd``, ``uskd``).
+    methods: more rows, appended after ``divergences`` (same names accepted; kept separate so a
+        config can list divergences and methods apart).
+    baseline: the row every other row is compared with, seed by seed.
+    include_student_alone: add the student trained on hard labels only (no teacher).
+    seeds: training seeds; every row runs on every seed, on the same data split.
+    split_seed: seed of the stratified train/val/test split (digits) or train/val split (CIFAR).
+    teacher_model: teacher architecture (``cnn-32``, ``mlp-256x128``, ``resnet32x4``, ...).
+    student_model: student architecture (``mlp-32``, ``resnet8x4``, ...).
+    teacher_epochs: epochs of teacher training (the teacher is cached and reused).
+    teacher_lr: teacher learning rate.
+    teacher_seed: seed of the teacher's initialisation and training.
+    epochs: epochs of every student run.
+    batch_size: rows per step (students and teacher).
+    optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (students and teacher).
+    lr: student learning rate.
+    weight_decay: students' and teacher's weight decay.
+    lr_schedule: ``"cosine"``, ``"constant"`` or ``"multistep"``.
+    temperature: T of the divergence rows (methods use their papers' own T unless set in method_params).
+    hard_weight: CE weight of the divergence rows.
+    soft_weight: weight of T² · divergence in the divergence rows.
+    divergence_params: per-divergence parameters, e.g. ``{"alpha_beta": {"alpha": 0.8, "beta": 0.3}}``.
+    method_params: per-method overrides of the paper defaults, e.g. ``{"dkd": {"warmup_epochs": 5}}``.
+    mcmi_epochs: epochs of MCMI fine-tuning of a copy of the teacher (row ``mcmi``; cached).
+    mcmi_weight: λ of the MCMI objective.
+    output_dir: where the run folder is created.
+    device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    num_threads: CPU threads for torch (0 = torch's default). Small models run fastest on 1.
+    checkpoint_every: also checkpoint every this many steps inside a run (0 = at epoch ends).
+    """
+
+    dataset: str = "digits"
+    data_dir: str = ""
+    divergences: list[str] = field(default_factory=lambda: list(DEFAULT_ENTRIES))
+    methods: list[str] = field(default_factory=list)
+    baseline: str = "forward_kl"
+    include_student_alone: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    split_seed: int = 0
+    teacher_model: str = "cnn-32"
+    student_model: str = "mlp-32"
+    teacher_epochs: int = 30
+    teacher_lr: float = 3e-3
+    teacher_seed: int = 0
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    temperature: float = 2.0
+    hard_weight: float = 0.5
+    soft_weight: float = 0.5
+    divergence_params: dict = field(default_factory=dict)
+    method_params: dict = field(default_factory=dict)
+    mcmi_epochs: int = 5
+    mcmi_weight: float = 0.15
+    output_dir: str = "runs"
+    device: str = "cpu"
+    num_threads: int = 1
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("digits", "cifar10", "cifar100"):
+            raise ValueError(f"dataset must be 'digits', 'cifar10' or 'cifar100', got {self.dataset!r}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed, got an empty list")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        entries = self.entries()
+        if not entries:
+            raise ValueError("divergences and methods are both empty: nothing to compare")
+        if len(set(entries)) != len(entries):
+            raise ValueError(f"a row is listed twice in divergences + methods: {entries}")
+        for entry in entries:
+            _entry_method(entry)  # raises, listing the valid names
+        if self.baseline not in entries:
+            raise ValueError(f"baseline {self.baseline!r} must be one of the compared rows: {entries}")
+        for name in ("epochs", "teacher_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+    def entries(self) -> list[str]:
+        """All compared rows, in order (without the student-alone row)."""
+        return list(self.divergences) + list(self.methods)
+
+
+class CompareInterrupted(Exception):
+    """Ctrl-C during a comparison; everything finished so far is saved. ``run_dir`` tells where."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"interrupted; resume with: divergent compare --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+def _entry_method(entry: str) -> str:
+    """The trainer method of a row (``mcmi`` is KD from an MCMI-fine-tuned teacher)."""
+    if entry == "mcmi":
+        return "hinton"
+    method_kind(entry)
+    return entry
+
+
+def load_dataset(config: CompareConfig) -> ClassificationData:
+    """The dataset a comparison runs on (digits embedded; CIFAR from ``config.data_dir``)."""
+    if config.dataset == "digits":
+        from divergent.data.digits import load_digits_data
+
+        return load_digits_data(split_seed=config.split_seed)
+    from divergent.data.vision import load_cifar
+
+    if not config.data_dir:
+        raise ValueError(f"dataset {config.dataset!r} is read from disk: set data_dir (--data-dir) to the folder holding it")
+    return load_cifar(config.data_dir, config.dataset, split_seed=config.split_seed)
+
+
+def _hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _teacher_settings(config: CompareConfig) -> dict[str, Any]:
+    return {
+        "version": _CACHE_VERSION, "dataset": config.dataset, "split_seed": config.split_seed,
+        "model": config.teacher_model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
+        "seed": config.teacher_seed, "batch_size": config.batch_size, "optimizer": config.optimizer,
+        "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule,
+    }
+
+
+def get_teacher(
+    config: CompareConfig, data: ClassificationData, *, console: Console | None = None, mcmi: bool = False
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained teacher for these settings: loaded from the cache, or trained and cached.
+
+    The cache key is a hash of everything that determines the teacher (dataset, split,
+    architecture, epochs, optimiser settings, seed); the file lives under
+    ``divergent.report.cache_dir()/teachers/``. With ``mcmi=True``, a copy fine-tuned with
+    the MCMI objective (also cached). Returns the model (eval mode) and its info dict.
+    """
+    console = console or Console()
+    settings = _teacher_settings(config)
+    if mcmi:
+        settings = {**settings, "mcmi_epochs": config.mcmi_epochs, "mcmi_weight": config.mcmi_weight}
+    key = _hash(settings)
+    folder = report.cache_dir() / "teachers"
+    path = folder / f"{config.teacher_model}-{key}{'-mcmi' if mcmi else ''}.pt"
+    teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+    if path.is_file():
+        saved = load_checkpoint(path)
+        teacher.load_state_dict(saved["model"])
+        teacher.eval()
+        console.print(f"teacher{' (MCMI)' if mcmi else ''}: loaded from cache {path}")
+        return teacher, {**saved["info"], "cached": True, "path": str(path)}
+
+    work_dir = folder / f"{path.stem}-work"
+    if mcmi:
+        base, _ = get_teacher(config, data, console=console)
+        teacher.load_state_dict(base.state_dict())
+        train_config = ClassifierTrainConfig(
+            method="mcmi-teacher", params={"weight": config.mcmi_weight}, epochs=config.mcmi_epochs,
+            batch_size=config.batch_size, optimizer=config.optimizer, lr=config.teacher_lr / 10,
+            weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, seed=config.teacher_seed,
+            device=config.device,
+        )
+    else:
+        torch.manual_seed(config.teacher_seed)
+        teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+        train_config = ClassifierTrainConfig(
+            method="ce", epochs=config.teacher_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
+            lr=config.teacher_lr, weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
+            seed=config.teacher_seed, device=config.device,
+        )
+    label = "MCMI teacher" if mcmi else f"teacher {config.teacher_model}"
+    steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
+    with report.progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"training {label}", total=steps)
+        result = train_classifier(teacher, data, train_config, run_dir=work_dir, resume=True, progress=bar, progress_task=task)
+    if result.status != "finished":
+        raise CompareInterrupted(Path(config.output_dir))
+    logits, labels = predict_logits(result.student, data.test, device=config.device)
+    info = {"settings": settings, "test": classification_metrics(logits, labels), "seconds": result.seconds}
+    save_checkpoint(path, {"model": result.student.state_dict(), "info": info})
+    (work_dir / "checkpoint.pt").unlink(missing_ok=True)
+    console.print(f"{label}: trained in {result.seconds:.1f}s, test accuracy {info['test']['accuracy']:.4f}; cached at {path}")
+    return result.student.eval(), {**info, "cached": False, "path": str(path)}
+
+
+def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTrainConfig:
+    method = _entry_method(entry)
+    if method in config.divergence_params or entry in config.divergence_params:
+        params = dict(config.divergence_params.get(entry, config.divergence_params.get(method, {})))
+    else:
+        params = dict(config.method_params.get(entry, config.method_params.get(method, {})))
+    return ClassifierTrainConfig(
+        method=method, params=params, temperature=config.temperature, hard_weight=config.hard_weight,
+        soft_weight=config.soft_weight, epochs=config.epochs, batch_size=config.batch_size,
+        optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+        lr_schedule=config.lr_schedule, seed=seed, device=config.device, checkpoint_every=config.checkpoint_every,
+    )
+
+
+def _run_one(
+    config: CompareConfig, entry: str, seed: int, data: ClassificationData, teachers: dict[str, torch.nn.Module],
+    teacher_test_logits: torch.Tensor, run_dir: Path, bar, console: Console,
+) -> dict[str, Any]:
+    folder = run_dir / "runs" / entry.replace("/", "_") / f"seed{seed}"
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    method = NO_TEACHER if entry == NO_TEACHER else entry
+    train_config = _train_config(config, "ce" if entry == NO_TEACHER else entry, seed)
+    kind = method_kind(train_config.method)
+    torch.manual_seed(seed)
+    student = build_model(config.student_model, data.input_shape, data.num_classes)
+    if kind == "online":
+        # Online methods train a fresh teacher network alongside the student.
+        torch.manual_seed(10_000 + seed)
+        teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+    else:
+        teacher = teachers["mcmi" if entry == "mcmi" else "base"]
+    steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
+    task = bar.add_task(f"{method} · seed {seed}", total=steps)
+    row: dict[str, Any] = {"name": method, "seed": seed, "method": train_config.method, "kind": kind}
+    try:
+        result = train_classifier(student, data, train_config, teacher=teacher, run_dir=folder, resume=True, progress=bar, progress_task=task)
+    except NonFiniteLossError as exc:
+        console.print(f"[red]{method} seed {seed}: {exc}[/red]")
+        row.update(status="failed", error=str(exc))
+        report.write_json(row, done)
+        return row
+    finally:
+        bar.remove_task(task)
+    if result.status != "finished":
+        raise CompareInterrupted(run_dir)
+    logits, labels = predict_logits(result.student, data.test, device=config.device)
+    row.update(status="finished", seconds=result.seconds, steps=result.steps,
+               **classification_metrics(logits, labels, teacher_test_logits))
+    row["reliability"] = reliability_bins(logits, labels)
+    row["history"] = result.history
+    report.write_json(row, done)
+    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is kept; the weights are not needed
+    return row
+
+
+def _summarise(config: CompareConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
+    finished = [r for r in rows if r["status"] == "finished"]
+    by_name = {name: {r["seed"]: r for r in finished if r["name"] == name} for name in names}
+    baseline = by_name[config.baseline]
+    summary = []
+    for name in names:
+        runs = by_name[name]
+        entry: dict[str, Any] = {"name": name, "runs": len(runs), "failed": sum(1 for r in rows if r["name"] == name and r["status"] != "finished")}
+        if not runs:
+            summary.append(entry)
+            continue
+        for metric in ("accuracy", "nll", "ece", "brier", "agreement", "seconds"):
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = report.mean_std([r[metric] for r in runs.values()])
+        if name != config.baseline and baseline:
+            for metric in ("accuracy", "ece"):
+                paired = report.paired_difference(
+                    {s: r[metric] for s, r in runs.items()}, {s: r[metric] for s, r in baseline.items()}
+                )
+                entry[f"{metric}_diff"] = paired["mean_diff"]
+                entry[f"{metric}_diff_std"] = paired["std_diff"]
+                entry[f"{metric}_significant"] = paired["significant"]
+        summary.append(entry)
+    return summary
+
+
+def _table_rows(config: CompareConfig, summary: list[dict[str, Any]]) -> list[dict[str, str]]:
+    def pm(entry, metric, digits=4):
+        if f"{metric}_mean" not in entry:
+            return "failed"
+        return f"{entry[f'{metric}_mean']:.{digits}f} ± {entry[f'{metric}_std']:.{digits}f}"
+
+    def diff(entry, metric):
+        if entry["name"] == config.baseline:
+            return "baseline"
+        if f"{metric}_diff" not in entry:
+            return ""
+        mark = " *" if entry[f"{metric}_significant"] else ""
+        return f"{entry[f'{metric}_diff']:+.4f}{mark}"
+
+    rows = []
+    for entry in summary:
+        rows.append({
+            "divergence": entry["name"],
+            "test accuracy": pm(entry, "accuracy"),
+            "NLL": pm(entry, "nll", 3),
+            "ECE": pm(entry, "ece", 3),
+            "agreement": pm(entry, "agreement", 3),
+            "seconds": pm(entry, "seconds", 1),
+            f"Δacc vs {config.baseline}": diff(entry, "accuracy"),
+            f"ΔECE vs {config.baseline}": diff(entry, "ece"),
+        })
+    return rows
+
+
+def _write_report(config: CompareConfig, run_dir: Path, teacher_info: dict, summary, table_rows, columns, command: str, total_seconds: float) -> Path:
+    settings = "\n".join(f"- `{k}`: `{v}`" for k, v in config_to_dict(config).items())
+    text = f"""# divergent compare — {config.dataset}
+
+Teacher `{config.teacher_model}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
+student `{config.student_model}`; {len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}), same data split (split seed {config.split_seed}).
+Mean ± sample standard deviation over seeds, on the test split.
+
+{report.markdown_table(table_rows, columns)}
+
+Δ columns: the mean over seeds of (row − {config.baseline}) on the same seed. A `*`
+marks a difference larger than its own standard deviation across seeds — a plain
+rule, not a significance test; without the mark the rows are indistinguishable from
+seed noise at this number of seeds. Agreement is with the cached teacher on the test
+split (for online rows too, whose own teacher is trained alongside).
+
+Total wall time: {total_seconds:.1f}s.
+
+## Figures
+
+![reliability](reliability.png)
+
+![training curves](training_curves.png)
+
+![accuracy vs ECE](accuracy_vs_ece.png)
+
+## Reproduce
+
+```
+{command}
+```
+
+(`config.yaml` in this folder holds every setting.)
+
+## Settings
+
+{settings}
+"""
+    path = run_dir / "report.md"
+    path.write_text(text)
+    return path
+
+
+def run_compare(
+    config: CompareConfig,
+    *,
+    run_dir: str | Path | None = None,
+    console: Console | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run (or, when ``run_dir`` holds a partial run, resume) a comparison; returns the results dict.
+
+    Creates a new run folder under ``config.output_dir`` unless ``run_dir`` is given.
+    Raises :class:`CompareInterrupted` on Ctrl-C after saving (resume with the same ``run_dir``).
+    """
+    console = console or Console()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    started = time.perf_counter()
+    if run_dir is None:
+        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
+    console.print(f"run folder: {run_dir}")
+
+    data = load_dataset(config)
+    teacher, teacher_info = get_teacher(config, data, console=console)
+    teachers = {"base": teacher}
+    if "mcmi" in config.entries():
+        teachers["mcmi"], _ = get_teacher(config, data, console=console, mcmi=True)
+    teacher_test_logits, test_labels = predict_logits(teacher, data.test, device=config.device)
+
+    names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
+    rows: list[dict[str, Any]] = []
+    try:
+        with report.progress(console=console) as bar:
+            overall = bar.add_task("runs", total=len(names) * len(config.seeds))
+            for seed in config.seeds:
+                for name in names:
+                    rows.append(_run_one(config, name, seed, data, teachers, teacher_test_logits, run_dir, bar, console))
+                    bar.advance(overall)
+    except KeyboardInterrupt:
+        raise CompareInterrupted(run_dir) from None
+
+    summary = _summarise(config, rows)
+    table_rows = _table_rows(config, summary)
+    columns = list(table_rows[0])
+    report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
+    console.print(f"* = differs from {config.baseline} by more than the spread across seeds (paired, same seeds and split)")
+
+    flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
+    report.write_csv(flat_rows, run_dir / "results.csv")
+    report.write_csv(summary, run_dir / "summary.csv")
+    first_seed = config.seeds[0]
+    finished = [r for r in rows if r["status"] == "finished"]
+    teacher_bins = reliability_bins(teacher_test_logits, test_labels)
+    bins = {f"teacher {config.teacher_model}": {**teacher_bins, "ece": teacher_info["test"]["ece"]}}
+    bins.update({r["name"]: {**r["reliability"], "ece": r["ece"]} for r in finished if r["seed"] == first_seed})
+    figures = {
+        "reliability": plot_reliability(bins, run_dir / "reliability.png", title=f"Reliability on test (seed {first_seed})"),
+        "training_curves": plot_training_curves({r["name"]: r["history"] for r in finished if r["seed"] == first_seed},
+                                                run_dir / "training_curves.png", title=f"Training curves (seed {first_seed})"),
+        "accuracy_vs_ece": plot_accuracy_vs_ece(finished, run_dir / "accuracy_vs_ece.png"),
+    }
+    total_seconds = time.perf_counter() - started
+    results = {
+        "command": command, "config": config_to_dict(config), "teacher": teacher_info,
+        "summary": summary, "runs": rows, "figures": {k: str(v) for k, v in figures.items()},
+        "total_seconds": total_seconds, "run_dir": str(run_dir),
+    }
+    report.write_json(results, run_dir / "results.json")
+    _write_report(config, run_dir, teacher_info, summary, table_rows, columns, command, total_seconds)
+    console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s")
+    return results
+
+
+def resume_compare(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:
+    """Continue the comparison in ``run_dir`` with its saved ``config.yaml``; finished runs are not redone."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a compare run folder: {config_path} not found")
+    config = load_config(CompareConfig, config_path)
+    return run_compare(config, run_dir=run_dir, console=console,
+                       command=f"divergent compare --config {shlex.quote(str(config_path))}")
