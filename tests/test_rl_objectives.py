@@ -317,3 +317,45 @@ def test_accuracy_band_and_refill():
     assert batch.full and batch.items == ["b", "c", "f"] and batch.offered == 8
     with pytest.raises(ValueError, match="low"):
         accuracy_band_mask(rewards, low=0.8, high=0.2)
+
+
+# ---------------------------------------------------------------- what each estimator's gradient targets
+
+
+def _expected_loss_gradient(kind, policy_logits, ref_logits):
+    """Exact E_{y ~ pi_theta}[grad k(y)] with the samples held fixed (as in training), by enumeration."""
+    policy_logits = policy_logits.clone().requires_grad_(True)
+    logq = torch.log_softmax(policy_logits, -1)
+    logp = torch.log_softmax(ref_logits, -1)
+    weights = logq.exp().detach()  # the sampling distribution carries no gradient
+    (weights * kl_estimator(logq, logp, kind)).sum().backward()
+    return policy_logits.grad
+
+
+def _divergence_gradient(name, policy_logits, ref_logits):
+    divergence = _functional_divergence()
+    policy_logits = policy_logits.clone().requires_grad_(True)
+    divergence(name, policy_logits[None], ref_logits[None]).backward()
+    return policy_logits.grad
+
+
+def test_k1_loss_has_zero_expected_gradient():
+    """E_q[grad log q(y)] = 0: k1 used directly as a loss only adds noise."""
+    theta, ref = _two_distributions(seed=4)
+    torch.testing.assert_close(_expected_loss_gradient("k1", theta, ref), torch.zeros_like(theta))
+
+
+def test_k2_loss_gradient_is_reverse_kl_gradient():
+    """E_q[grad (log q/p)^2 / 2] = E_q[(log q/p) grad log q] = grad KL(q || p)."""
+    theta, ref = _two_distributions(seed=5)
+    torch.testing.assert_close(
+        _expected_loss_gradient("k2", theta, ref), _divergence_gradient("reverse_kl", theta, ref)
+    )
+
+
+def test_k3_loss_gradient_is_forward_kl_gradient():
+    """E_q[(1 - p/q) grad log q] = -sum_y p grad log q = grad KL(p || q): k3 as a loss pulls like forward KL."""
+    theta, ref = _two_distributions(seed=6)
+    torch.testing.assert_close(
+        _expected_loss_gradient("k3", theta, ref), _divergence_gradient("forward_kl", theta, ref)
+    )
