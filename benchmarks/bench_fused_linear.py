@@ -1,0 +1,284 @@
+"""Benchmark: a divergence fused with the output layer, forward + backward of the soft loss.
+
+For ``N`` tokens, hidden size ``H`` and vocabulary ``V`` (bf16 by default), the
+student's hidden states ``x_s [N, H]`` and output weight ``W_s [V, H]`` are
+trainable, the teacher's ``x_t``, ``W_t`` are not, and one step computes
+
+    loss = mean_i D( softmax(x_t[i] W_t^T) || softmax(x_s[i] W_s^T) )
+
+and its gradients with respect to ``x_s`` and ``W_s``. Side by side, in one run:
+
+- ``matmul_floor``: only the four matmuls any exact method must do
+  (``x_s W_s^T``, ``x_t W_t^T``, ``G W_s``, ``G^T x_s``), at full size;
+- ``torch_full``: plain PyTorch on the full ``[N, V]`` logits (``dv.divergence``
+  with autograd), for ``js`` (beta = 0.5) and ``forward_kl``;
+- ``liger``: Liger-Kernel's chunked ``LigerFusedLinearJSDLoss`` (compiled) for
+  ``js`` (beta = 0.5) and ``forward_kl`` (its beta = 0 special case), when installed;
+- ``ours``: ``dv.LinearDistillationLoss`` (chunked; on CUDA each chunk goes
+  through the fused Triton kernel of ``divergent.functional.triton_divergence``);
+- ``ours_topk``: the same with a ``dv.TopK`` teacher (``--topk`` entries per token).
+
+Timings are medians in ms (``triton.testing.do_bench`` on CUDA when Triton is
+there, else CUDA-synchronised wall clock through ``benchmarks/harness.py``);
+``peak_gib`` is the peak of ``torch.cuda.max_memory_allocated`` during one step,
+inputs and weights included (``inputs_gib`` says how much of it they are); it is
+not measured on CPU, where this script only exercises the code on a tiny shape.
+The ``loss`` column lets the rows of one divergence be checked against each other.
+
+Run on a GPU:
+    python benchmarks/bench_fused_linear.py                 # the issue's shapes
+    python benchmarks/bench_fused_linear.py --shape 8192,4096,128256 --names js,forward_kl
+On CPU (exercises the code paths on a tiny shape in seconds):
+    python benchmarks/bench_fused_linear.py --quick
+Results: ``benchmarks/results/fused_linear_<device>.csv`` with the command and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (benchmarks/ is not a package)
+
+import divergent as dv  # noqa: E402
+
+ISSUE_SHAPES = [(8192, 4096, 128256), (1024, 4096, 128256), (32768, 4096, 128256), (8192, 2048, 32000)]
+QUICK_SHAPES = [(64, 32, 1000)]
+BASELINE_NAMES = ("js", "forward_kl")  # what torch_full and Liger are run for
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GIB = 2.0**30
+
+
+def supported_names() -> list[str]:
+    """Every registered divergence that can be chunked over tokens (sinkhorn couples rows)."""
+    return [name for name in dv.available() if dv.get_spec(name).per_row]
+
+
+def make_inputs(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Student/teacher hidden states and output weights, scaled so the logits have unit spread."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    x_s = randn(n_tokens, hidden).requires_grad_(True)
+    w_s = randn(vocab, hidden, scale=hidden**-0.5).requires_grad_(True)
+    x_t = randn(n_tokens, hidden)
+    w_t = randn(vocab, hidden, scale=hidden**-0.5)
+    return x_s, w_s, x_t, w_t
+
+
+def topk_teacher(x_t: torch.Tensor, w_t: torch.Tensor, k: int, chunk: int = 1024):
+    """The teacher's top-k log-probs, built chunk by chunk (as a cache would store them)."""
+    indices, logprobs = [], []
+    with torch.no_grad():
+        for start in range(0, x_t.shape[0], chunk):
+            sparse = dv.TopK.from_logits((x_t[start : start + chunk] @ w_t.T).float(), k)
+            indices.append(sparse.indices)
+            logprobs.append(sparse.logprobs)
+    return dv.TopK(torch.cat(indices), torch.cat(logprobs))
+
+
+def step_matmul_floor(x_s, w_s, x_t, w_t) -> Callable[[], float]:
+    def step():
+        with torch.no_grad():
+            student_logits = x_s @ w_s.T
+            teacher_logits = x_t @ w_t.T
+            # G has the logits' shape; the logits buffer stands in for it.
+            grad_input = student_logits @ w_s
+            grad_weight = student_logits.T @ x_s
+            del teacher_logits, grad_input, grad_weight
+        return float("nan")
+
+    return step
+
+
+def step_torch_full(name, x_s, w_s, x_t, w_t, params) -> Callable[[], float]:
+    def step():
+        x_s.grad = w_s.grad = None
+        student_logits = x_s @ w_s.T
+        with torch.no_grad():
+            teacher_logits = x_t @ w_t.T
+        loss = dv.divergence(name, student_logits, teacher_logits, **params)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def _linear_distillation_loss():
+    # Public as dv.LinearDistillationLoss; defined in divergent.losses.linear.
+    loss_class = getattr(dv, "LinearDistillationLoss", None)
+    if loss_class is None:
+        from divergent.losses.linear import LinearDistillationLoss as loss_class
+    return loss_class
+
+
+def step_ours(name, x_s, w_s, x_t, w_t, params, chunk_size, teacher=None) -> Callable[[], float]:
+    loss_fn = _linear_distillation_loss()(name, chunk_size=chunk_size, hard_weight=0.0, soft_weight=1.0, **params)
+
+    def step():
+        x_s.grad = w_s.grad = None
+        if teacher is None:
+            loss = loss_fn(x_s, w_s, x_t, w_t)
+        else:
+            loss = loss_fn(x_s, w_s, None, teacher)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def step_liger(name, x_s, w_s, x_t, w_t, params) -> Callable[[], float] | None:
+    """Liger-Kernel's chunked JSD loss, or None when liger_kernel is not installed."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    # Liger's beta = 0 end of its JSD is its forward-KL special case; at 0.5 both conventions agree.
+    beta = 0.0 if name == "forward_kl" else params.get("beta", 0.5)
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+    labels = torch.zeros(x_s.shape[0], dtype=torch.long, device=x_s.device)
+
+    def step():
+        x_s.grad = w_s.grad = None
+        try:
+            loss = loss_fn(x_s, w_s, x_t, w_t, labels)
+        except TypeError:  # releases whose forward also takes the two biases
+            loss = loss_fn(x_s, w_s, x_t, w_t, labels, None, None)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
+def measure(step: Callable[[], float], device: str, repeats: int, warmup: int, memory: bool) -> dict:
+    """Median ms of ``step`` and its peak memory; 'out of memory' is a result, not a crash."""
+    row: dict = {}
+    try:
+        row["loss"] = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            try:
+                from triton.testing import do_bench
+            except ImportError:
+                do_bench = None
+            if do_bench is not None:
+                row["median_ms"] = do_bench(step, warmup=warmup * 10, rep=repeats * 20, return_mode="median")
+            else:
+                row["median_ms"] = harness.time_fn(step, repeats=repeats, warmup=warmup, device=device)["median_ms"]
+            if memory:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        else:
+            # No memory figure on CPU: the fork-based RSS probe can deadlock once torch's
+            # thread pool has run in this process, and CPU figures are not what this measures.
+            row["median_ms"] = harness.time_fn(step, repeats=repeats, warmup=warmup)["median_ms"]
+        row["status"] = "ok"
+    except torch.OutOfMemoryError:
+        row = {"status": "out of memory"}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    names = args.names.split(",") if args.names else supported_names()
+    shapes = args.shape or (QUICK_SHAPES if args.quick else ISSUE_SHAPES)
+    params_for = {"js": {"beta": 0.5}}
+    rows: list[dict] = []
+    for n_tokens, hidden, vocab in shapes:
+        x_s, w_s, x_t, w_t = make_inputs(n_tokens, hidden, vocab, dtype, device)
+        inputs_gib = sum(t.numel() * t.element_size() for t in (x_s, w_s, x_t, w_t)) / GIB
+        floor_flops = 4 * 2 * n_tokens * hidden * vocab
+        base = {"n_tokens": n_tokens, "hidden": hidden, "vocab": vocab, "dtype": args.dtype,
+                "chunk_size": args.chunk_size, "device": device, "inputs_gib": round(inputs_gib, 3)}
+
+        def record(implementation, name, step, note=""):
+            if step is None:
+                rows.append({"implementation": implementation, "divergence": name, **base, "status": note})
+                return None
+            result = measure(step, device, args.repeats, args.warmup, not args.no_memory)
+            rows.append({"implementation": implementation, "divergence": name, **base, **result, "note": note})
+            return result
+
+        floor = record("matmul_floor", "-", step_matmul_floor(x_s, w_s, x_t, w_t), "four matmuls, full size")
+        floor_ms = floor.get("median_ms") if floor else None
+        if floor_ms:
+            rows[-1]["tflops"] = floor_flops / (floor_ms * 1e-3) / 1e12
+        teacher_topk = topk_teacher(x_t, w_t, args.topk) if args.topk else None
+        for name in names:
+            params = params_for.get(name, {})
+            if name in BASELINE_NAMES:
+                record("torch_full", name, step_torch_full(name, x_s, w_s, x_t, w_t, params), "full [N, V] logits")
+                liger = step_liger(name, x_s, w_s, x_t, w_t, params)
+                record("liger", name, liger, "" if liger else "liger_kernel not installed")
+            record("ours", name, step_ours(name, x_s, w_s, x_t, w_t, params, args.chunk_size))
+            if teacher_topk is not None:
+                record(
+                    "ours_topk", name,
+                    step_ours(name, x_s, w_s, x_t, w_t, params, args.chunk_size, teacher_topk),
+                    f"TopK teacher, k={args.topk}",
+                )
+        if floor_ms:
+            for row in rows:
+                if row.get("n_tokens") == n_tokens and row.get("vocab") == vocab and row.get("hidden") == hidden:
+                    if "median_ms" in row:
+                        row["x_floor"] = row["median_ms"] / floor_ms
+        del x_s, w_s, x_t, w_t, teacher_topk
+    return rows
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape takes N,H,V (three positive integers), got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", type=parse_shape, action="append", help="N,H,V (repeatable); default: the issue's shapes")
+    parser.add_argument("--quick", action="store_true", help="a tiny shape (default on CPU)")
+    parser.add_argument("--names", default="", help="comma-separated divergences (default: all but sinkhorn)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--topk", type=int, default=64, help="k of the TopK teacher rows (0: skip)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.shape:
+        args.quick = True
+    rows = run(args)
+    output = args.output or Path(__file__).resolve().parent / "results" / f"fused_linear_{args.device}.csv"
+    command = "python benchmarks/bench_fused_linear.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    harness.write_results(rows, output, command=command.strip())
+    columns = ["implementation", "divergence", "n_tokens", "hidden", "vocab", "median_ms", "x_floor", "peak_gib", "loss", "status"]
+    table = [{c: (f"{row[c]:.4g}" if isinstance(row.get(c), float) and math.isfinite(row[c]) else row.get(c, "")) for c in columns} for row in rows]
+    try:
+        from divergent.report import print_table
+
+        print_table(table, columns, title=f"fused linear divergence ({harness.machine_description()})")
+    except ImportError:
+        for row in table:
+            print(row)
+    print(f"wrote {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
