@@ -82,6 +82,7 @@ class CompareConfig:
     lr: student learning rate.
     weight_decay: students' and teacher's weight decay.
     lr_schedule: ``"cosine"``, ``"constant"`` or ``"multistep"``.
+    lr_milestones: epochs where ``"multistep"`` multiplies the learning rate by 0.1.
     temperature: T of the divergence rows (methods use their papers' own T unless set in method_params).
     hard_weight: CE weight of the divergence rows.
     soft_weight: weight of T² · divergence in the divergence rows.
@@ -114,6 +115,7 @@ class CompareConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
+    lr_milestones: list[int] = field(default_factory=list)
     temperature: float = 2.0
     hard_weight: float = 0.5
     soft_weight: float = 0.5
@@ -191,7 +193,7 @@ def _teacher_settings(config: CompareConfig) -> dict[str, Any]:
         "version": _CACHE_VERSION, "dataset": config.dataset, "split_seed": config.split_seed,
         "model": config.teacher_model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
         "seed": config.teacher_seed, "batch_size": config.batch_size, "optimizer": config.optimizer,
-        "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule,
+        "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "lr_milestones": list(config.lr_milestones),
     }
 
 
@@ -227,8 +229,8 @@ def get_teacher(
         train_config = ClassifierTrainConfig(
             method="mcmi-teacher", params={"weight": config.mcmi_weight}, epochs=config.mcmi_epochs,
             batch_size=config.batch_size, optimizer=config.optimizer, lr=config.teacher_lr / 10,
-            weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, seed=config.teacher_seed,
-            device=config.device,
+            weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, lr_milestones=config.lr_milestones,
+            seed=config.teacher_seed, device=config.device,
         )
     else:
         torch.manual_seed(config.teacher_seed)
@@ -236,7 +238,7 @@ def get_teacher(
         train_config = ClassifierTrainConfig(
             method="ce", epochs=config.teacher_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
             lr=config.teacher_lr, weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
-            seed=config.teacher_seed, device=config.device,
+            lr_milestones=config.lr_milestones, seed=config.teacher_seed, device=config.device,
         )
     label = "MCMI teacher" if mcmi else f"teacher {config.teacher_model}"
     steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
@@ -263,7 +265,8 @@ def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTra
         method=method, params=params, temperature=config.temperature, hard_weight=config.hard_weight,
         soft_weight=config.soft_weight, epochs=config.epochs, batch_size=config.batch_size,
         optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
-        lr_schedule=config.lr_schedule, seed=seed, device=config.device, checkpoint_every=config.checkpoint_every,
+        lr_schedule=config.lr_schedule, lr_milestones=config.lr_milestones, seed=seed, device=config.device,
+        checkpoint_every=config.checkpoint_every,
     )
 
 
@@ -393,11 +396,18 @@ Total wall time: {total_seconds:.1f}s.
 
 ## Reproduce
 
+As run:
+
 ```
 {command}
 ```
 
-(`config.yaml` in this folder holds every setting.)
+Every setting is in `config.yaml` in this folder; this repeats the run exactly
+(the teacher comes from the cache when present, else is retrained identically):
+
+```
+divergent compare --config {run_dir / 'config.yaml'}
+```
 
 ## Settings
 

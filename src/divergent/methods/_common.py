@@ -6,7 +6,12 @@ import torch
 
 from divergent.functional import divergence
 
-__all__ = ["non_target_logits", "soft_cross_entropy", "target_log_prob"]
+__all__ = ["as_float", "non_target_logits", "soft_cross_entropy", "target_log_prob"]
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 when it already is (the functional layer's rule)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def non_target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -21,7 +26,7 @@ def non_target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def target_log_prob(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T)_y per row, shape ``(N,)``."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, labels.view(-1, 1)).squeeze(1)
+    return torch.log_softmax(as_float(logits) / temperature, dim=-1).gather(1, labels.view(-1, 1)).squeeze(1)
 
 
 def soft_cross_entropy(
@@ -38,7 +43,7 @@ def soft_cross_entropy(
     >>> round(soft_cross_entropy(torch.zeros(1, 2), t).item(), 4)  # log 2
     0.6931
     """
-    target_log = torch.log_softmax(target_logits.float() / temperature, dim=-1)
+    target_log = torch.log_softmax(as_float(target_logits) / temperature, dim=-1)
     # 0 · log 0 = 0 for classes with zero target mass.
     entropy = -(target_log.exp() * target_log.clamp_min(torch.finfo(target_log.dtype).min)).sum(-1).mean()
     kl = divergence("forward_kl", student_logits, target_logits, temperature=temperature)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from divergent.functional import divergence
-from divergent.methods._common import non_target_logits
+from divergent.methods._common import as_float, non_target_logits
 
 __all__ = ["dkd_loss", "binary_target_log_probs"]
 
@@ -17,7 +17,7 @@ def binary_target_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperat
     log(1 − b_y) = logsumexp_{c≠y}(z_c / T) − logsumexp_c(z_c / T), which stays finite
     even when b_y rounds to 1.
     """
-    scaled = logits.float() / temperature
+    scaled = as_float(logits) / temperature
     log_total = torch.logsumexp(scaled, dim=-1)
     log_target = scaled.gather(1, labels.view(-1, 1)).squeeze(1) - log_total
     log_rest = torch.logsumexp(non_target_logits(scaled, labels), dim=-1) - log_total

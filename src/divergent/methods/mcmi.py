@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from divergent.functional import divergence
+from divergent.methods._common import as_float
 
 __all__ = ["mcmi_teacher_loss", "class_centroid_log_probs"]
 
@@ -16,7 +17,7 @@ def class_centroid_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torc
     The batch estimate of the class-conditional output distribution; gradients flow
     through it.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(as_float(logits), dim=-1)
     num_classes = logits.shape[-1]
     sums = torch.zeros(num_classes, num_classes, dtype=probs.dtype, device=probs.device).index_add(0, labels, probs)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(probs.dtype).unsqueeze(1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from divergent.methods._common import as_float
 
 __all__ = ["nd_loss", "teacher_class_centers"]
 
@@ -39,8 +39,8 @@ def nd_loss(
             f"student_features {tuple(student_features.shape)} and teacher_features "
             f"{tuple(teacher_features.shape)} must have the same shape; project the student first"
         )
-    f_s = student_features.float()
-    f_t = teacher_features.float().detach()
+    f_s = as_float(student_features)
+    f_t = as_float(teacher_features).detach()
     projection = (f_s * centers[labels]).sum(-1)
     scale = torch.maximum(f_s.norm(dim=-1), f_t.norm(dim=-1)).clamp_min(1e-12)
     return (1.0 - projection / scale).mean()

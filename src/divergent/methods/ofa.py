@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from divergent.methods._common import as_float
 
 __all__ = ["ofa_loss", "OFABranch"]
 
@@ -23,10 +24,10 @@ def ofa_loss(
     """
     if epsilon <= 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    p = torch.softmax(teacher_logits.float().detach() / temperature, dim=-1)
+    p = torch.softmax(as_float(teacher_logits).detach() / temperature, dim=-1)
     onehot = torch.nn.functional.one_hot(labels, p.shape[-1]).to(p.dtype)
     weight = (p + onehot).pow(epsilon) - onehot
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(as_float(student_logits) / temperature, dim=-1)
     return -(weight * log_q).sum(-1).mean()
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divergent.methods._common import non_target_logits, soft_cross_entropy, target_log_prob
+from divergent.methods._common import as_float, non_target_logits, soft_cross_entropy, target_log_prob
 
 __all__ = ["pskd_alpha", "pskd_loss", "uskd_loss", "zipf_non_target_labels", "WeakHead"]
 
@@ -83,7 +83,7 @@ def uskd_loss(
     Defaults are the paper's ImageNet values (α = 1, β = 0.1, μ = 0.005). Whether CE is
     kept beside the target term is configurable (``ce_weight``); unverified.
     """
-    log_s = torch.log_softmax(logits.float(), dim=-1)
+    log_s = torch.log_softmax(as_float(logits), dim=-1)
     s_y2 = target_log_prob(logits, labels).exp().detach() ** 2
     target_label = s_y2 + 1.0 - s_y2.mean()
     target_term = -(target_label * log_s.gather(1, labels.view(-1, 1)).squeeze(1)).mean()

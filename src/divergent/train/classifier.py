@@ -508,6 +508,16 @@ def _collect_features(model: nn.Module, dataset, device: torch.device, batch_siz
     return torch.cat(features), torch.cat(labels)
 
 
+def _non_finite(loss: torch.Tensor, parameters: list[nn.Parameter]) -> str:
+    """Why this step must not be taken ("" when loss and gradients are finite)."""
+    if not torch.isfinite(loss):
+        return f"loss is {loss.item()}"
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).all():
+        return f"gradient is non-finite (loss {loss.item():.4g})"
+    return ""
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The training order of epoch ``epoch``: a permutation that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -682,29 +692,43 @@ def train_classifier(
                         else:
                             with torch.no_grad():
                                 teacher_logits = teacher(inputs)
-                    loss = objective.loss(_Batch(inputs, labels, local_rows.to(device), epoch, config.epochs,
-                                                 student_logits, teacher_logits, student_hook, teacher_hook))
+                    if not torch.isfinite(student_logits).all():
+                        # Caught here, before a divergence rejects the NaN input deep inside the loss.
+                        loss = student_logits.new_tensor(float("nan"))
+                    else:
+                        loss = objective.loss(_Batch(inputs, labels, local_rows.to(device), epoch, config.epochs,
+                                                     student_logits, teacher_logits, student_hook, teacher_hook))
                 finally:
                     for hook in (student_hook, teacher_hook):
                         if hook is not None:
                             hook.remove()
 
-                if not torch.isfinite(loss):
-                    save("failed")  # the weights are still those before this step: the last good state
-                    where = f" (last good checkpoint: {checkpoint_path})" if checkpoint_path else ""
+                optimizer.zero_grad(set_to_none=True)
+                loss_ok = torch.isfinite(loss.detach()).float().reshape(1)
+                if world > 1:
+                    # Every process must agree, or the gradient all_reduce below would wait forever.
+                    dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
+                if loss_ok.item() == 1.0:
+                    # Scale so that averaging gradients over processes gives the mean over the global batch.
+                    (loss * (len(local_rows) * world / len(global_rows))).backward()
+                    if world > 1:
+                        for p in parameters:
+                            if p.grad is None:
+                                p.grad = torch.zeros_like(p)
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
+                problem = _non_finite(loss, parameters) if loss_ok.item() == 1.0 else (
+                    f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is non-finite on another process")
+                if problem:
+                    # The weights are still those before this step. Keep them as the last good
+                    # checkpoint unless they are already broken (then the previous file stays).
+                    if all(torch.isfinite(p).all() for p in parameters):
+                        save("failed")
+                    where = f"; last good checkpoint: {checkpoint_path}" if checkpoint_path and checkpoint_path.is_file() else ""
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}) with method "
+                        f"{problem} at step {state['step'] + 1} (epoch {epoch + 1}) with method "
                         f"{config.method!r}; stopped without taking the step{where}"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                # Scale so that averaging gradients over processes gives the mean over the global batch.
-                (loss * (len(local_rows) * world / len(global_rows))).backward()
-                if world > 1:
-                    for p in parameters:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
                 optimizer.step()
 
                 state["batch"] += 1

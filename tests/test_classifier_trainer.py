@@ -1,0 +1,162 @@
+"""The classifier trainer: every method trains, resume equals an uninterrupted run, Ctrl-C saves, NaN stops."""
+
+import copy
+import signal
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from divergent.data.digits import load_digits_data
+from divergent.data.vision import ClassificationData
+from divergent.models.classifiers import MLP, SmallCNN
+from divergent.train.checkpoint import load_checkpoint
+from divergent.train.classifier import (
+    METHODS,
+    ClassifierTrainConfig,
+    NonFiniteLossError,
+    train_classifier,
+)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """A 192-example slice of digits (fast) with the real val split."""
+    full = load_digits_data()
+    x, y = full.train.tensors
+    return ClassificationData("digits-small", TensorDataset(x[:192], y[:192]), full.val, full.test, 10, (1, 8, 8))
+
+
+def _mlp(seed, width=16):
+    torch.manual_seed(seed)
+    return MLP((1, 8, 8), 10, hidden=(width, width))
+
+
+def _config(method, **kw):
+    kw.setdefault("epochs", 2)
+    kw.setdefault("batch_size", 32)
+    return ClassifierTrainConfig(method=method, lr=1e-2, **kw)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+ALL_ROWS = sorted(set(METHODS) - {"mcmi-teacher"}) + ["forward_kl", "js", "sinkhorn"]
+
+
+@pytest.mark.parametrize("method", ALL_ROWS)
+def test_every_method_trains_and_changes_the_student(method, small_data):
+    student, teacher = _mlp(0), _mlp(1, width=32)
+    before, teacher_before = copy.deepcopy(student), copy.deepcopy(teacher)
+    result = train_classifier(student, small_data, _config(method), teacher=teacher)
+    assert result.status == "finished" and len(result.history) == 2
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in result.history)
+    assert not _same_weights(student, before)
+    teacher_changed = not _same_weights(teacher, teacher_before)
+    assert teacher_changed == (METHODS.get(method, ("offline",))[0] == "online")
+
+
+@pytest.mark.parametrize("method", ["ofa", "uskd", "nd"])
+def test_feature_methods_work_on_convolutional_stages(method, small_data):
+    torch.manual_seed(0)
+    student, teacher = SmallCNN(1, 10, width=4), SmallCNN(1, 10, width=8)
+    result = train_classifier(student, small_data, _config(method, epochs=1), teacher=teacher)
+    assert result.status == "finished"
+
+
+def test_training_lowers_the_loss_and_beats_chance(small_data):
+    result = train_classifier(_mlp(0), small_data, _config("ce", epochs=15, batch_size=16))
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0]
+    assert result.history[-1]["val_accuracy"] > 0.6
+
+
+def test_mcmi_teacher_finetuning_runs_on_the_model_itself(small_data):
+    model = _mlp(3)
+    before = copy.deepcopy(model)
+    train_classifier(model, small_data, _config("mcmi-teacher", epochs=1))
+    assert not _same_weights(model, before)
+
+
+@pytest.mark.parametrize("method", ["forward_kl", "pskd", "ofa", "dml", "dkd"])
+def test_resume_after_interruption_equals_an_uninterrupted_run(method, small_data, tmp_path):
+    """Stop mid-epoch after 9 steps (6 steps per epoch), resume from the checkpoint, compare."""
+    full_student, full_teacher = _mlp(0), _mlp(1, width=32)
+    full = train_classifier(full_student, small_data, _config(method, epochs=3), teacher=full_teacher)
+
+    part_student, part_teacher = _mlp(0), _mlp(1, width=32)
+    stopped = train_classifier(part_student, small_data, _config(method, epochs=3, stop_after_steps=9),
+                               teacher=part_teacher, run_dir=tmp_path)
+    assert stopped.status == "stopped" and stopped.steps == 9
+    # A fresh process would rebuild the models from scratch before resuming.
+    resumed_student, resumed_teacher = _mlp(5), _mlp(6, width=32)
+    if METHODS.get(method, ("offline",))[0] == "offline":
+        resumed_teacher = part_teacher  # a frozen teacher is given again, not restored
+    torch.manual_seed(1234)  # the RNG state must come from the checkpoint, not from here
+    resumed = train_classifier(resumed_student, small_data, _config(method, epochs=3),
+                               teacher=resumed_teacher, run_dir=tmp_path, resume=True)
+    assert resumed.status == "finished" and resumed.steps == full.steps == 18
+    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"] for h in full.history]
+    torch.testing.assert_close(
+        torch.tensor([h["train_loss"] for h in resumed.history]), torch.tensor([h["train_loss"] for h in full.history])
+    )
+
+
+def test_checkpoint_every_writes_a_loadable_checkpoint(small_data, tmp_path):
+    train_classifier(_mlp(0), small_data, _config("ce", epochs=1, checkpoint_every=2, stop_after_steps=4), run_dir=tmp_path)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["state"]["step"] == 4 and saved["status"] == "stopped"
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(small_data, tmp_path):
+    class InterruptAtStep:
+        def __init__(self, at):
+            self.at, self.count = at, 0
+
+        def advance(self, task):
+            self.count += 1
+            if self.count == self.at:
+                signal.raise_signal(signal.SIGINT)
+
+    full = train_classifier(_mlp(0), small_data, _config("forward_kl"), teacher=_mlp(1, width=32))
+    teacher = _mlp(1, width=32)
+    interrupted = train_classifier(_mlp(0), small_data, _config("forward_kl"), teacher=teacher, run_dir=tmp_path,
+                                   progress=InterruptAtStep(4), progress_task=0)
+    assert interrupted.status == "interrupted" and interrupted.steps == 4
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["status"] == "interrupted"
+    resumed = train_classifier(_mlp(9), small_data, _config("forward_kl"), teacher=teacher, run_dir=tmp_path, resume=True)
+    assert _same_weights(resumed.student, full.student)
+
+
+def test_nan_loss_stops_naming_step_and_divergence_and_keeps_last_good_checkpoint(small_data, tmp_path):
+    config = ClassifierTrainConfig(method="reverse_kl", epochs=3, batch_size=32, optimizer="sgd", lr=1e12, momentum=0.0, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch \d+\) with method 'reverse_kl'") as info:
+        train_classifier(_mlp(0), small_data, config, teacher=_mlp(1), run_dir=tmp_path)
+    assert str(tmp_path / "checkpoint.pt") in str(info.value)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["status"] == "failed"
+    assert all(torch.isfinite(w).all() for w in saved["student"].values())  # the kept weights are good ones
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "kl"}, "unknown method 'kl'; valid: a divergence"),
+        ({"method": "dkd", "params": {"gama": 1.0}}, r"unknown parameter\(s\) \['gama'\] for method 'dkd'"),
+        ({"method": "js", "params": {"alpha": 1.0}}, r"unknown parameter\(s\) \['alpha'\] for divergence 'js'"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"optimizer": "rmsprop"}, "optimizer must be"),
+    ],
+)
+def test_bad_settings_raise_clear_errors(kwargs, match, small_data):
+    with pytest.raises(ValueError, match=match):
+        config = ClassifierTrainConfig(**kwargs)
+        train_classifier(_mlp(0), small_data, config, teacher=_mlp(1))
+
+
+def test_offline_method_without_teacher_is_an_error(small_data):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train_classifier(_mlp(0), small_data, _config("forward_kl"))
