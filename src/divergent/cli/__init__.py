@@ -26,6 +26,7 @@ _COMMAND_MODULES = [
     "divergent.cli.explore",
     "divergent.cli.rl",
     "divergent.cli.distill_lm",
+    "divergent.cli.compare",
 ]
 
 for _module in _COMMAND_MODULES:
