@@ -25,17 +25,30 @@ def test_rl_single_run_writes_results(tmp_path):
     assert checkpoint["config"]["kl_estimator"] == "k2"
 
 
+def test_rl_kdrl_trains_its_own_teacher(tmp_path):
+    result = CliRunner().invoke(app, ["rl", "--regulariser", "kdrl", "--estimator", "full", *TINY, "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.glob("rl-*")
+    history = (run_dir / "history.csv").read_text()
+    assert "kdrl_beta" in history.splitlines()[0]
+
+
 def test_rl_compare_and_resume(tmp_path):
-    args = ["rl", "--compare", "--seeds", "0", *TINY, "-o", str(tmp_path)]
+    config = tmp_path / "grpo.yaml"
+    config.write_text("dph_probe_prompts: 16\nprompts_per_step: 4\ngroup_size: 4\n")
+    args = ["rl", "--compare", "--seeds", "0", *TINY, "--config", str(config), "-o", str(tmp_path)]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     (run_dir,) = tmp_path.glob("rl-compare-*")
     summary = (run_dir / "report.md").read_text()
     for method in ("none", "reverse_kl", "dph_forward_kl", "dph_js", "base (warm start)"):
         assert method in summary
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["config"]["prompts_per_step"] == 4 and saved["config"]["dph_probe_prompts"] == 16
     assert (run_dir / "pass_at_k.png").is_file() and (run_dir / "summary.csv").is_file()
     before = (run_dir / "results.csv").read_text()
-    again = CliRunner().invoke(app, ["rl", "--compare", "--seeds", "0", *TINY, "--resume", str(run_dir)])
+    again = CliRunner().invoke(app, ["rl", "--compare", "--seeds", "0", *TINY, "--config", str(config),
+                                     "--resume", str(run_dir)])
     assert again.exit_code == 0, again.output
     # Finished runs are read back, not retrained (train_seconds included), and the base
     # evaluation is seeded: the table is identical.

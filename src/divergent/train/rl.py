@@ -553,8 +553,9 @@ class GRPOTrainer:
             "reference": None if self.reference is None else self.reference.state_dict(),
             "rehearsal": self.rehearsal,
             "pool_size": len(self.pool),
-            "solved_prompts": None if self.rehearsal is None else [
-                (p.prompt, p.answer) for p in self.task.train if p not in pool
+            # Positions in task.train of the prompts moved to rehearsal (problems need only be hashable).
+            "solved_indices": None if self.rehearsal is None else [
+                i for i, p in enumerate(self.task.train) if p not in pool
             ],
         }
 
@@ -577,9 +578,9 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.reference.load_state_dict(state["reference"])
         self.rehearsal = state["rehearsal"]
-        if state["solved_prompts"] is not None:
-            solved = {tuple(x) for x in state["solved_prompts"]}
-            self.pool = [p for p in self.task.train if (p.prompt, p.answer) not in solved]
+        if state["solved_indices"] is not None:
+            solved = set(state["solved_indices"])
+            self.pool = [p for i, p in enumerate(self.task.train) if i not in solved]
         self._prepared = True
 
     # ---------------------------------------------------------------- one step
