@@ -234,12 +234,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 picked = log_probs.gather(1, safe_labels[:, None]).squeeze(1)
                 hard_rows = -picked * chunk_counted.to(acc)
                 total = total + hard_scale * hard_rows.sum()
-                ce_grad = log_probs.exp()
-                ce_grad.scatter_add_(
-                    1, safe_labels[:, None], -torch.ones_like(picked)[:, None]
-                )
-                ce_grad *= (hard_scale * chunk_counted.to(acc))[:, None]
+                ce_grad = log_probs.exp_()  # softmax(s), reusing the log-prob buffer
                 del log_probs
+                ce_grad.scatter_add_(1, safe_labels[:, None], -torch.ones_like(picked)[:, None])
+                ce_grad *= (hard_scale * chunk_counted.to(acc))[:, None]
 
             if teacher_grad:
                 # Trainable teacher (online distillation): both logits need gradients.
@@ -267,7 +265,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 grad_s = grad_s.to(acc)
             total = total + soft_sum
             if ce_grad is not None:
-                grad_s = grad_s + ce_grad
+                grad_s.add_(ce_grad)
                 del ce_grad
 
             grad_s_low = grad_s.to(student_w.dtype)
