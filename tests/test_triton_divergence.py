@@ -257,6 +257,50 @@ def test_supports_every_per_row_divergence(interpreted):
         assert interpreted.supports(name) == dv.get_spec(name).per_row, name
 
 
+# Compiles the kernel ahead of time for an H100 (sm_90): needs Triton's bundled toolchain, no GPU.
+# In a subprocess, because the interpreter fixture above swaps this module's kernels.
+COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from divergent.functional import triton_divergence as td
+
+ids = td._KERNEL_IDS if sys.argv[1] == "all" else [int(i) for i in sys.argv[1].split(",")]
+for dtype in sys.argv[2].split(","):
+    signature = {"student_ptr": "*" + dtype, "teacher_ptr": "*" + dtype, "row_scale_ptr": "*fp32",
+                 "rows_ptr": "*fp32", "vocab_size": "i32", "student_row_stride": "i64",
+                 "teacher_row_stride": "i64", "inv_temperature": "fp32", "param0": "fp32",
+                 "param1": "fp32", "param2": "fp32", "DIVERGENCE": "constexpr", "BLOCK_V": "constexpr"}
+    for kernel_id in ids:
+        source = triton.compiler.ASTSource(
+            fn=td._fused_divergence_kernel, signature=signature,
+            constexprs={"DIVERGENCE": kernel_id, "BLOCK_V": 4096},
+        )
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+        assert compiled.asm["cubin"], kernel_id
+print("compiled", len(ids), "kernels for", sys.argv[2])
+"""
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("kernel_ids", "dtypes"),
+    [
+        pytest.param("0,2,13", "bf16", id="forward_kl-js-cauchy_schwarz-bf16"),
+        pytest.param("all", "bf16,fp16,fp32", id="all-kernels-all-dtypes", marks=pytest.mark.slow),
+    ],
+)
+def test_kernel_compiles_for_h100_without_a_gpu(kernel_ids, dtypes):
+    """The interpreter does not type-check like the compiler does; compile for sm_90 too."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_H100, kernel_ids, dtypes],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("compiled")
+
+
 def test_module_imports_and_declines_without_triton():
     """CI has no triton: the module must import and ``supports`` must say no."""
     code = (

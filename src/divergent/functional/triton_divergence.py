@@ -73,6 +73,7 @@ _HELLINGER = 11
 _CHI2 = 12
 _CAUCHY_SCHWARZ = 13
 _BDKD = 14
+_KERNEL_IDS = tuple(range(15))
 
 SUPPORTED_NAMES = (
     "forward_kl",
@@ -133,12 +134,17 @@ if triton is not None:
 
     @triton.jit
     def _online_logsumexp(row_max, row_sum, block):
-        # One step of the streaming log-sum-exp: keep sum(exp(x - row_max)) for the running maximum.
+        """One step of the streaming log-sum-exp: keep sum(exp(x - row_max)) for the running maximum.
+
+        Also returns the factor the previous sums were rescaled by and exp(block - new maximum),
+        so that other sums weighted by exp(x - max) can be streamed along.
+        """
         new_max = tl.maximum(row_max, tl.reduce(block, 0, _larger))
         # While every value seen is -inf, shift by 0 so that exp(-inf - 0) = 0 instead of NaN.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - shift) + tl.reduce(tl.exp(block - shift), 0, _add)
-        return new_max, row_sum
+        rescale = tl.exp(row_max - shift)
+        weights = tl.exp(block - shift)
+        return new_max, row_sum * rescale + tl.reduce(weights, 0, _add), rescale, weights
 
     @triton.jit
     def _class_terms(lp, lq, p, q, param0, param1, param2, DIVERGENCE: tl.constexpr):
@@ -155,13 +161,9 @@ if triton is not None:
         acc1 = zero
         acc2 = zero
         acc3 = zero
-        if DIVERGENCE == 0:
-            # forward KL = sum p (log p - log q); A = -sum p = -1 is used in closed form
-            acc0 = tl.where(p_pos, p * (lp - lq), zero)
-        elif DIVERGENCE == 1:
-            # reverse KL = sum q (log q - log p); a = q (log q - log p + 1), so A = D + 1
-            acc0 = tl.where(q_pos, q * (lq - lp), zero)
-        elif DIVERGENCE == 2:
+        # forward KL (0) and reverse KL (1) are summed in pass 1 of the kernel:
+        #   forward: a = -p, A = -sum p = -1;   reverse: a = q (log q - log p + 1), A = D + 1
+        if DIVERGENCE == 2:
             # JSD_beta = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q;
             # a = (1-beta) q (log q - log m)  (the m-terms of the derivative cancel)
             # param0 = beta, param1 = log beta, param2 = log(1 - beta)
@@ -321,19 +323,32 @@ if triton is not None:
         row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
 
         # Pass 1: log Z_q and log Z_p of the tempered logits, streamed over the vocabulary.
+        # Forward and reverse KL also stream their value here, which saves them pass 2:
+        #   KL(p||q) = sum_k e^(t_k - m_t) (t_k - s_k) / sum_k e^(t_k - m_t) - (log Z_p - log Z_q)
+        # (and the mirror image for KL(q||p)), rescaled with the running maximum like the sums.
         s_max = float("-inf")
         s_sum = 0.0
         t_max = float("-inf")
         t_sum = 0.0
+        kl_cross = 0.0
         for start in range(0, vocab_size, BLOCK_V):
             cols = start + offsets
             in_vocab = cols < vocab_size
             s = tl.load(student_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
             t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
-            s_max, s_sum = _online_logsumexp(s_max, s_sum, s)
-            t_max, t_sum = _online_logsumexp(t_max, t_sum, t)
+            s_max, s_sum, s_rescale, s_weights = _online_logsumexp(s_max, s_sum, s)
+            t_max, t_sum, t_rescale, t_weights = _online_logsumexp(t_max, t_sum, t)
+            if DIVERGENCE == 0:
+                # classes with p = 0 (t = -inf) contribute 0, also where s = -inf
+                terms = tl.where(t > float("-inf"), t_weights * (t - s), 0.0)
+                kl_cross = kl_cross * t_rescale + tl.reduce(terms, 0, _add)
+            elif DIVERGENCE == 1:
+                terms = tl.where(s > float("-inf"), s_weights * (s - t), 0.0)
+                kl_cross = kl_cross * s_rescale + tl.reduce(terms, 0, _add)
         log_zq = s_max + tl.log(s_sum)
         log_zp = t_max + tl.log(t_sum)
+        # log Z_p - log Z_q with the maxima subtracted first (exact for nearby maxima)
+        log_z_gap = (t_max - s_max) + (tl.log(t_sum) - tl.log(s_sum))
 
         # Pass 2: the divergence's row sums, per lane in float32, reduced once at the end.
         acc0 = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
@@ -344,26 +359,27 @@ if triton is not None:
         # sum p q underflows float32 when the two distributions barely overlap.
         cross_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
         cross_sum = tl.full([BLOCK_V], 0.0, dtype=tl.float32)
-        for start in range(0, vocab_size, BLOCK_V):
-            cols = start + offsets
-            in_vocab = cols < vocab_size
-            s = tl.load(student_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
-            t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
-            lq = s - log_zq
-            lp = t - log_zp
-            d0, d1, d2, d3 = _class_terms(lp, lq, tl.exp(lp), tl.exp(lq), param0, param1, param2, DIVERGENCE)
-            # Lanes past the vocabulary hold p = q = 0; every term is 0 there except where a
-            # formula is not (chi^2 and the AB log forms guard it), so mask them explicitly.
-            acc0 += tl.where(in_vocab, d0, 0.0)
-            acc1 += tl.where(in_vocab, d1, 0.0)
-            acc2 += tl.where(in_vocab, d2, 0.0)
-            acc3 += tl.where(in_vocab, d3, 0.0)
-            if DIVERGENCE == 13:
-                cross = lp + lq
-                new_max = tl.maximum(cross_max, cross)
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-                cross_sum = cross_sum * tl.exp(cross_max - shift) + tl.exp(cross - shift)
-                cross_max = new_max
+        if DIVERGENCE > 1:  # forward and reverse KL have their value from pass 1 already
+            for start in range(0, vocab_size, BLOCK_V):
+                cols = start + offsets
+                in_vocab = cols < vocab_size
+                s = tl.load(student_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+                t = tl.load(teacher_row + cols, mask=in_vocab, other=float("-inf")).to(tl.float32) * inv_temperature
+                lq = s - log_zq
+                lp = t - log_zp
+                d0, d1, d2, d3 = _class_terms(lp, lq, tl.exp(lp), tl.exp(lq), param0, param1, param2, DIVERGENCE)
+                # Lanes past the vocabulary hold p = q = 0; every term is 0 there except where a
+                # formula is not (chi^2 and the AB log forms guard it), so mask them explicitly.
+                acc0 += tl.where(in_vocab, d0, 0.0)
+                acc1 += tl.where(in_vocab, d1, 0.0)
+                acc2 += tl.where(in_vocab, d2, 0.0)
+                acc3 += tl.where(in_vocab, d3, 0.0)
+                if DIVERGENCE == 13:
+                    cross = lp + lq
+                    new_max = tl.maximum(cross_max, cross)
+                    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                    cross_sum = cross_sum * tl.exp(cross_max - shift) + tl.exp(cross - shift)
+                    cross_max = new_max
         sum0 = tl.reduce(acc0, 0, _add)
         sum1 = tl.reduce(acc1, 0, _add)
         sum2 = tl.reduce(acc2, 0, _add)
@@ -373,11 +389,11 @@ if triton is not None:
         c0 = 0.0
         c1 = 0.0
         if DIVERGENCE == 0:
-            value = sum0
+            value = kl_cross / t_sum - log_z_gap
             total_a = -1.0
         elif DIVERGENCE == 1:
-            value = sum0
-            total_a = sum0 + 1.0
+            value = kl_cross / s_sum + log_z_gap
+            total_a = value + 1.0
         elif DIVERGENCE == 10:
             value = (1.0 - sum0) / (param0 * (1.0 - param0))
             total_a = -sum0 / param0
@@ -559,7 +575,9 @@ def rows_and_student_grad(
     rows = torch.empty(rows_count, dtype=torch.float32, device=device)
     if rows_count == 0:
         return rows, student
-    num_warps = 8 if block_size >= 2048 else 4
+    # 4096 entries over 16 warps is 8 values of each tensor per thread: 57-76 registers (no
+    # local memory) for every variant when compiled for sm_90, two programs per SM. Untuned.
+    num_warps = 16 if block_size >= 4096 else (8 if block_size >= 1024 else 4)
     _fused_divergence_kernel[(rows_count,)](
         student,
         teacher,
