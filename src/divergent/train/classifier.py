@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from divergent.config import config_to_dict
 from divergent.data.vision import ClassificationData, get_batch
@@ -628,6 +629,11 @@ def train_classifier(
     optimizer = _make_optimizer(parameters, config)
     n_train = len(data.train)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
+    # A frozen teacher in eval mode on un-augmented data gives every example the same logits
+    # in every epoch: compute them once instead of once per step.
+    fixed_teacher_logits = None
+    if kind == "offline" and not objective.needs_teacher_features and isinstance(data.train, TensorDataset):
+        fixed_teacher_logits = predict_logits(teacher, data.train, batch_size=config.eval_batch_size, device=device)[0].to(device)
 
     # Processes start from identical weights (same seed), but make it explicit.
     if world > 1:
@@ -689,6 +695,8 @@ def train_classifier(
                     if teacher is not None:
                         if kind == "online":
                             teacher_logits = teacher(inputs)
+                        elif fixed_teacher_logits is not None:
+                            teacher_logits = fixed_teacher_logits[local_rows.to(device)]
                         else:
                             with torch.no_grad():
                                 teacher_logits = teacher(inputs)
