@@ -185,6 +185,42 @@ def test_half_precision_inputs_within_one_percent(interpreted, name, params, dty
 
 
 @needs_triton
+@pytest.mark.parametrize(("name", "params"), CASES[::3], ids=CASE_IDS[::3])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_teacher_matches_float64_reference(interpreted, name, params, temperature):
+    """A dv.TopK teacher (k = 7 of 203, tail bucket): rows and the full-vocabulary gradient."""
+    student = random_logits(5, VOCAB)
+    student[1, 100:110] = float("-inf")  # student zeros inside the tail
+    teacher = dv.TopK.from_logits(random_logits(5, VOCAB), 7)
+    student64 = student.double().requires_grad_(True)
+    expected_rows = dv.divergence(
+        name, student64, teacher, temperature=temperature, mask=ROW_SCALE != 0, reduction="none", **params
+    )
+    (expected_grad,) = torch.autograd.grad((expected_rows * ROW_SCALE.double()).sum(), student64)
+    buffer = student.clone()
+    rows, grad = interpreted.rows_and_student_grad_topk(
+        name, buffer, teacher, temperature=temperature, params=params, row_scale=ROW_SCALE, block_size=BLOCK
+    )
+    assert grad.data_ptr() == buffer.data_ptr()
+    assert_rows_close(rows, expected_rows.detach(), rtol=1e-4, atol=1e-6)
+    assert_grad_close(grad, expected_grad, torch.isfinite(expected_rows), rtol=1e-4)
+
+
+@needs_triton
+def test_topk_teacher_with_every_class_stored_has_no_tail(interpreted):
+    student = random_logits(3, 40)
+    teacher = dv.TopK.from_logits(random_logits(3, 40), 40)
+    student64 = student.double().requires_grad_(True)
+    expected_rows = dv.divergence("js", student64, teacher, temperature=1.5, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected_rows.sum(), student64)
+    rows, grad = interpreted.rows_and_student_grad_topk(
+        "js", student.clone(), teacher, temperature=1.5, params={}, row_scale=torch.ones(3)
+    )
+    assert_rows_close(rows, expected_rows.detach(), rtol=1e-4, atol=1e-6)
+    assert_grad_close(grad, expected_grad, torch.ones(3, dtype=torch.bool), rtol=1e-4)
+
+
+@needs_triton
 def test_gradient_is_written_into_contiguous_student_logits(interpreted):
     student = random_logits(4, 100)
     teacher = random_logits(4, 100)
@@ -278,7 +314,15 @@ for dtype in sys.argv[2].split(","):
         )
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
         assert compiled.asm["cubin"], kernel_id
-print("compiled", len(ids), "kernels for", sys.argv[2])
+    rowwise = {"logits_ptr": "*" + dtype, "vocab_size": "i32", "row_stride": "i64", "inv_temperature": "fp32",
+               "BLOCK_V": "constexpr"}
+    for kernel, extra in ((td._row_logsumexp_kernel, {"out_ptr": "*fp32"}),
+                          (td._scaled_softmax_kernel, {"log_norm_ptr": "*fp32", "coefficient_ptr": "*fp32"})):
+        names = kernel.arg_names
+        signature = {name: {**rowwise, **extra}[name] for name in names}
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_V": 4096})
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["cubin"]
+print("compiled", len(ids) + 2, "kernels for", sys.argv[2])
 """
 
 
@@ -338,3 +382,26 @@ def test_compiled_kernel_on_cuda_matches_reference(name, params, dtype):
     assert_rows_close(rows.cpu(), expected_rows.cpu(), rtol=tolerance, atol=1e-5)
     assert_grad_close(grad.cpu(), expected_grad.cpu(), torch.isfinite(expected_rows).cpu(), rtol=tolerance)
     assert not math.isnan(rows.sum().item())
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize(("name", "params"), CASES[::3], ids=CASE_IDS[::3])
+def test_compiled_topk_kernels_on_cuda_match_reference(name, params):
+    """TopK teacher (k = 64) on CUDA, bf16 student logits, V = 32003."""
+    from divergent.functional import triton_divergence
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on; this test is for the compiled kernel")
+    student = random_logits(64, 32003, torch.bfloat16).cuda()
+    teacher = dv.TopK.from_logits(random_logits(64, 32003).cuda(), 64)
+    row_scale = torch.rand(64).cuda()
+    student64 = student.double().requires_grad_(True)
+    expected_rows = dv.divergence(name, student64, teacher, temperature=2.0, reduction="none", **params)
+    (expected_grad,) = torch.autograd.grad((expected_rows * row_scale.double()).sum(), student64)
+    rows, grad = triton_divergence.rows_and_student_grad_topk(
+        name, student.clone(), teacher, temperature=2.0, params=params, row_scale=row_scale
+    )
+    finite = torch.isfinite(expected_rows).cpu()
+    assert_rows_close(rows.cpu(), expected_rows.detach().cpu(), rtol=1e-2, atol=1e-5)
+    assert_grad_close(grad.cpu(), expected_grad.cpu(), finite, rtol=1e-2)

@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["supports", "rows_and_student_grad", "triton_available", "SUPPORTED_NAMES"]
+__all__ = ["supports", "rows_and_student_grad", "rows_and_student_grad_topk", "triton_available", "SUPPORTED_NAMES"]
 
 # Kernel identifiers of the per-class formulas (constexpr: each name compiles its own kernel).
 _FORWARD_KL = 0
@@ -436,6 +436,37 @@ if triton is not None:
             grad = tl.where(counted, coefficient * (a - q * total_a), 0.0)
             tl.store(student_row + cols, grad.to(s_raw.dtype), mask=in_vocab)
 
+    @triton.jit
+    def _row_logsumexp_kernel(logits_ptr, out_ptr, vocab_size, row_stride, inv_temperature, BLOCK_V: tl.constexpr):
+        """out[i] = log sum_j exp(x_ij / T), streamed over the row."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        offsets = tl.arange(0, BLOCK_V)
+        row_max = float("-inf")
+        row_sum = 0.0
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offsets
+            x = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32) * inv_temperature
+            row_max, row_sum, _, _ = _online_logsumexp(row_max, row_sum, x)
+        tl.store(out_ptr + row, row_max + tl.log(row_sum))
+
+    @triton.jit
+    def _scaled_softmax_kernel(
+        logits_ptr, log_norm_ptr, coefficient_ptr, vocab_size, row_stride, inv_temperature, BLOCK_V: tl.constexpr
+    ):
+        """x_ij <- c_i * exp(x_ij / T - log_norm_i), in place."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * row_stride
+        log_norm = tl.load(log_norm_ptr + row)
+        coefficient = tl.load(coefficient_ptr + row)
+        offsets = tl.arange(0, BLOCK_V)
+        for start in range(0, vocab_size, BLOCK_V):
+            cols = start + offsets
+            in_vocab = cols < vocab_size
+            raw = tl.load(row_ptr + cols, mask=in_vocab, other=float("-inf"))
+            value = coefficient * tl.exp(raw.to(tl.float32) * inv_temperature - log_norm)
+            tl.store(row_ptr + cols, value.to(raw.dtype), mask=in_vocab)
+
 
 def _kernel_constants(name: str, params: Mapping[str, Any] | None) -> tuple[int, float, float, float]:
     """Map a divergence and its parameters to (kernel id, param0, param1, param2).
@@ -594,4 +625,97 @@ def rows_and_student_grad(
         BLOCK_V=block_size,
         num_warps=num_warps,
     )
+    return rows, student
+
+
+def _launch_rowwise(kernel: Any, logits: torch.Tensor, *args: Any, block_size: int | None) -> None:
+    vocab_size = logits.shape[1]
+    block = block_size or _default_block_size(vocab_size)
+    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
+    kernel[(logits.shape[0],)](logits, *args[:-1], vocab_size, logits.stride(0), args[-1], BLOCK_V=block, num_warps=num_warps)
+
+
+def rows_and_student_grad_topk(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher: Any,
+    *,
+    temperature: float = 1.0,
+    params: Mapping[str, Any] | None = None,
+    row_scale: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rows_and_student_grad` for a ``dv.TopK`` teacher (k stored classes + a tail bucket).
+
+    The divergence is taken between the k+1 buckets, as ``dv.divergence`` does with a
+    ``TopK`` (see ``divergent.functional.topk.bucket_logprobs``): the student's bucket
+    log-probs are ``log q_j`` at the stored indices ``K`` and ``L_tail = log sum_{j not in K} q_j``.
+    With ``g_b`` the gradient of the bucket divergence with respect to the bucket
+    log-probs taken as logits (what :func:`rows_and_student_grad` returns for the k+1
+    buckets at T = 1), the chain rule through ``L_b(s)`` gives
+
+        dD/ds_j = g_j / T                                  for j in K
+        dD/ds_j = exp(s_j / T - LSE_tail) * g_tail / T     for j not in K
+
+    where ``LSE_tail = log sum_{j not in K} exp(s_j / T)``. Work over the vocabulary: the
+    stored entries of the student buffer are set to -inf (the buffer is overwritten anyway),
+    one streamed log-sum-exp gives ``LSE_tail`` exactly (not as 1 - sum of the top k), the
+    small k+1 bucket problem runs through the fused kernel, and one more pass writes the
+    tail gradient; the k stored entries are scattered last. Indices must be unique per row
+    (as ``TopK.from_logits`` makes them).
+    """
+    from divergent.functional.topk import TopK, bucket_logprobs
+
+    if triton is None:
+        raise RuntimeError("divergent.functional.triton_divergence needs the triton package; it is not installed")
+    if not isinstance(teacher, TopK):
+        raise TypeError(f"teacher must be a dv.TopK, got {type(teacher).__name__}")
+    if not isinstance(student_logits, torch.Tensor) or student_logits.ndim != 2:
+        got = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
+        raise ValueError(f"student_logits must be a 2-D tensor [tokens, vocabulary], got {got}")
+    if student_logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"student_logits must be float16, bfloat16 or float32, got {student_logits.dtype}")
+    rows_count, vocab_size = student_logits.shape
+    if teacher.indices.ndim != 2 or teacher.indices.shape[0] != rows_count:
+        raise ValueError(
+            f"TopK teacher must have shape [{rows_count}, k] to match student_logits, got {tuple(teacher.indices.shape)}"
+        )
+    if teacher.k > vocab_size or (teacher.indices.numel() and int(teacher.indices.max()) >= vocab_size):
+        raise ValueError(f"TopK teacher indices (k={teacher.k}) do not fit a vocabulary of {vocab_size}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    device = student_logits.device
+    indices = teacher.indices.to(device=device, dtype=torch.long)
+    logprobs = teacher.logprobs.to(device=device, dtype=torch.float32)
+    if teacher.k == vocab_size:
+        # No tail: the stored log-probs are the whole teacher distribution.
+        dense = torch.full((rows_count, vocab_size), float("-inf"), device=device).scatter(1, indices, logprobs)
+        return rows_and_student_grad(
+            name, student_logits, dense, temperature=temperature, params=params, row_scale=row_scale, block_size=block_size
+        )
+    if row_scale is None:
+        row_scale = torch.ones(rows_count, dtype=torch.float32, device=device)
+    inv_temperature = 1.0 / float(temperature)
+
+    student = student_logits if student_logits.is_contiguous() else student_logits.contiguous()
+    top_logits = student.gather(1, indices).float()
+    student.scatter_(1, indices, float("-inf"))
+    tail_lse = torch.empty(rows_count, dtype=torch.float32, device=device)
+    if rows_count:
+        _launch_rowwise(_row_logsumexp_kernel, student, tail_lse, inv_temperature, block_size=block_size)
+
+    # Bucket log-probs exactly as the functional layer forms them: logits whose tempered
+    # softmax over k+1 entries is (q at K, tail mass), and the teacher's stored log-probs.
+    bucket_logits = torch.cat([top_logits, (tail_lse * float(temperature))[:, None]], dim=1)
+    local = torch.arange(teacher.k, device=device).expand(rows_count, teacher.k)
+    lp, lq = bucket_logprobs(bucket_logits, TopK(local, logprobs), float(temperature), torch.float32)
+    rows, bucket_grad = rows_and_student_grad(
+        name, lq.contiguous(), lp.contiguous(), temperature=1.0, params=params, row_scale=row_scale
+    )
+    tail_coefficient = (bucket_grad[:, -1] * inv_temperature).contiguous()
+    if rows_count:
+        _launch_rowwise(
+            _scaled_softmax_kernel, student, tail_lse, tail_coefficient, inv_temperature, block_size=block_size
+        )
+    student.scatter_(1, indices, (bucket_grad[:, :-1] * inv_temperature).to(student.dtype))
     return rows, student
