@@ -16,7 +16,9 @@ and its gradients with respect to ``x_s`` and ``W_s``. Side by side, in one run:
   ``js`` (beta = 0.5) and ``forward_kl`` (its beta = 0 special case), when installed;
 - ``ours``: ``dv.LinearDistillationLoss`` (chunked; on CUDA each chunk goes
   through the fused Triton kernel of ``divergent.functional.triton_divergence``);
-- ``ours_topk``: the same with a ``dv.TopK`` teacher (``--topk`` entries per token).
+- ``ours_topk``: the same with a ``dv.TopK`` teacher (``--topk`` entries per token);
+- ``kernel_only`` (CUDA with Triton): the fused kernel alone on one ``[chunk_size, V]``
+  chunk, with the bytes it moves and the bandwidth that makes (``gb_per_s``).
 
 Timings are medians in ms (``triton.testing.do_bench`` on CUDA when Triton is
 there, else CUDA-synchronised wall clock through ``benchmarks/harness.py``);
@@ -158,6 +160,34 @@ def step_liger(name, x_s, w_s, x_t, w_t, params) -> Callable[[], float] | None:
     return step
 
 
+def step_kernel_only(name, n_rows, vocab, dtype, device, params) -> tuple[Callable[[], float], float] | None:
+    """The Triton kernel on one chunk of logits, and the bytes one call reads and writes."""
+    try:
+        from divergent.functional import triton_divergence
+    except ImportError:
+        return None
+    if device != "cuda" or not triton_divergence.supports(name):
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    student = torch.randn(n_rows, vocab, generator=generator).to(device=device, dtype=dtype)
+    teacher = torch.randn(n_rows, vocab, generator=generator).to(device=device, dtype=dtype)
+    row_scale = torch.full((n_rows,), 1.0 / n_rows, device=device)
+
+    def step():
+        # The gradient overwrites ``student``; the next call reads it as logits, which
+        # costs the same.
+        rows, _ = triton_divergence.rows_and_student_grad(
+            name, student, teacher, temperature=1.0, params=params, row_scale=row_scale
+        )
+        return float("nan")
+
+    # Reads per pass: student + teacher; forward/reverse KL make two passes, the rest three;
+    # plus one write of the gradient.
+    passes = 2 if name in ("forward_kl", "reverse_kl") else 3
+    moved = (2 * passes + 1) * n_rows * vocab * student.element_size()
+    return step, moved
+
+
 def measure(step: Callable[[], float], device: str, repeats: int, warmup: int, memory: bool) -> dict:
     """Median ms of ``step`` and its peak memory; 'out of memory' is a result, not a crash."""
     row: dict = {}
@@ -225,6 +255,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 liger = step_liger(name, x_s, w_s, x_t, w_t, params)
                 record("liger", name, liger, "" if liger else "liger_kernel not installed")
             record("ours", name, step_ours(name, x_s, w_s, x_t, w_t, params, args.chunk_size))
+            kernel = step_kernel_only(name, min(args.chunk_size, n_tokens), vocab, dtype, device, params)
+            if kernel is not None:
+                result = record("kernel_only", name, kernel[0], f"one [{min(args.chunk_size, n_tokens)}, V] chunk")
+                if result and "median_ms" in result:
+                    rows[-1]["gb_per_s"] = kernel[1] / (result["median_ms"] * 1e-3) / 1e9
             if teacher_topk is not None:
                 record(
                     "ours_topk", name,
@@ -234,7 +269,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if floor_ms:
             for row in rows:
                 if row.get("n_tokens") == n_tokens and row.get("vocab") == vocab and row.get("hidden") == hidden:
-                    if "median_ms" in row:
+                    if "median_ms" in row and row["implementation"] != "kernel_only":
                         row["x_floor"] = row["median_ms"] / floor_ms
         del x_s, w_s, x_t, w_t, teacher_topk
     return rows
