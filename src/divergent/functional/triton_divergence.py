@@ -25,19 +25,22 @@ quantity is made of. One program handles one row in three passes over the
 vocabulary, ``BLOCK_V`` entries at a time, accumulating in float32:
 
 1. online log-sum-exp of ``s / T`` and ``t / T`` (running maximum, rescaled sum);
+   forward and reverse KL stream their value here too and skip pass 2;
 2. the divergence's sums (its value and ``A``, or the row statistics it needs);
 3. ``grad_j = row_scale * (a_j - q_j * A) / T``, stored over ``s_j``.
 
-Reads per row: 3 x (student + teacher) logits, one write; no ``[N, V]`` float32
-temporaries. The Python side (:func:`rows_and_student_grad`) validates inputs,
-maps a name and its parameters to the kernel's constants, and launches one
-program per row.
+Reads per row: 3 x (student + teacher) logits (2 x for forward/reverse KL), one
+write; no ``[N, V]`` float32 temporaries. The Python side
+(:func:`rows_and_student_grad`) validates inputs, maps a name and its parameters
+to the kernel's constants, and launches one program per row.
+:func:`rows_and_student_grad_topk` does the same for a ``dv.TopK`` teacher.
 
 ``import triton`` is optional: without it this module still imports and
 :func:`supports` returns False, so callers fall back to the PyTorch path. On a
-machine without a GPU the kernel runs on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1`` set before this module is imported); that is how its
-tests check it against the float64 reference.
+machine without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1`` when this module is imported); that is how its tests
+check them against the float64 reference. Notes, floor arithmetic and what is
+still to be measured on a GPU: ``docs/gpu.md``.
 """
 
 from __future__ import annotations
