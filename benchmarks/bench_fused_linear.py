@@ -200,7 +200,18 @@ def measure(step: Callable[[], float], device: str, repeats: int, warmup: int, m
             except ImportError:
                 do_bench = None
             if do_bench is not None:
-                row["median_ms"] = do_bench(step, warmup=warmup * 10, rep=repeats * 20, return_mode="median")
+                # do_bench takes time budgets in ms: size them from one timed step so that
+                # every implementation gets about ``repeats`` timed runs.
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                one_step_ms = start.elapsed_time(end)
+                row["median_ms"] = do_bench(
+                    step, warmup=max(1.0, one_step_ms * warmup), rep=max(1.0, one_step_ms * repeats),
+                    return_mode="median",
+                )
             else:
                 row["median_ms"] = harness.time_fn(step, repeats=repeats, warmup=warmup, device=device)["median_ms"]
             if memory:
