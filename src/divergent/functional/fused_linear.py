@@ -83,12 +83,14 @@ def rows_and_student_grad_torch(
     with torch.enable_grad():
         student = student_logits.detach().to(dtype).requires_grad_(True)
         teacher = teacher_logits if _is_topk(teacher_logits) else teacher_logits.detach()
+        counted = row_scale != 0
+        # Without masked rows, skip the mask: selecting rows copies the [N, V] logits.
         rows = functional.divergence(
             name,
             student,
             teacher,
             temperature=temperature,
-            mask=row_scale != 0,
+            mask=None if bool(counted.all()) else counted,
             reduction="none",
             **params,
         )

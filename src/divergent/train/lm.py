@@ -25,7 +25,8 @@ One optimisation step:
 Checkpoints (student, optimiser, schedule, step, history) are written
 atomically every ``checkpoint_every`` steps and on Ctrl-C; with ``resume`` the
 run continues from the latest one. Under ``torchrun`` the student is wrapped
-in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU).
+in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU), or sharded with
+``FullyShardedDataParallel`` (``fsdp=True``, with the unfused loss).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class LMDistillConfig:
     log_every: steps between history entries (loss, learning rate).
     checkpoint_every: steps between checkpoints (0 = only at the end and on Ctrl-C).
     resume: continue from the latest checkpoint in the run folder if there is one.
+    fsdp: under torchrun, shard the student with FullyShardedDataParallel instead of
+        DistributedDataParallel (needs ``fused=False``).
     """
 
     divergence: str = "forward_kl"
@@ -121,6 +124,7 @@ class LMDistillConfig:
     log_every: int = 10
     checkpoint_every: int = 0
     resume: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "chunk_size", "log_every")
@@ -164,7 +168,11 @@ class Batch:
 
 @dataclass
 class LMTrainResult:
+    """``student`` is the trained module (under FSDP its parameters are this rank's shards);
+    ``state_dict`` is its full, unsharded state on every rank."""
+
     student: nn.Module
+    state_dict: dict
     steps_done: int
     history: list[dict]
     train_seconds: float
@@ -338,31 +346,61 @@ def train_lm_distillation(
     else:
         loss_fn = DistillationLoss(config.divergence, **loss_kwargs)
 
-    wrapped: nn.Module = _HiddenStates(student, compute_logits=not config.fused)
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(wrapped)
-    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
-    optimizer = optimizer_class(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
     run_dir = Path(run_dir) if run_dir is not None else None
     start_step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
+    state = None
     if run_dir is not None and config.resume:
         checkpoint_path = latest_checkpoint(run_dir)
         if checkpoint_path is not None:
             state = load_checkpoint(checkpoint_path, map_location=str(device))
             student.load_state_dict(state["student"])
-            optimizer.load_state_dict(state["optimizer"])
             start_step, history = state["step"], state["history"]
             tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
 
+    fsdp = world > 1 and config.fsdp
+    wrapped: nn.Module = _HiddenStates(student, compute_logits=not config.fused)
+    if fsdp:
+        if config.fused:
+            raise ValueError(
+                "fsdp=True needs fused=False: FSDP shards the output layer, which the fused loss "
+                "reads outside the forward pass"
+            )
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = FSDP(wrapped, use_orig_params=True, device_id=device)
+    elif world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(wrapped)
+    # Built after wrapping: FSDP replaces the parameters it shards.
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
+    optimizer = optimizer_class(wrapped.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if state is not None:
+        optimizer_state = state["optimizer"]
+        if fsdp:
+            optimizer_state = FSDP.optim_state_dict_to_load(wrapped, optimizer, optimizer_state)
+        optimizer.load_state_dict(optimizer_state)
+
+    def full_states(with_optimizer: bool = True):
+        """Unsharded student (and optimiser) state; a collective call under FSDP."""
+        if not fsdp:
+            return student.state_dict(), optimizer.state_dict() if with_optimizer else None
+        from torch.distributed.fsdp import StateDictType
+
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
+            model_state = {key.removeprefix("model."): value for key, value in wrapped.state_dict().items()}
+            optimizer_state = FSDP.optim_state_dict(wrapped, optimizer) if with_optimizer else None
+        return model_state, optimizer_state
+
     def save(step: int) -> None:
-        if run_dir is None or rank != 0:
+        if run_dir is None:
+            return
+        model_state, optimizer_state = full_states()
+        if rank != 0:
             return
         save_checkpoint(
             run_dir / f"step_{step}.pt",
             {
-                "student": student.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "student": model_state,
+                "optimizer": optimizer_state,
                 "step": step,
                 "history": history,
                 "tokens_seen": tokens_seen,
@@ -403,7 +441,12 @@ def train_lm_distillation(
                 # On-policy / seq-KD: one draw per step, identical on every rank.
                 draw = random.Random(config.seed * 1_000_003 + step).random()
                 if draw < config.on_policy_fraction:
-                    global_batch = _generated_batch(student, global_batch, config, _step_generator(config.seed, step, 1))
+                    # Under FSDP the student generates with its gathered (unsharded) weights.
+                    gather = FSDP.summon_full_params(wrapped, writeback=False) if fsdp else _null_context()
+                    with gather:
+                        global_batch = _generated_batch(
+                            student, global_batch, config, _step_generator(config.seed, step, 1)
+                        )
                 elif draw < config.on_policy_fraction + config.seq_kd_fraction:
                     global_batch = _generated_batch(teacher, global_batch, config, _step_generator(config.seed, step, 2))
                 local = global_batch.rows(rank * sequences_per_rank, (rank + 1) * sequences_per_rank)
@@ -445,7 +488,10 @@ def train_lm_distillation(
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
                 if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+                    if fsdp:
+                        wrapped.clip_grad_norm_(config.grad_clip)
+                    else:
+                        nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
                 optimizer.step()
                 step += 1
                 train_seconds += time.perf_counter() - began
@@ -462,6 +508,7 @@ def train_lm_distillation(
         save(step)
     return LMTrainResult(
         student=student,
+        state_dict=full_states(with_optimizer=False)[0],
         steps_done=step,
         history=history,
         train_seconds=train_seconds,
