@@ -99,15 +99,23 @@ def rows_and_student_grad_torch(
 
 
 def _student_rows_and_grad(name, student_logits, teacher_logits, temperature, params, row_scale):
-    """Dispatch to the Triton kernel on CUDA when it exists and supports ``name``."""
+    """Dispatch to the Triton kernels on CUDA when they exist and support ``name``.
+
+    Dense teachers go to ``rows_and_student_grad``, ``dv.TopK`` teachers to
+    ``rows_and_student_grad_topk``; float64 (which the kernels do not take) and
+    CPU tensors stay on the PyTorch reference.
+    """
     implementation = rows_and_student_grad_torch
-    if student_logits.is_cuda and not _is_topk(teacher_logits):
+    if student_logits.is_cuda and student_logits.dtype != torch.float64:
         try:
             from divergent.functional import triton_divergence
         except ImportError:
             triton_divergence = None
         if triton_divergence is not None and triton_divergence.supports(name):
-            implementation = triton_divergence.rows_and_student_grad
+            if not _is_topk(teacher_logits):
+                implementation = triton_divergence.rows_and_student_grad
+            elif hasattr(triton_divergence, "rows_and_student_grad_topk"):
+                implementation = triton_divergence.rows_and_student_grad_topk
     return implementation(
         name,
         student_logits,
@@ -186,12 +194,15 @@ class _FusedLinearDistillation(torch.autograd.Function):
         )
         # Accumulate in float32 (float64 stays float64), like the functional layer.
         acc = torch.float64 if student_input.dtype == torch.float64 else torch.float32
+        # Weight gradients: float32 accumulators on CPU; on CUDA the weight's own dtype,
+        # because a float32 [V, H] buffer is 2 GiB at V = 128k, H = 4096.
+        weight_acc = acc if not student_input.is_cuda else student_weight.dtype
         student_w = student_weight[:vocab]
         teacher_w = teacher_weight[:vocab] if teacher_topk is None else None
 
         grad_student_input = torch.zeros_like(student_input) if student_input.requires_grad else None
         grad_student_weight = (
-            torch.zeros(student_w.shape, dtype=acc, device=student_w.device)
+            torch.zeros(student_w.shape, dtype=weight_acc, device=student_w.device)
             if student_weight.requires_grad
             else None
         )
@@ -199,7 +210,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             torch.zeros_like(teacher_input) if teacher_grad and teacher_input.requires_grad else None
         )
         grad_teacher_weight = (
-            torch.zeros(teacher_w.shape, dtype=acc, device=teacher_w.device)
+            torch.zeros(teacher_w.shape, dtype=weight_acc, device=teacher_w.device)
             if teacher_grad and teacher_weight.requires_grad
             else None
         )
@@ -264,23 +275,23 @@ class _FusedLinearDistillation(torch.autograd.Function):
                     name, student_logits, teacher_chunk, temperature, params, row_scale
                 )
                 soft_sum = (rows.to(acc) * row_scale).sum()
-                grad_s = grad_s.to(acc)
             total = total + soft_sum
             if ce_grad is not None:
-                grad_s.add_(ce_grad)
+                # The kernel's gradient may be bf16: add the CE part at full precision.
+                grad_s = grad_s.to(acc).add_(ce_grad)
                 del ce_grad
 
             grad_s_low = grad_s.to(student_w.dtype)
             if grad_student_input is not None:
                 grad_student_input[start:end] = grad_s_low @ student_w
             if grad_student_weight is not None:
-                grad_student_weight += (grad_s_low.T @ x_s).to(acc)
+                grad_student_weight.addmm_(grad_s_low.T.to(weight_acc), x_s.to(weight_acc))
             if teacher_grad:
                 grad_t_low = grad_t.to(teacher_w.dtype)
                 if grad_teacher_input is not None:
                     grad_teacher_input[start:end] = grad_t_low @ teacher_w
                 if grad_teacher_weight is not None:
-                    grad_teacher_weight += (grad_t_low.T @ x_t).to(acc)
+                    grad_teacher_weight.addmm_(grad_t_low.T.to(weight_acc), x_t.to(weight_acc))
             del student_logits, teacher_chunk, grad_s
 
         def _pad_rows(grad, weight):
