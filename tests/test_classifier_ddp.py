@@ -4,11 +4,13 @@ Run as a script by torchrun: each process trains on its half of every global bat
 rank 0 saves the final weights; the test compares them with a single-process run.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -63,3 +65,34 @@ if __name__ == "__main__":
         torch.save(result.student.state_dict(), sys.argv[1])
     dist.barrier()
     dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compare_under_torchrun_matches_one_process(tmp_path):
+    """`divergent compare` launched by torchrun: one run folder, written by the first process, same numbers."""
+    from rich.console import Console
+
+    from divergent.compare import CompareConfig, run_compare
+    from divergent.config import save_config
+
+    cache = tmp_path / "cache"
+    config = CompareConfig(divergences=["forward_kl", "js"], seeds=[0], epochs=2, teacher_epochs=2, teacher_model="mlp-32",
+                           student_model="mlp-8", include_student_alone=False, output_dir=str(tmp_path / "one"))
+    os.environ["DIVERGENT_CACHE_DIR"] = str(cache)  # conftest restores it after the test
+    single = run_compare(config, console=Console(file=open(os.devnull, "w")))  # also caches the teacher
+    save_config(dataclasses.replace(config, output_dir=str(tmp_path / "two")), tmp_path / "c.yaml")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    script = "import sys; from divergent.cli import main; sys.argv = ['divergent', 'compare', '--config', sys.argv[1]]; main()"
+    runner = tmp_path / "run_cli.py"
+    runner.write_text(script)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+               str(runner), str(tmp_path / "c.yaml")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "two").iterdir()
+    import json
+
+    distributed = json.loads((run_dir / "results.json").read_text())
+    for a, b in zip(single["runs"], distributed["runs"]):
+        assert (a["name"], a["seed"]) == (b["name"], b["seed"])
+        assert abs(a["nll"] - b["nll"]) < 1e-4 and abs(a["accuracy"] - b["accuracy"]) <= 1 / 359

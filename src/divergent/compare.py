@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from divergent import report
@@ -163,6 +164,19 @@ class CompareInterrupted(Exception):
         self.run_dir = run_dir
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _init_distributed(device: str) -> None:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
 def _entry_method(entry: str) -> str:
     """The trainer method of a row (``mcmi`` is KD from an MCMI-fine-tuned teacher)."""
     if entry == "mcmi":
@@ -249,8 +263,13 @@ def get_teacher(
         raise CompareInterrupted(Path(config.output_dir))
     logits, labels = predict_logits(result.student, data.test, device=config.device)
     info = {"settings": settings, "test": classification_metrics(logits, labels), "seconds": result.seconds}
-    save_checkpoint(path, {"model": result.student.state_dict(), "info": info})
-    (work_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if dist.is_available() and dist.is_initialized():
+        # BatchNorm running statistics are per process: every process uses the first one's teacher.
+        for tensor in result.student.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    if _rank() == 0:
+        save_checkpoint(path, {"model": result.student.state_dict(), "info": info})
+        (work_dir / "checkpoint.pt").unlink(missing_ok=True)
     console.print(f"{label}: trained in {result.seconds:.1f}s, test accuracy {info['test']['accuracy']:.4f}; cached at {path}")
     return result.student.eval(), {**info, "cached": False, "path": str(path)}
 
@@ -297,7 +316,8 @@ def _run_one(
     except NonFiniteLossError as exc:
         console.print(f"[red]{method} seed {seed}: {exc}[/red]")
         row.update(status="failed", error=str(exc))
-        report.write_json(row, done)
+        if _rank() == 0:
+            report.write_json(row, done)
         return row
     finally:
         bar.remove_task(task)
@@ -308,8 +328,9 @@ def _run_one(
                **classification_metrics(logits, labels, teacher_test_logits))
     row["reliability"] = reliability_bins(logits, labels)
     row["history"] = result.history
-    report.write_json(row, done)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is kept; the weights are not needed
+    if _rank() == 0:
+        report.write_json(row, done)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is kept; the weights are not needed
     return row
 
 
@@ -430,15 +451,30 @@ def run_compare(
     Creates a new run folder under ``config.output_dir`` unless ``run_dir`` is given.
     Raises :class:`CompareInterrupted` on Ctrl-C after saving (resume with the same ``run_dir``).
     """
-    console = console or Console()
+    previous_threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    _init_distributed(config.device)
+    if _rank() != 0:  # under torchrun only the first process prints and writes
+        console = Console(file=open(os.devnull, "w"))
+    try:
+        return _run_compare(config, run_dir, console or Console(), command)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Console, command: str | None) -> dict[str, Any]:
     started = time.perf_counter()
     if run_dir is None:
-        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}")
+        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if _rank() == 0 else None
+        if dist.is_available() and dist.is_initialized():
+            shared = [run_dir]
+            dist.broadcast_object_list(shared, src=0)  # every process writes into the first one's folder
+            run_dir = shared[0]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    if _rank() == 0:
+        save_config(config, run_dir / "config.yaml")
     command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
     console.print(f"run folder: {run_dir}")
 
@@ -461,6 +497,8 @@ def run_compare(
     except KeyboardInterrupt:
         raise CompareInterrupted(run_dir) from None
 
+    if _rank() != 0:
+        return {"run_dir": str(run_dir), "runs": rows}
     summary = _summarise(config, rows)
     table_rows = _table_rows(config, summary)
     columns = list(table_rows[0])

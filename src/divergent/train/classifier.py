@@ -44,7 +44,6 @@ losses that are means over rows — not the batch-wise Sinkhorn term).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import signal
@@ -777,7 +776,3 @@ def train_classifier(
         teacher.eval()
     return TrainResult(student, teacher, state["history"], state["step"], status, state["seconds"], checkpoint_path)
 
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """An independent deep copy (e.g. a teacher copy to fine-tune or train online)."""
-    return copy.deepcopy(model)
