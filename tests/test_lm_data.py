@@ -114,3 +114,17 @@ def test_different_tokenizers_are_rejected():
     check_same_tokenizer(None, _Tokenizer({"a": 0}))
     with pytest.raises(ValueError, match="different tokenizers"):
         check_same_tokenizer(_Tokenizer({"a": 0, "b": 1}), _Tokenizer({"b": 0, "a": 1}))
+
+
+def test_llama_style_model_hidden_times_output_weight_is_logits(tmp_path):
+    """The fused loss relies on logits = hidden @ W^T; check it on a Llama-style model too."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    model = load_causal_lm(tmp_path / "llama").eval()
+    ids = torch.randint(0, 96, (2, 7))
+    hidden, logits = hidden_and_logits(model, ids)
+    torch.testing.assert_close(logits, model(ids).logits)
+    torch.testing.assert_close(hidden @ output_weight(model).T, logits)
