@@ -162,3 +162,15 @@ def test_hf_teacher_and_student_fused_equals_unfused(tmp_path):
                                  lr=1e-2, warmup_steps=1, prompt_len=4, on_policy_fraction=0.5)
         results.append(train_lm_distillation(gpt2(0, 16), gpt2(1, 32), _masked_sampler(), config, show_progress=False))
     _assert_same_params(results[0].student, results[1].student, rtol=1e-4, atol=2e-5)
+
+
+def test_config_loads_from_yaml_with_overrides(tmp_path):
+    from divergent.config import load_config, save_config
+
+    path = tmp_path / "lm.yaml"
+    path.write_text("divergence: js\ndivergence_params: {beta: 0.3}\ngrad_accum: 2\non_policy_fraction: 0.5\n")
+    config = load_config(LMDistillConfig, path, overrides={"steps": "7"})
+    assert (config.divergence, config.divergence_params, config.grad_accum, config.steps) == ("js", {"beta": 0.3}, 2, 7)
+    assert load_config(LMDistillConfig, save_config(config, tmp_path / "again.yaml")) == config
+    with pytest.raises(ValueError, match="unknown config key 'lamda'"):
+        load_config(LMDistillConfig, overrides={"lamda": 0.5})
