@@ -19,6 +19,15 @@ from divergent.train.classifier import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is faster, and kinder to a shared 2-core CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def small_data():
     """A 192-example slice of digits (fast) with the real val split."""

@@ -389,7 +389,9 @@ def _table_rows(config: CompareConfig, summary: list[dict[str, Any]]) -> list[di
     return rows
 
 
-def _write_report(config: CompareConfig, run_dir: Path, teacher_info: dict, summary, table_rows, columns, command: str, total_seconds: float) -> Path:
+def _write_report(
+    config: CompareConfig, run_dir: Path, teacher_info: dict, table_rows, columns, command: str, total_seconds: float, n_test: int
+) -> Path:
     settings = "\n".join(f"- `{k}`: `{v}`" for k, v in config_to_dict(config).items())
     text = f"""# divergent compare — {config.dataset}
 
@@ -402,8 +404,10 @@ Mean ± sample standard deviation over seeds, on the test split.
 Δ columns: the mean over seeds of (row − {config.baseline}) on the same seed. A `*`
 marks a difference larger than its own standard deviation across seeds — a plain
 rule, not a significance test; without the mark the rows are indistinguishable from
-seed noise at this number of seeds. Agreement is with the cached teacher on the test
-split (for online rows too, whose own teacher is trained alongside).
+seed noise at this number of seeds. The test split has {n_test} examples, so one
+example is {1 / n_test:.4f} of accuracy: read differences of that size as one
+example. Agreement is with the cached teacher on the test split (for online rows
+too, whose own teacher is trained alongside).
 
 Total wall time: {total_seconds:.1f}s.
 
@@ -503,7 +507,8 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
     table_rows = _table_rows(config, summary)
     columns = list(table_rows[0])
     report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
-    console.print(f"* = differs from {config.baseline} by more than the spread across seeds (paired, same seeds and split)")
+    console.print(f"* = differs from {config.baseline} by more than the spread across seeds (paired, same seeds and split); "
+                  f"one test example = {1 / len(test_labels):.4f} accuracy")
 
     flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
     report.write_csv(flat_rows, run_dir / "results.csv")
@@ -526,7 +531,7 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
         "total_seconds": total_seconds, "run_dir": str(run_dir),
     }
     report.write_json(results, run_dir / "results.json")
-    _write_report(config, run_dir, teacher_info, summary, table_rows, columns, command, total_seconds)
+    _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, len(test_labels))
     console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s")
     return results
 
