@@ -155,7 +155,7 @@ def test_nan_loss_stops_naming_step_and_divergence_and_keeps_last_good_checkpoin
     [
         ({"method": "kl"}, "unknown method 'kl'; valid: a divergence"),
         ({"method": "dkd", "params": {"gama": 1.0}}, r"unknown parameter\(s\) \['gama'\] for method 'dkd'"),
-        ({"method": "js", "params": {"alpha": 1.0}}, r"unknown parameter\(s\) \['alpha'\] for divergence 'js'"),
+        ({"method": "js", "params": {"alpha": 1.0}}, r"unknown parameter\(s\) \['alpha'\] for divergence 'js'; valid: \['beta'\]"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"optimizer": "rmsprop"}, "optimizer must be"),
     ],
@@ -164,6 +164,16 @@ def test_bad_settings_raise_clear_errors(kwargs, match, small_data):
     with pytest.raises(ValueError, match=match):
         config = ClassifierTrainConfig(**kwargs)
         train_classifier(_mlp(0), small_data, config, teacher=_mlp(1))
+
+
+def test_divergence_parameters_reach_the_divergence(small_data):
+    """alpha_beta at (1, 0) is forward KL: the same run as forward_kl, step for step."""
+    a = train_classifier(_mlp(0), small_data, _config("alpha_beta", epochs=1, params={"alpha": 1.0, "beta": 0.0}), teacher=_mlp(1))
+    b = train_classifier(_mlp(0), small_data, _config("forward_kl", epochs=1), teacher=_mlp(1))
+    c = train_classifier(_mlp(0), small_data, _config("alpha_beta", epochs=1), teacher=_mlp(1))
+    for x, y in zip(a.student.parameters(), b.student.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert not _same_weights(c.student, b.student)
 
 
 def test_offline_method_without_teacher_is_an_error(small_data):

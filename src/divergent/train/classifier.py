@@ -262,10 +262,10 @@ def _call_with_known(fn: Callable, *args, **kwargs):
 class _DivergenceKD(_Objective):
     def __init__(self, name: str, config: ClassifierTrainConfig):
         super().__init__()
-        spec = get_spec(name)
-        unknown = [k for k in config.params if k not in spec.params]
+        valid = [param.name for param in get_spec(name).params]
+        unknown = [k for k in config.params if k not in valid]
         if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for divergence {name!r}; valid: {list(spec.params)}")
+            raise ValueError(f"unknown parameter(s) {unknown} for divergence {name!r}; valid: {valid}")
         self.name, self.params = name, dict(config.params)
         self.temperature, self.hard_weight, self.soft_weight = config.temperature, config.hard_weight, config.soft_weight
 
