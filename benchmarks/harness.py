@@ -12,10 +12,8 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import gc
-import multiprocessing as mp
 import os
 import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -59,41 +57,39 @@ def time_fn(
     }
 
 
-def _rss_worker(make_fn: Callable[[], Callable[[], Any]], queue: "mp.Queue[tuple[float, float]]") -> None:
-    fn = make_fn()  # inputs are created here and count toward the baseline
-    gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((before / 1024.0, after / 1024.0))  # ru_maxrss is KiB on Linux
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def peak_memory_mb(make_fn: Callable[[], Callable[[], Any]], device: str | torch.device = "cpu") -> float:
     """Extra peak memory (MiB) of one call of the function that ``make_fn()`` returns.
 
     ``make_fn`` builds the inputs and returns a zero-argument callable, so that
-    inputs are not counted. On CPU this runs in a fresh process (fork) and reports
-    the growth of the peak resident set during the call; on CUDA it reports
-    ``torch.cuda.max_memory_allocated`` above the allocation before the call.
-    ``make_fn`` must be picklable-free under fork (a module-level function or closure).
+    inputs are not counted. On CUDA this is ``torch.cuda.max_memory_allocated``
+    above the allocation before the call. On CPU (Linux) the kernel's peak
+    resident-set counter is reset through ``/proc/self/clear_refs`` just before the
+    call, and the result is the peak (VmHWM) minus the resident set before it. (A
+    forked child would be cleaner but can hang once torch's thread pool has run.)
     """
+    fn = make_fn()
     if torch.device(device).type == "cuda":
-        fn = make_fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_rss_worker, args=(make_fn, queue))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"memory measurement process failed with exit code {proc.exitcode}")
-    before, after = queue.get()
-    return max(after - before, 0.0)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    return max(peak - before, 0) / 1024.0
 
 
 def machine_description() -> str:

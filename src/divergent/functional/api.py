@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from divergent.functional import _validation as v
+from divergent.functional._math import RowDivergence
 from divergent.functional.registry import get_spec
 from divergent.functional.topk import TopK, bucket_logprobs
 
@@ -105,19 +106,32 @@ def divergence(
         teacher_rows = teacher_tensor[mask] if teacher_tensor is not None else teacher_logits[mask]
 
     if teacher_tensor is not None:
-        lq = torch.log_softmax(student_rows.to(dtype) / temperature, dim=-1)
-        lp = torch.log_softmax(teacher_rows.to(dtype) / temperature, dim=-1)
+        student_rows = student_rows.to(dtype)
+        teacher_rows = teacher_rows.to(dtype)
         zeros = bool(torch.isneginf(student_rows).any() or torch.isneginf(teacher_rows).any())
         if zeros and (torch.isneginf(student_rows).all(-1).any() or torch.isneginf(teacher_rows).all(-1).any()):
             v.diagnose_nan(student_rows, teacher_rows, name)
+        if spec.per_row:
+            rows = RowDivergence.apply(student_rows, teacher_rows, name, temperature, resolved, zeros,
+                                       *_wanted(student_rows, teacher_rows))
+        else:
+            lq = torch.log_softmax(student_rows / temperature, dim=-1)
+            lp = torch.log_softmax(teacher_rows / temperature, dim=-1)
+            rows = spec.rows(lp, lq, zeros, **resolved)
     else:
+        # The buckets are already tempered, normalised log-probabilities (log_softmax is then the identity).
         lp, lq = bucket_logprobs(student_rows, teacher_rows, temperature, dtype)
         zeros = bool(torch.isneginf(lp).any() or torch.isneginf(lq).any())
-
-    rows = spec.rows(lp, lq, zeros, **resolved)
+        rows = RowDivergence.apply(lq, lp, name, 1.0, resolved, zeros, *_wanted(lq, lp))
     if torch.isnan(rows).any():
         v.diagnose_nan(student_rows, teacher_rows if teacher_tensor is not None else None, name)
     return v.reduce_rows(rows, mask, batch_shape, reduction, normalizer)
+
+
+def _wanted(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
+    """Which gradients autograd will ask for (none under torch.no_grad)."""
+    enabled = torch.is_grad_enabled()
+    return enabled and student.requires_grad, enabled and teacher.requires_grad
 
 
 def _doc(name: str) -> str:
