@@ -11,7 +11,7 @@ True
 
 from divergent import functional
 from divergent.functional import TopK, available, divergence, get_spec
-from divergent.losses import DistillationLoss, DivergenceLoss
+from divergent.losses import DistillationLoss, DivergenceLoss, LinearDistillationLoss
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ __all__ = [
     "TopK",
     "DivergenceLoss",
     "DistillationLoss",
+    "LinearDistillationLoss",
 ]
