@@ -13,6 +13,7 @@ methods, and writes
 Usage::
 
     python benchmarks/rl_divergence_passk.py --seeds 0,1,2
+    python benchmarks/rl_divergence_passk.py --time-threads 1,2,1   # seconds per GRPO step vs torch threads
 """
 
 from __future__ import annotations
@@ -34,16 +35,40 @@ from divergent.train.rl import GRPOConfig  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def time_threads(thread_counts: list[int], steps: int = 20) -> None:
+    """Seconds per GRPO step of the default configuration for each torch thread count (in the order given)."""
+    import time
+
+    from divergent.cli.rl import warm_started_policy
+    from divergent.train.rl import GRPOTrainer
+
+    task = ArithmeticTask(max_operand=99, operations="+", n_test=200, seed=0)
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        policy = warm_started_policy(task, seed=0, steps=400)
+        started = time.perf_counter()
+        GRPOTrainer(policy, task, GRPOConfig(steps=steps)).train()
+        rows.append({"threads": threads, "steps": steps,
+                     "seconds_per_step": round((time.perf_counter() - started) / steps, 4)})
+        print(rows[-1])
+    write_results(rows, RESULTS / "rl_threads.csv")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=GRPOConfig.steps)
     parser.add_argument("--warm-steps", type=int, default=400)
     parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="one is fastest for this tiny policy")
     parser.add_argument("--run-dir", type=Path, default=None, help="resume a previous run folder")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--time-threads", default=None, help="only time GRPO steps for these thread counts, e.g. 1,2,1")
     args = parser.parse_args()
+    if args.time_threads:
+        time_threads([int(t) for t in args.time_threads.split(",")])
+        return
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(seeds) < 3:

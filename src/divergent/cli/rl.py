@@ -162,26 +162,51 @@ def initial_evaluation(task: ArithmeticTask, *, seed: int, warm_steps: int, eval
 
 
 def plot_pass_at_k(curves: dict[str, list[dict[int, float]]], path: Path, title: str) -> Path:
-    """pass@k against k (log scale), mean over seeds with a band of +-1 std, one line per method."""
+    """pass@k against k (log scale), mean over seeds with a band of +-1 std, one line per method.
+
+    With a ``"none"`` entry and several seeds, a second panel shows each method's
+    paired difference to ``"none"`` (same seeds), which removes the seed-to-seed
+    spread of the warm start that dominates the first panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, per_seed in curves.items():
+    def as_array(per_seed):
         ks = sorted(per_seed[0])
-        values = np.array([[curve[k] for k in ks] for curve in per_seed])
+        return ks, np.array([[curve[k] for k in ks] for curve in per_seed])
+
+    colours = {name: f"C{i}" for i, name in enumerate(curves)}  # same colour per method in both panels
+    paired = "none" in curves and len(curves["none"]) > 1
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    for name, per_seed in curves.items():
+        ks, values = as_array(per_seed)
         mean, std = values.mean(0), values.std(0)
-        ax.plot(ks, mean, marker="o", markersize=3, label=name)
-        ax.fill_between(ks, mean - std, mean + std, alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (samples)")
+        ax.plot(ks, mean, marker="o", markersize=3, label=name, color=colours[name])
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.12, color=colours[name])
     ax.set_ylabel("pass@k on held-out problems")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if paired:
+        ax_diff = axes[0, 1]
+        _, baseline = as_array(curves["none"])
+        for name, per_seed in curves.items():
+            ks, values = as_array(per_seed)
+            if name == "none" or values.shape != baseline.shape:
+                continue
+            diff = values - baseline
+            ax_diff.errorbar(ks, diff.mean(0), yerr=diff.std(0, ddof=1), marker="o", markersize=3, capsize=2,
+                             label=name, color=colours[name])
+        ax_diff.axhline(0.0, color="gray", linewidth=0.8)
+        ax_diff.set_ylabel("pass@k minus no regulariser (paired)")
+        ax_diff.set_title("difference to 'none', mean ± std over seeds")
+    for axis in axes.flat:
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("k (samples)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -304,13 +329,14 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(Path("runs"), "--out-dir", "-o", help="Where the run folder is created."),
         resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
         device: str = typer.Option("cpu", help="torch device."),
-        threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads."),
+        threads: int = typer.Option(
+            1, min=1, help="torch CPU threads. The policy is tiny: one thread was 2-3x faster than two on a busy "
+            "2-core machine (benchmarks/results/rl_threads.csv)."),
     ) -> None:
         """GRPO with a chosen regulariser on generated arithmetic; prints pass@1/4/16 (``--compare`` for all)."""
         import torch
 
-        if threads is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         console = Console()
         overrides: dict[str, Any] = {"steps": steps, "seed": seed}
         if not compare:

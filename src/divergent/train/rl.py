@@ -578,7 +578,7 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.reference.load_state_dict(state["reference"])
         self.rehearsal = state["rehearsal"]
-        if state["solved_indices"] is not None:
+        if state.get("solved_indices") is not None:
             solved = set(state["solved_indices"])
             self.pool = [p for i, p in enumerate(self.task.train) if i not in solved]
         self._prepared = True
