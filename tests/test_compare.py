@@ -173,3 +173,14 @@ def test_compare_reads_cifar_from_data_dir(tmp_path, monkeypatch):
                            output_dir=str(tmp_path / "runs"))
     results = run_compare(config, console=_quiet())
     assert len(results["runs"]) == 2
+
+
+def test_teacher_preparing_and_online_rows_run_in_compare(tmp_path, monkeypatch):
+    """`mcmi` fine-tunes (and caches) a teacher copy; `dml` trains its own teacher alongside."""
+    monkeypatch.setenv("DIVERGENT_CACHE_DIR", str(tmp_path / "cache"))
+    config = _tiny(tmp_path, divergences=["forward_kl"], methods=["mcmi", "dml"], seeds=[0], epochs=1, mcmi_epochs=1,
+                   include_student_alone=False)
+    results = run_compare(config, console=_quiet())
+    assert [r["name"] for r in results["runs"]] == ["forward_kl", "mcmi", "dml"]
+    assert all(r["status"] == "finished" for r in results["runs"])
+    assert len(list((tmp_path / "cache" / "teachers").glob("*-mcmi.pt"))) == 1
