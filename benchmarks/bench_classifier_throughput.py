@@ -9,8 +9,9 @@ clock; it includes the per-epoch validation pass, as a user's run does). Median 
 
 GPU (``--gpu``, needs CUDA): resnet32x4 → resnet8x4 on synthetic CIFAR-100-shaped
 data (``--gpu-rows`` random 3x32x32 images with the CIFAR augmentation, 100
-classes, batch 64, SGD), seconds per epoch and images/s. Without CUDA it says so
-and writes nothing.
+classes, batch 64, SGD), seconds per epoch (the trainer's clock, including its
+validation pass over 512 rows) and images/s. Without CUDA it says so and writes
+nothing (``--device cpu`` runs the same code on CPU, to try the script).
 
     python benchmarks/bench_classifier_throughput.py                 # CPU, writes results/classifier_throughput_cpu.csv
     python benchmarks/bench_classifier_throughput.py --gpu           # GPU, writes results/classifier_epoch_gpu.csv
@@ -73,32 +74,35 @@ def bench_cpu(args) -> list[dict]:
 
 
 def bench_gpu(args) -> list[dict]:
-    if not torch.cuda.is_available():
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: the GPU epoch-time benchmark (resnet32x4 -> resnet8x4) needs one; nothing written")
         return []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.gpu_rows, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 100, (args.gpu_rows,), generator=generator)
     val = torch.utils.data.TensorDataset(images[:512], labels[:512])
     data = ClassificationData("synthetic-cifar100", AugmentedImageDataset(images, labels), val, val, 100, (3, 32, 32))
     torch.manual_seed(0)
-    teacher = build_model("resnet32x4", (3, 32, 32), 100).cuda().eval()
+    teacher = build_model("resnet32x4", (3, 32, 32), 100).to(device).eval()
     rows = []
     for method in args.gpu_methods:
         config = ClassifierTrainConfig(method=method, epochs=1, batch_size=64, optimizer="sgd", lr=0.05,
-                                       weight_decay=5e-4, temperature=4.0, device="cuda")
+                                       weight_decay=5e-4, temperature=4.0, device=device)
         torch.manual_seed(0)
         train_classifier(build_model("resnet8x4", (3, 32, 32), 100), data, config, teacher=teacher)  # warm-up (cuDNN autotune)
-        torch.cuda.synchronize()
+        sync()
         seconds = []
         for seed in range(args.repeats):
             torch.manual_seed(seed)
             result = train_classifier(build_model("resnet8x4", (3, 32, 32), 100), data, config, teacher=teacher)
-            torch.cuda.synchronize()
+            sync()
             seconds.append(result.seconds)
         epoch_seconds = statistics.median(seconds)
         rows.append({
-            "method": method, "teacher": "resnet32x4", "student": "resnet8x4", "rows": args.gpu_rows, "batch_size": 64,
+            "method": method, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "teacher": "resnet32x4", "student": "resnet8x4", "rows": args.gpu_rows, "batch_size": 64,
             "seconds_per_epoch": round(epoch_seconds, 3), "images_per_s": round(args.gpu_rows / epoch_seconds, 1),
             "seconds_per_50k_epoch": round(epoch_seconds * 50_000 / args.gpu_rows, 2), "repeats": args.repeats,
         })
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true", help="run the CUDA epoch-time benchmark instead")
     parser.add_argument("--gpu-rows", type=int, default=10_000)
+    parser.add_argument("--device", default="cuda", help="device of the --gpu benchmark (cpu only to try the script)")
     parser.add_argument("--gpu-methods", default="ce,forward_kl,dkd", type=lambda s: s.split(","))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -161,8 +161,8 @@ class CompareConfig:
 class CompareInterrupted(Exception):
     """Ctrl-C during a comparison; everything finished so far is saved. ``run_dir`` tells where."""
 
-    def __init__(self, run_dir: Path):
-        super().__init__(f"interrupted; resume with: divergent compare --resume {run_dir}")
+    def __init__(self, run_dir: Path, message: str | None = None):
+        super().__init__(message or f"interrupted; resume with: divergent compare --resume {run_dir}")
         self.run_dir = run_dir
 
 
@@ -262,7 +262,8 @@ def get_teacher(
         task = bar.add_task(f"training {label}", total=steps)
         result = train_classifier(teacher, data, train_config, run_dir=work_dir, resume=True, progress=bar, progress_task=task)
     if result.status != "finished":
-        raise CompareInterrupted(Path(config.output_dir))
+        raise CompareInterrupted(work_dir, f"interrupted while training the {label}; run the same command again: "
+                                           f"it continues from the checkpoint in {work_dir}")
     logits, labels = predict_logits(result.student, data.test, device=config.device)
     info = {"settings": settings, "test": classification_metrics(logits, labels), "seconds": result.seconds}
     if dist.is_available() and dist.is_initialized():
