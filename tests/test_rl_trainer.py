@@ -18,7 +18,6 @@ from divergent.train.rl import (
     supervised_warm_start,
 )
 
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
