@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -292,11 +293,16 @@ def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTra
     )
 
 
+def _slug(name: str) -> str:
+    """A folder name for a row: ``student alone (CE)`` -> ``student-alone-CE``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
+
+
 def _run_one(
     config: CompareConfig, entry: str, seed: int, data: ClassificationData, teachers: dict[str, torch.nn.Module],
     teacher_test_logits: torch.Tensor, run_dir: Path, bar, console: Console,
 ) -> dict[str, Any]:
-    folder = run_dir / "runs" / entry.replace("/", "_") / f"seed{seed}"
+    folder = run_dir / "runs" / _slug(entry) / f"seed{seed}"
     done = folder / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
