@@ -90,7 +90,7 @@ class CompareConfig:
     soft_weight: weight of T² · divergence in the divergence rows.
     divergence_params: per-divergence parameters, e.g. ``{"alpha_beta": {"alpha": 0.8, "beta": 0.3}}``.
     method_params: per-method overrides of the paper defaults, e.g. ``{"dkd": {"warmup_epochs": 5}}``.
-    mcmi_epochs: epochs of MCMI fine-tuning of a copy of the teacher (row ``mcmi``; cached).
+    mcmi_epochs: epochs of MCMI fine-tuning of a copy of the teacher, at a tenth of ``teacher_lr`` (row ``mcmi``; cached).
     mcmi_weight: λ of the MCMI objective.
     output_dir: where the run folder is created.
     device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
