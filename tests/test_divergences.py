@@ -486,3 +486,26 @@ def test_bad_input_errors():
         F.sinkhorn(s, t, cost="l3")
     with pytest.raises(ValueError, match="n_iters must be an integer"):
         F.sinkhorn(s, t, n_iters=2.5)
+
+
+@pytest.mark.parametrize("a, b", [(1.0, 0.0), (0.0, 1.0), (1.5, 0.0), (0.0, 0.5), (0.3, 0.7), (0.2, 0.7)])
+def test_alpha_beta_with_zero_classes_matches_log_forms(a, b):
+    """Zero-probability classes on one side or both: each term takes its limit (no NaN, no dropped term)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3, torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
+    t[:, 10:30] = float("-inf")
+    s[:, 10:20] = float("-inf")
+    p, q = probs(t.numpy()), probs(s.numpy())
+    with np.errstate(all="ignore"):
+        if b == 0.0:
+            terms = np.where(p > 0, p**a * np.log(p**a / q**a), 0.0) - p**a + q**a
+            want = terms.sum(-1) / a**2
+        elif a == 0.0:
+            terms = np.where(q > 0, q**b * np.log(q**b / p**b), 0.0) - q**b + p**b
+            want = terms.sum(-1) / b**2
+        else:
+            from references import alpha_beta as general
+
+            want = general(p, q, a, b)
+    got = dv.functional.alpha_beta(s, t, alpha=a, beta=b, reduction="none").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)

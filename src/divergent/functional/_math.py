@@ -330,9 +330,14 @@ def alpha_beta_weights(lp, lq, zeros, alpha, beta):
         both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
         lp = torch.where(both_zero, 0.0, lp)
         lq = torch.where(both_zero, 0.0, lq)
-    w = (beta * lq).exp() * _scaled_difference(lp, lq, alpha)
-    v = (alpha * lp).exp() * _scaled_difference(lq, lp, beta)
+    w = _power(lq, beta) * _scaled_difference(lp, lq, alpha)
+    v = _power(lp, alpha) * _scaled_difference(lq, lp, beta)
     return w, v
+
+
+def _power(log_x: Tensor, c: float) -> Tensor | float:
+    """x^c from log x, with x^0 = 1 also at x = 0 (exp(0 · -inf) would be NaN)."""
+    return 1.0 if c == 0.0 else (c * log_x).exp()
 
 
 def alpha_weights(lp, lq, zeros, alpha):
@@ -384,10 +389,10 @@ def alpha_beta_both(lp, lq, zeros, want_weights, alpha, beta):
     if max(alpha, beta) < 0.05:  # both exponents small: keep the division by s accurate
         lp, lq = lp.double(), lq.double()
     w, v = alpha_beta_weights(lp, lq, zeros, alpha, beta)
-    total = w + v
-    if zeros:
-        total = torch.nan_to_num(total, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    rows = (total.sum(-1) / (alpha + beta)).to(out_dtype)
+    if zeros:  # 0·(±inf) where a probability is 0: those terms are 0 (their limits)
+        w = torch.nan_to_num(w, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        v = torch.nan_to_num(v, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    rows = ((w + v).sum(-1) / (alpha + beta)).to(out_dtype)
     return rows, w.to(out_dtype), v.to(out_dtype)
 
 
