@@ -225,3 +225,13 @@ def test_loss_curve_is_pinned(method, small_data):
     result = train_classifier(_mlp(0), small_data, _config(method, epochs=3), teacher=_mlp(1, width=32))
     curve = [h["train_loss"] for h in result.history]
     assert curve == pytest.approx(PINNED_LOSS_CURVES[method], rel=1e-3)
+
+
+def test_any_module_returning_logits_works_as_student_and_teacher(small_data):
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    result = train_classifier(student, small_data, _config("tvd", epochs=1), teacher=teacher)
+    assert result.status == "finished"
+    with pytest.raises(ValueError, match="'nd' needs models with a feature_dim"):
+        train_classifier(student, small_data, _config("nd", epochs=1), teacher=teacher)
