@@ -67,12 +67,16 @@ def main() -> None:
     parser.add_argument("--sinkhorn-rows", type=int, default=256)
     parser.add_argument("--sinkhorn-vocab", type=int, default=1000)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "divergences_cpu.csv")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     rows_out = []
     student, teacher = make_inputs(args.rows, args.vocab)
     shape = f"{args.rows}x{args.vocab}"
+    threads = torch.get_num_threads()
 
     def memory(step, *extra):
         if args.no_memory:
@@ -86,7 +90,7 @@ def main() -> None:
         base = time_fn(lambda: baseline_step(student, teacher), repeats=args.repeats, warmup=1)
         ours = time_fn(lambda: divergence_step(name, student, teacher), repeats=args.repeats, warmup=1)
         row = {
-            "case": name, "shape": shape, "median_ms": round(ours["median_ms"], 1),
+            "case": name, "shape": shape, "threads": threads, "median_ms": round(ours["median_ms"], 1),
             "kl_div_median_ms": round(base["median_ms"], 1),
             "time_ratio_vs_kl_div": round(ours["median_ms"] / base["median_ms"], 2),
             "peak_mb": round(memory(divergence_step, name), 1), "kl_div_peak_mb": round(base_memory, 1),
@@ -106,7 +110,7 @@ def main() -> None:
                 print("POT is not installed: pip install pot", flush=True)
                 break
             row = {
-                "case": f"sinkhorn n_iters={n_iters} vs POT {method}", "shape": sshape,
+                "case": f"sinkhorn n_iters={n_iters} vs POT {method}", "shape": sshape, "threads": threads,
                 "median_ms": round(ours["median_ms"], 2), "pot_median_ms": round(pot["median_ms"], 2),
                 "time_ratio_vs_pot": round(ours["median_ms"] / pot["median_ms"], 2),
             }

@@ -26,6 +26,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# The tests' models and tensors are tiny: one thread avoids thread-pool overhead that made
+# trainer tests several times slower on the 2-core CI machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads(tmp_path, monkeypatch):
     torch.manual_seed(0)
