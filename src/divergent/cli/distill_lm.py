@@ -227,7 +227,7 @@ def register(app: typer.Typer) -> None:
             rows.append({"model": label, "divergence": name or "-", "val_bpb": metrics["student_bpb"],
                          "kl_t_s": metrics["kl_teacher_student"],
                          "top1_agree": metrics["top1_agreement"],
-                         "tok_per_s": result.tokens_per_second, "peak_mb": result.peak_memory_mb,
+                         "tok_per_s": round(result.tokens_per_second), "peak_mb": round(result.peak_memory_mb, 1),
                          "params": sum(p.numel() for p in model.parameters())})
             histories[f"{label} {name or '(data only)'}"] = result.history
 
