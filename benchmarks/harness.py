@@ -9,7 +9,6 @@ side by side in one run: these machines are shared and noisy.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import gc
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from divergent.report import write_csv
 
 __all__ = ["time_fn", "peak_memory_mb", "machine_description", "write_results", "command_line"]
 
@@ -117,18 +118,11 @@ def command_line() -> str:
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, command: str | None = None) -> Path:
     """Write rows as CSV preceded by ``# command:``, ``# machine:`` and ``# date:`` comment lines."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-    with path.open("w", newline="") as handle:
-        handle.write(f"# command: {command or command_line()}\n")
-        handle.write(f"# machine: {machine_description()}\n")
-        handle.write(f"# date: {_dt.datetime.now().isoformat(timespec='seconds')}\n")
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(row))
+    header = (
+        f"# command: {command or command_line()}\n"
+        f"# machine: {machine_description()}\n"
+        f"# date: {_dt.datetime.now().isoformat(timespec='seconds')}\n"
+    )
+    write_csv(rows, path)
+    path.write_text(header + path.read_text())
     return path
