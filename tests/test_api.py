@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "fused_linear_distillation",
