@@ -1,14 +1,24 @@
 """The math of every divergence, on log-probabilities, one value per row.
 
-Each ``*_rows`` function takes the teacher log-probabilities ``lp`` (p) and the
-student log-probabilities ``lq`` (q), both ``[n, V]`` in float32 or float64, and
-returns the divergence of each row, shape ``[n]``. ``zeros`` says whether any
-entry may be -inf (a class of probability exactly 0); when False the plain
-formulas run, when True every formula uses 0·log 0 = 0 and keeps gradients
-finite wherever the divergence itself is finite.
+p = teacher, q = student. Each per-row *kernel* takes the teacher log-probabilities
+``lp`` and the student log-probabilities ``lq`` (both ``[n, V]``, float32 or
+float64) and returns ``(rows, w, v)``: the divergence of each row ``[n]`` and,
+when ``want_weights``, the elementwise gradient weights
+
+    w_k = q_k · ∂D/∂q_k   and   v_k = p_k · ∂D/∂p_k
+
+(D read as a function of unconstrained p and q). The softmax chain rule turns them
+into gradients with respect to the logits: ∂D/∂s_j = (w_j − q_j·Σ_k w_k)/T, and the
+same for the teacher with v. Terms of w that are constant multiples of q (of p for
+v) cancel there and are left out. Computing value and weights together shares the
+intermediate terms (log m, the KL terms), so one pass yields both.
+
+``zeros`` says whether any entry may be -inf (probability exactly 0). When False
+the plain formulas run; when True every term takes its limit (0·log 0 = 0) and a
+truly infinite divergence is +inf.
 
 This module is the single place where divergence math is written. Everything
-else (losses, methods, trainers, fused kernels' references) calls it through
+else (losses, methods, trainers, the fused kernels' references) calls it through
 :func:`divergent.divergence`.
 """
 
@@ -27,23 +37,6 @@ def _finite_floor(x: Tensor) -> Tensor:
     return x.clamp_min(-1e30)
 
 
-def _plogratio(la: Tensor, lb: Tensor, zeros: bool) -> Tensor:
-    """Σ_k a_k (log a_k − log b_k) per row, a = exp(la): the KL(a‖b) of two log-prob rows.
-
-    With zeros: terms with a_k = 0 are 0 (their gradient too); a_k > 0 = b_k gives +inf.
-    """
-    if not zeros:
-        return (la.exp() * (la - lb)).sum(-1)
-    support = la > _NEG_INF
-    # a_k > 0 = b_k is an infinite term even when exp(la) underflows to 0 (0·inf would be NaN)
-    infinite = support & (lb == _NEG_INF)
-    keep = support & ~infinite
-    la_s = torch.where(keep, la, 0.0)
-    lb_s = torch.where(keep, lb, 0.0)
-    term = torch.where(keep, la_s.exp() * (la_s - lb_s), 0.0)
-    return torch.where(infinite, float("inf"), term).sum(-1)
-
-
 def _neg_entropy(la: Tensor, zeros: bool) -> Tensor:
     """Σ_k a_k log a_k per row (minus the entropy), with 0·log 0 = 0."""
     if not zeros:
@@ -60,70 +53,16 @@ def _log_mixture(la: Tensor, lb: Tensor, weight_a: float, zeros: bool) -> Tensor
     return torch.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
 
 
-# KL(p‖q) = Σ p (log p − log q)
-def forward_kl_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    return _plogratio(lp, lq, zeros)
-
-
-# KL(q‖p) = Σ q (log q − log p)
-def reverse_kl_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    return _plogratio(lq, lp, zeros)
-
-
-# JSD_β(p, q) = β·KL(p‖m) + (1−β)·KL(q‖m),  m = β·p + (1−β)·q
-def js_rows(lp: Tensor, lq: Tensor, zeros: bool, beta: float) -> Tensor:
-    lm = _log_mixture(lp, lq, beta, zeros)
-    return beta * _plogratio(lp, lm, zeros) + (1.0 - beta) * _plogratio(lq, lm, zeros)
-
-
-# TVD(p, q) = ½ Σ |p − q|
-def tvd_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
-
-
-# SKL_α(p, q) = KL(p ‖ α·p + (1−α)·q)
-def skew_kl_rows(lp: Tensor, lq: Tensor, zeros: bool, alpha: float) -> Tensor:
-    if alpha == 0.0:
-        return _plogratio(lp, lq, zeros)
-    return _plogratio(lp, _log_mixture(lp, lq, alpha, zeros), zeros)
-
-
-# SRKL_α(p, q) = KL(q ‖ α·q + (1−α)·p)
-def skew_reverse_kl_rows(lp: Tensor, lq: Tensor, zeros: bool, alpha: float) -> Tensor:
-    if alpha == 0.0:
-        return _plogratio(lq, lp, zeros)
-    return _plogratio(lq, _log_mixture(lq, lp, alpha, zeros), zeros)
-
-
-# H²(p, q) = ½ Σ (√p − √q)²
-def hellinger_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    return 0.5 * ((0.5 * lp).exp() - (0.5 * lq).exp()).square().sum(-1)
-
-
-def chi2_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    """χ²(p‖q) = Σ (p − q)²/q, written so that no branch overflows.
-
-    With d = log p − log q:  (p − q)²/q = q·expm1(d)²  for d ≤ 0,
-    and = exp(log p + d)·expm1(−d)²  for d > 0 (= p²/q · (1 − q/p)²).
-    """
-    if zeros:
-        both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
-        lp = torch.where(both_zero, 0.0, lp)
-        lq = torch.where(both_zero, 0.0, lq)
-    d = lp - lq
-    d_pos = d.clamp_min(0.0)
-    d_neg = d.clamp_max(0.0)
-    above = (lp + d_pos).exp() * torch.expm1(-d_pos).square()
-    below = lq.exp() * torch.expm1(d_neg).square()
-    return torch.where(d > 0, above, below).sum(-1)
-
-
-# CS(p, q) = −log( Σ p·q / √(Σ p² · Σ q²) )
-def cauchy_schwarz_rows(lp: Tensor, lq: Tensor, zeros: bool) -> Tensor:
-    cross = torch.logsumexp(lp + lq, dim=-1)
-    value = 0.5 * torch.logsumexp(2.0 * lp, dim=-1) + 0.5 * torch.logsumexp(2.0 * lq, dim=-1) - cross
-    # ≥ 0 by the Cauchy–Schwarz inequality; clamp rounding below zero.
-    return value.clamp_min(0.0)
+def _plogratio_terms(la: Tensor, lb: Tensor, zeros: bool) -> Tensor:
+    """Elementwise a_k (log a_k − log b_k), with the conventions of :func:`_plogratio`."""
+    if not zeros:
+        return la.exp() * (la - lb)
+    support = la > _NEG_INF
+    infinite = support & (lb == _NEG_INF)
+    keep = support & ~infinite
+    la_s = torch.where(keep, la, 0.0)
+    lb_s = torch.where(keep, lb, 0.0)
+    return torch.where(infinite, float("inf"), torch.where(keep, la_s.exp() * (la_s - lb_s), 0.0))
 
 
 def _scaled_expm1_product(x: Tensor, y: Tensor, c: float) -> Tensor:
@@ -137,68 +76,188 @@ def _scaled_expm1_product(x: Tensor, y: Tensor, c: float) -> Tensor:
     return torch.sign(d) * (c * torch.maximum(x, y)).exp() * -torch.expm1(-c * d.abs()) / c
 
 
-def alpha_beta_rows(lp: Tensor, lq: Tensor, zeros: bool, alpha: float, beta: float) -> Tensor:
+def _scaled_difference(x: Tensor, y: Tensor, c: float) -> Tensor:
+    """G(x, y; c) = (e^{c·y} − e^{c·x})/c, and y − x at c = 0."""
+    if c == 0.0:
+        return y - x
+    return _scaled_expm1_product(x, y, c)
+
+
+def _power(log_x: Tensor, c: float) -> Tensor | float:
+    """x^c from log x, with x^0 = 1 also at x = 0 (exp(0 · -inf) would be NaN)."""
+    return 1.0 if c == 0.0 else (c * log_x).exp()
+
+
+def _finite_where_zero(x: Tensor, zeros: bool) -> Tensor:
+    """0·(±inf) at zero-probability classes is the term's limit 0, not NaN."""
+    return torch.nan_to_num(x, nan=0.0, posinf=float("inf"), neginf=float("-inf")) if zeros else x
+
+
+# KL(p‖q) = Σ p (log p − log q);  w = −p,  v = p log(p/q)
+def forward_kl(lp, lq, zeros, want_weights):
+    terms = _plogratio_terms(lp, lq, zeros)
+    return terms.sum(-1), (-lp.exp() if want_weights else None), terms
+
+
+# KL(q‖p) = Σ q (log q − log p);  w = q log(q/p),  v = −q
+def reverse_kl(lp, lq, zeros, want_weights):
+    terms = _plogratio_terms(lq, lp, zeros)
+    return terms.sum(-1), terms, (-lq.exp() if want_weights else None)
+
+
+# JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q  (= H(m) − β H(p) − (1−β) H(q));
+# w = (1−β) q log(q/m),  v = β p log(p/m)
+def js(lp, lq, zeros, want_weights, beta):
+    lm = _log_mixture(lp, lq, beta, zeros)
+    to_p, to_q = _plogratio_terms(lp, lm, zeros), _plogratio_terms(lq, lm, zeros)
+    rows = beta * to_p.sum(-1) + (1.0 - beta) * to_q.sum(-1)
+    return rows, (1.0 - beta) * to_q, beta * to_p
+
+
+# TVD = ½ Σ |p − q|;  w = ½ q sign(q − p),  v = ½ p sign(p − q)
+def tvd(lp, lq, zeros, want_weights):
+    p, q = lp.exp(), lq.exp()
+    rows = 0.5 * (p - q).abs().sum(-1)
+    if not want_weights:
+        return rows, None, None
+    sign = torch.sign(q - p)
+    return rows, 0.5 * q * sign, -0.5 * p * sign
+
+
+# SKL_α = KL(p ‖ m), m = αp + (1−α)q;  w = −(1−α) p q / m,  v = p log(p/m) − α p²/m
+def skew_kl(lp, lq, zeros, want_weights, alpha):
+    if alpha == 0.0:
+        return forward_kl(lp, lq, zeros, want_weights)
+    lm = _log_mixture(lp, lq, alpha, zeros)
+    terms = _plogratio_terms(lp, lm, zeros)
+    if not want_weights:
+        return terms.sum(-1), None, None
+    return terms.sum(-1), -(1.0 - alpha) * (lp + lq - lm).exp(), terms - alpha * (2.0 * lp - lm).exp()
+
+
+# SRKL_α = KL(q ‖ αq + (1−α)p): skew_kl with p and q exchanged
+def skew_reverse_kl(lp, lq, zeros, want_weights, alpha):
+    rows, v, w = skew_kl(lq, lp, zeros, want_weights, alpha)
+    return rows, w, v
+
+
+# H² = ½ Σ (√p − √q)²;  w = ½ (q − √(pq)),  v = ½ (p − √(pq))
+def hellinger(lp, lq, zeros, want_weights):
+    root_p, root_q = (0.5 * lp).exp(), (0.5 * lq).exp()
+    rows = 0.5 * (root_p - root_q).square().sum(-1)
+    if not want_weights:
+        return rows, None, None
+    root = root_p * root_q
+    return rows, 0.5 * (root_q.square() - root), 0.5 * (root_p.square() - root)
+
+
+def chi2(lp, lq, zeros, want_weights):
+    """χ²(p‖q) = Σ (p − q)²/q = Σ p²/q − 1, written so that no branch overflows.
+
+    With d = log p − log q:  (p − q)²/q = q·expm1(d)²  for d ≤ 0, and
+    exp(log p + d)·expm1(−d)²  for d > 0.  w = −p²/q,  v = 2 p²/q.
+    """
+    if zeros:
+        both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
+        lp = torch.where(both_zero, 0.0, lp)
+        lq = torch.where(both_zero, 0.0, lq)
+    d = lp - lq
+    d_pos = d.clamp_min(0.0)
+    d_neg = d.clamp_max(0.0)
+    above = (lp + d_pos).exp() * torch.expm1(-d_pos).square()
+    below = lq.exp() * torch.expm1(d_neg).square()
+    rows = torch.where(d > 0, above, below).sum(-1)
+    if not want_weights:
+        return rows, None, None
+    ratio = (lp + d).exp()  # p²/q
+    if zeros:
+        ratio = torch.where(both_zero, 0.0, ratio)
+    return rows, -ratio, 2.0 * ratio
+
+
+# CS = −log A + ½ log B + ½ log C with A = Σpq, B = Σp², C = Σq²;
+# w = q²/C − pq/A,  v = p²/B − pq/A
+def cauchy_schwarz(lp, lq, zeros, want_weights):
+    log_a = torch.logsumexp(lp + lq, dim=-1, keepdim=True)
+    log_b = torch.logsumexp(2.0 * lp, dim=-1, keepdim=True)
+    log_c = torch.logsumexp(2.0 * lq, dim=-1, keepdim=True)
+    # ≥ 0 by the Cauchy–Schwarz inequality; clamp rounding below zero.
+    rows = (0.5 * log_b + 0.5 * log_c - log_a).squeeze(-1).clamp_min(0.0)
+    if not want_weights:
+        return rows, None, None
+    cross = (lp + lq - log_a).exp()
+    return rows, (2.0 * lq - log_c).exp() - cross, (2.0 * lp - log_b).exp() - cross
+
+
+def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
     """AB-divergence (Cichocki, Cruces & Amari 2011) for α, β ≥ 0.
 
-    D_AB(p‖q) = −1/(αβ) Σ [p^α q^β − α/(α+β) p^{α+β} − β/(α+β) q^{α+β}],
-    continued to its limits: (α, 0) → 1/α² Σ [p^α log(p^α/q^α) − p^α + q^α] (so (1, 0) is
-    KL(p‖q)), (0, β) → the mirror image ((0, 1) is KL(q‖p)), (0, 0) → ½ Σ (log p − log q)².
+    D_AB(p‖q) = −1/(αβ) Σ [p^α q^β − α/(α+β) p^{α+β} − β/(α+β) q^{α+β}], continued to its
+    limits: (α, 0) → 1/α² Σ [p^α log(p^α/q^α) − p^α + q^α] ((1, 0) is KL(p‖q)), (0, β) → the
+    mirror image ((0, 1) is KL(q‖p)), (0, 0) → ½ Σ (log p − log q)².
 
-    Computed with s = α+β and a = max(α, β) ≥ b = min(α, β), swapping (p, α) with (q, β) when
-    β > α (the divergence is invariant under that swap). With x, y the log-probs of the
-    first/second distribution after the swap:
-        term = [ g(x, y; s) − e^{a·x}·g(x, y; b) ] / a,   g(x, y; c) = (e^{c·y} − e^{c·x})/c,
-    with g(x, y; 0) = y − x. Dividing only by the larger exponent keeps every case near a
-    special point accurate; when both exponents are below 0.05 the row is computed in float64.
+    With G(x, y; c) = (e^{c·y} − e^{c·x})/c (y − x at c = 0), computed without cancellation:
+        w = q ∂D/∂q = (q^{α+β} − p^α q^β)/α = q^β · G(log p, log q; α)
+        v = p ∂D/∂p = (p^{α+β} − p^α q^β)/β = p^α · G(log q, log p; β)
+    and D = Σ (w + v)/(α + β) term by term (check: (w + v)/s = p^s/(sβ) + q^s/(sα) −
+    p^α q^β/(αβ)), so value and gradient come from the same two terms and every limit
+    follows from those of G. When both exponents are below 0.05 the division by α + β
+    is done in float64.
     """
-    if alpha >= beta:
-        a, b, x, y = alpha, beta, lp, lq
-    else:
-        a, b, x, y = beta, alpha, lq, lp
     if zeros:
-        both_zero = (x == _NEG_INF) & (y == _NEG_INF)
-        x = torch.where(both_zero, 0.0, x)
-        y = torch.where(both_zero, 0.0, y)
-    if a == 0.0:  # α = β = 0
-        return 0.5 * (x - y).square().sum(-1)
-    out_dtype = x.dtype
-    if a < 0.05:
-        x, y = x.double(), y.double()
-    s = a + b
-    first = _scaled_expm1_product(x, y, s)
-    if b == 0.0:
-        d = y - x
-        if zeros:
-            # p^a·log(q/p) → 0 where p = 0; where p > 0 = q the divergence is +inf
-            infinite = (y == _NEG_INF) & (x > _NEG_INF)
-            d = torch.where((x == _NEG_INF) | infinite, 0.0, d)
-            second = torch.where(infinite, _NEG_INF, (a * x).exp() * d)
-        else:
-            second = (a * x).exp() * d
-    else:
-        second = (a * x).exp() * _scaled_expm1_product(x, y, b)
-    return ((first - second) / a).sum(-1).to(out_dtype)
+        both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
+        lp = torch.where(both_zero, 0.0, lp)
+        lq = torch.where(both_zero, 0.0, lq)
+    if alpha == 0.0 and beta == 0.0:
+        d = lp - lq
+        return 0.5 * d.square().sum(-1), -d, d
+    out_dtype = lp.dtype
+    if max(alpha, beta) < 0.05:
+        lp, lq = lp.double(), lq.double()
+    w = _finite_where_zero(_power(lq, beta) * _scaled_difference(lp, lq, alpha), zeros)
+    v = _finite_where_zero(_power(lp, alpha) * _scaled_difference(lq, lp, beta), zeros)
+    rows = ((w + v).sum(-1) / (alpha + beta)).to(out_dtype)
+    return rows, w.to(out_dtype), v.to(out_dtype)
 
 
-# Amari α-divergence: (1 − Σ p^α q^{1−α}) / (α(1−α)) = D_AB with (α, 1−α)
-def alpha_rows(lp: Tensor, lq: Tensor, zeros: bool, alpha: float) -> Tensor:
-    return alpha_beta_rows(lp, lq, zeros, alpha=alpha, beta=1.0 - alpha)
+# Amari α-divergence (1 − Σ p^α q^{1−α}) / (α(1−α)) = D_AB at (α, 1−α)
+def alpha(lp, lq, zeros, want_weights, alpha):
+    return alpha_beta(lp, lq, zeros, want_weights, alpha=alpha, beta=1.0 - alpha)
 
 
-def bdkd_rows(lp: Tensor, lq: Tensor, zeros: bool, high_weight: float, low_weight: float) -> Tensor:
+def bdkd(lp, lq, zeros, want_weights, high_weight, low_weight):
     """Entropy-balanced forward/reverse KL (BD-KD).
 
     Per row: if the student is less confident than the teacher (H(q) > H(p)) the reverse KL
     gets ``high_weight`` and the forward KL ``low_weight``; otherwise the other way round.
     The entropies only choose the weights (no gradient flows through them).
     """
-    fkl = _plogratio(lp, lq, zeros)
-    rkl = _plogratio(lq, lp, zeros)
-    with torch.no_grad():
-        student_less_confident = -_neg_entropy(lq, zeros) > -_neg_entropy(lp, zeros)
-    w_rkl = torch.where(student_less_confident, high_weight, low_weight).to(fkl.dtype)
-    w_fkl = torch.where(student_less_confident, low_weight, high_weight).to(fkl.dtype)
-    return w_fkl * fkl + w_rkl * rkl
+    to_q = _plogratio_terms(lp, lq, zeros)  # forward KL terms p log(p/q)
+    to_p = _plogratio_terms(lq, lp, zeros)  # reverse KL terms q log(q/p)
+    less_confident = -_neg_entropy(lq, zeros) > -_neg_entropy(lp, zeros)
+    w_rkl = torch.where(less_confident, high_weight, low_weight).to(lp.dtype)
+    w_fkl = torch.where(less_confident, low_weight, high_weight).to(lp.dtype)
+    rows = w_fkl * to_q.sum(-1) + w_rkl * to_p.sum(-1)
+    if not want_weights:
+        return rows, None, None
+    w_fkl, w_rkl = w_fkl.unsqueeze(-1), w_rkl.unsqueeze(-1)
+    return rows, -w_fkl * lp.exp() + w_rkl * to_p, w_fkl * to_q - w_rkl * lq.exp()
+
+
+ROW_KERNELS = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js": js,
+    "tvd": tvd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "alpha_beta": alpha_beta,
+    "alpha": alpha,
+    "hellinger": hellinger,
+    "chi2": chi2,
+    "cauchy_schwarz": cauchy_schwarz,
+    "bdkd": bdkd,
+}
 
 
 def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: int, cost: str) -> Tensor:
@@ -229,204 +288,6 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
         g = log_marginal - torch.logsumexp(log_k + f.unsqueeze(1), dim=0)
     plan = (f.unsqueeze(1) + log_k + g.unsqueeze(0)).exp()
     return n * (plan * w).sum(1)
-
-
-# ---------------------------------------------------------------------------
-# Gradients in closed form.
-#
-# For a per-row divergence D(p, q) with p = softmax(t/T), q = softmax(s/T), the
-# softmax chain rule gives  ∂D/∂s_j = (w_j − q_j · Σ_k w_k) / T  with
-# w_k = q_k · ∂D/∂q_k  (D read as a function of unconstrained q), and the same for
-# the teacher with v_k = p_k · ∂D/∂p_k. Terms of w that are constant multiples of
-# q (or of p for v) cancel in that formula and are left out below. Writing w and v
-# in closed form lets the backward pass be a few elementwise passes instead of
-# replaying every intermediate of the value's formula.
-# ---------------------------------------------------------------------------
-
-
-def _plogratio_terms(la: Tensor, lb: Tensor, zeros: bool) -> Tensor:
-    """Elementwise a_k (log a_k − log b_k), with the conventions of :func:`_plogratio`."""
-    if not zeros:
-        return la.exp() * (la - lb)
-    support = la > _NEG_INF
-    infinite = support & (lb == _NEG_INF)
-    keep = support & ~infinite
-    la_s = torch.where(keep, la, 0.0)
-    lb_s = torch.where(keep, lb, 0.0)
-    return torch.where(infinite, float("inf"), torch.where(keep, la_s.exp() * (la_s - lb_s), 0.0))
-
-
-def _scaled_difference(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """G(x, y; c) = (e^{c·y} − e^{c·x})/c, and y − x at c = 0."""
-    if c == 0.0:
-        return y - x
-    return _scaled_expm1_product(x, y, c)
-
-
-def forward_kl_weights(lp, lq, zeros):
-    return -lp.exp(), _plogratio_terms(lp, lq, zeros)
-
-
-def reverse_kl_weights(lp, lq, zeros):
-    return _plogratio_terms(lq, lp, zeros), -lq.exp()
-
-
-def js_weights(lp, lq, zeros, beta):
-    # JSD_β = H(m) − β H(p) − (1−β) H(q):  q ∂/∂q = (1−β) q log(q/m),  p ∂/∂p = β p log(p/m)
-    lm = _log_mixture(lp, lq, beta, zeros)
-    return (1.0 - beta) * _plogratio_terms(lq, lm, zeros), beta * _plogratio_terms(lp, lm, zeros)
-
-
-def tvd_weights(lp, lq, zeros):
-    p, q = lp.exp(), lq.exp()
-    sign = torch.sign(q - p)
-    return 0.5 * q * sign, -0.5 * p * sign
-
-
-def skew_kl_weights(lp, lq, zeros, alpha):
-    # D = KL(p‖m), m = αp + (1−α)q:  q ∂/∂q = −(1−α) p q / m,  p ∂/∂p ≐ p log(p/m) − α p²/m
-    if alpha == 0.0:
-        return forward_kl_weights(lp, lq, zeros)
-    lm = _log_mixture(lp, lq, alpha, zeros)
-    w = -(1.0 - alpha) * (lp + lq - lm).exp()
-    v = _plogratio_terms(lp, lm, zeros) - alpha * (2.0 * lp - lm).exp()
-    return w, v
-
-
-def skew_reverse_kl_weights(lp, lq, zeros, alpha):
-    v, w = skew_kl_weights(lq, lp, zeros, alpha)  # the mirror image with p and q exchanged
-    return w, v
-
-
-def hellinger_weights(lp, lq, zeros):
-    # ½ Σ (√p − √q)²:  q ∂/∂q = ½ (q − √(pq)),  p ∂/∂p = ½ (p − √(pq))
-    root = (0.5 * (lp + lq)).exp()
-    return 0.5 * (lq.exp() - root), 0.5 * (lp.exp() - root)
-
-
-def chi2_weights(lp, lq, zeros):
-    # Σ p²/q − 1:  q ∂/∂q = −p²/q,  p ∂/∂p = 2 p²/q
-    if zeros:
-        both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
-        lp = torch.where(both_zero, _NEG_INF, lp)
-        lq = torch.where(both_zero, 0.0, lq)
-    ratio = (2.0 * lp - lq).exp()
-    return -ratio, 2.0 * ratio
-
-
-def cauchy_schwarz_weights(lp, lq, zeros):
-    # −log A + ½ log B + ½ log C, A = Σpq, B = Σp², C = Σq²
-    log_a = torch.logsumexp(lp + lq, dim=-1, keepdim=True)
-    cross = (lp + lq - log_a).exp()
-    w = (2.0 * lq - torch.logsumexp(2.0 * lq, dim=-1, keepdim=True)).exp() - cross
-    v = (2.0 * lp - torch.logsumexp(2.0 * lp, dim=-1, keepdim=True)).exp() - cross
-    return w, v
-
-
-def alpha_beta_weights(lp, lq, zeros, alpha, beta):
-    # q ∂/∂q = (q^{α+β} − p^α q^β)/α = q^β · G(log p, log q; α)
-    # p ∂/∂p = (p^{α+β} − p^α q^β)/β = p^α · G(log q, log p; β)
-    if zeros:
-        both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
-        lp = torch.where(both_zero, 0.0, lp)
-        lq = torch.where(both_zero, 0.0, lq)
-    w = _power(lq, beta) * _scaled_difference(lp, lq, alpha)
-    v = _power(lp, alpha) * _scaled_difference(lq, lp, beta)
-    return w, v
-
-
-def _power(log_x: Tensor, c: float) -> Tensor | float:
-    """x^c from log x, with x^0 = 1 also at x = 0 (exp(0 · -inf) would be NaN)."""
-    return 1.0 if c == 0.0 else (c * log_x).exp()
-
-
-def alpha_weights(lp, lq, zeros, alpha):
-    return alpha_beta_weights(lp, lq, zeros, alpha=alpha, beta=1.0 - alpha)
-
-
-def bdkd_weights(lp, lq, zeros, high_weight, low_weight):
-    student_less_confident = (-_neg_entropy(lq, zeros) > -_neg_entropy(lp, zeros)).unsqueeze(-1)
-    w_rkl = torch.where(student_less_confident, high_weight, low_weight).to(lp.dtype)
-    w_fkl = torch.where(student_less_confident, low_weight, high_weight).to(lp.dtype)
-    fw, fv = forward_kl_weights(lp, lq, zeros)
-    rw, rv = reverse_kl_weights(lp, lq, zeros)
-    return w_fkl * fw + w_rkl * rw, w_fkl * fv + w_rkl * rv
-
-
-def _generic(value_fn, weights_fn):
-    def both(lp, lq, zeros, want_weights, **params):
-        rows = value_fn(lp, lq, zeros, **params)
-        return (rows, *weights_fn(lp, lq, zeros, **params)) if want_weights else (rows, None, None)
-
-    return both
-
-
-def forward_kl_both(lp, lq, zeros, want_weights):
-    terms = _plogratio_terms(lp, lq, zeros)
-    return terms.sum(-1), (-lp.exp() if want_weights else None), terms
-
-
-def reverse_kl_both(lp, lq, zeros, want_weights):
-    terms = _plogratio_terms(lq, lp, zeros)
-    return terms.sum(-1), terms, (-lq.exp() if want_weights else None)
-
-
-def js_both(lp, lq, zeros, want_weights, beta):
-    lm = _log_mixture(lp, lq, beta, zeros)
-    to_p, to_q = _plogratio_terms(lp, lm, zeros), _plogratio_terms(lq, lm, zeros)
-    rows = beta * to_p.sum(-1) + (1.0 - beta) * to_q.sum(-1)
-    return rows, (1.0 - beta) * to_q, beta * to_p
-
-
-def alpha_beta_both(lp, lq, zeros, want_weights, alpha, beta):
-    # D_AB = Σ (w + v) / (α + β) with w = q ∂D/∂q and v = p ∂D/∂p as in alpha_beta_weights:
-    # (w + v)/s = p^s/(sβ) + q^s/(sα) − p^α q^β/(αβ), the AB formula term by term; the
-    # limits at α = 0 or β = 0 follow from those of G.
-    if alpha == 0.0 and beta == 0.0:
-        rows = alpha_beta_rows(lp, lq, zeros, 0.0, 0.0)
-        return (rows, *alpha_beta_weights(lp, lq, zeros, 0.0, 0.0)) if want_weights else (rows, None, None)
-    out_dtype = lp.dtype
-    if max(alpha, beta) < 0.05:  # both exponents small: keep the division by s accurate
-        lp, lq = lp.double(), lq.double()
-    w, v = alpha_beta_weights(lp, lq, zeros, alpha, beta)
-    if zeros:  # 0·(±inf) where a probability is 0: those terms are 0 (their limits)
-        w = torch.nan_to_num(w, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-        v = torch.nan_to_num(v, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    rows = ((w + v).sum(-1) / (alpha + beta)).to(out_dtype)
-    return rows, w.to(out_dtype), v.to(out_dtype)
-
-
-def alpha_both(lp, lq, zeros, want_weights, alpha):
-    return alpha_beta_both(lp, lq, zeros, want_weights, alpha=alpha, beta=1.0 - alpha)
-
-
-def bdkd_both(lp, lq, zeros, want_weights, high_weight, low_weight):
-    to_q = _plogratio_terms(lp, lq, zeros)  # p log(p/q): forward KL terms
-    to_p = _plogratio_terms(lq, lp, zeros)  # q log(q/p): reverse KL terms
-    less_confident = -_neg_entropy(lq, zeros) > -_neg_entropy(lp, zeros)
-    w_rkl = torch.where(less_confident, high_weight, low_weight).to(lp.dtype)
-    w_fkl = torch.where(less_confident, low_weight, high_weight).to(lp.dtype)
-    rows = w_fkl * to_q.sum(-1) + w_rkl * to_p.sum(-1)
-    if not want_weights:
-        return rows, None, None
-    w_fkl, w_rkl = w_fkl.unsqueeze(-1), w_rkl.unsqueeze(-1)
-    return rows, -w_fkl * lp.exp() + w_rkl * to_p, w_fkl * to_q - w_rkl * lq.exp()
-
-
-ROW_KERNELS = {
-    "forward_kl": forward_kl_both,
-    "reverse_kl": reverse_kl_both,
-    "js": js_both,
-    "tvd": _generic(tvd_rows, tvd_weights),
-    "skew_kl": _generic(skew_kl_rows, skew_kl_weights),
-    "skew_reverse_kl": _generic(skew_reverse_kl_rows, skew_reverse_kl_weights),
-    "alpha_beta": alpha_beta_both,
-    "alpha": alpha_both,
-    "hellinger": _generic(hellinger_rows, hellinger_weights),
-    "chi2": _generic(chi2_rows, chi2_weights),
-    "cauchy_schwarz": _generic(cauchy_schwarz_rows, cauchy_schwarz_weights),
-    "bdkd": bdkd_both,
-}
 
 
 # Rows are processed in chunks of about this many elements (8 MB in float32). Every intermediate of a

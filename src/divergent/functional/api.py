@@ -117,7 +117,7 @@ def divergence(
         else:
             lq = torch.log_softmax(student_rows / temperature, dim=-1)
             lp = torch.log_softmax(teacher_rows / temperature, dim=-1)
-            rows = spec.rows(lp, lq, zeros, **resolved)
+            rows = spec.kernel(lp, lq, zeros, **resolved)
     else:
         # The buckets are already tempered, normalised log-probabilities (log_softmax is then the identity).
         lp, lq = bucket_logprobs(student_rows, teacher_rows, temperature, dtype)

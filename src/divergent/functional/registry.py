@@ -73,7 +73,7 @@ class DivergenceSpec:
     """A registered divergence and what a user needs to know to choose it."""
 
     name: str
-    rows: Callable[..., Any]
+    kernel: Callable[..., Any]  # per row: (lp, lq, zeros, want_weights, **params) -> (rows, w, v)
     formula: str
     summary: str
     behaviour: str  # "mode-covering", "mode-seeking", "in between", "set by parameters"
@@ -117,21 +117,21 @@ def _register(spec: DivergenceSpec) -> None:
 
 
 _register(DivergenceSpec(
-    "forward_kl", _math.forward_kl_rows,
+    "forward_kl", _math.forward_kl,
     "KL(p‖q) = Σ p log(p/q)",
     "Kullback–Leibler from teacher to student; Hinton KD's loss.",
     "mode-covering", "no", "no",
     "Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network",
 ))
 _register(DivergenceSpec(
-    "reverse_kl", _math.reverse_kl_rows,
+    "reverse_kl", _math.reverse_kl,
     "KL(q‖p) = Σ q log(q/p)",
     "Kullback–Leibler from student to teacher; concentrates the student on one mode.",
     "mode-seeking", "no", "no",
     "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models",
 ))
 _register(DivergenceSpec(
-    "js", _math.js_rows,
+    "js", _math.js,
     "β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q",
     "Generalized Jensen–Shannon (GKD); same numbers as TRL's generalized_jsd_loss for β in (0, 1).",
     "in between", "at beta = 0.5", "≤ H(β) = −β log β − (1−β) log(1−β) (log 2 at β = 0.5)",
@@ -139,14 +139,14 @@ _register(DivergenceSpec(
     params=(ParamSpec("beta", 0.5, "teacher weight in the mixture m", 0.0, 1.0, False, False, hint=_JS_ENDS_HINT),),
 ))
 _register(DivergenceSpec(
-    "tvd", _math.tvd_rows,
+    "tvd", _math.tvd,
     "½ Σ |p − q|",
     "Total variation distance; a metric, bounded by 1.",
     "in between", "yes", "≤ 1",
     "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation",
 ))
 _register(DivergenceSpec(
-    "skew_kl", _math.skew_kl_rows,
+    "skew_kl", _math.skew_kl,
     "KL(p ‖ α·p + (1−α)·q)",
     "Skew KL (DistiLLM): forward KL against a student smoothed toward the teacher; finite where q = 0.",
     "mode-covering", "no", "≤ −log α for α > 0",
@@ -154,7 +154,7 @@ _register(DivergenceSpec(
     params=(_ALPHA_SKEW,),
 ))
 _register(DivergenceSpec(
-    "skew_reverse_kl", _math.skew_reverse_kl_rows,
+    "skew_reverse_kl", _math.skew_reverse_kl,
     "KL(q ‖ α·q + (1−α)·p)",
     "Skew reverse KL (DistiLLM): reverse KL against a teacher smoothed toward the student.",
     "mode-seeking", "no", "≤ −log α for α > 0",
@@ -162,7 +162,7 @@ _register(DivergenceSpec(
     params=(_ALPHA_SKEW,),
 ))
 _register(DivergenceSpec(
-    "alpha_beta", _math.alpha_beta_rows,
+    "alpha_beta", _math.alpha_beta,
     "−1/(αβ) Σ [p^α q^β − α/(α+β) p^(α+β) − β/(α+β) q^(α+β)], with its limits at α, β or α+β = 0",
     "AB-divergence (ABKD); (1, 0) is forward KL, (0, 1) reverse KL, α+β = 1 the α-divergence.",
     "set by parameters", "when α = β", "no",
@@ -174,7 +174,7 @@ _register(DivergenceSpec(
     ),
 ))
 _register(DivergenceSpec(
-    "alpha", _math.alpha_rows,
+    "alpha", _math.alpha,
     "(1 − Σ p^α q^(1−α)) / (α(1−α)); α→1 forward KL, α→0 reverse KL",
     "Amari α-divergence, interpolating reverse KL (α=0), Hellinger-like (α=½) and forward KL (α=1).",
     "set by parameters", "at alpha = 0.5", "≤ 1/(α(1−α)) for 0 < α < 1",
@@ -182,28 +182,28 @@ _register(DivergenceSpec(
     params=(ParamSpec("alpha", 0.5, "interpolation exponent; 1 = forward KL, 0 = reverse KL", 0.0, 1.0),),
 ))
 _register(DivergenceSpec(
-    "hellinger", _math.hellinger_rows,
+    "hellinger", _math.hellinger,
     "½ Σ (√p − √q)²",
     "Squared Hellinger distance; symmetric and bounded by 1.",
     "in between", "yes", "≤ 1",
     "Hellinger 1909; used for distillation in Wen et al. 2023",
 ))
 _register(DivergenceSpec(
-    "chi2", _math.chi2_rows,
+    "chi2", _math.chi2,
     "Σ (p − q)² / q",
     "Pearson χ² of p from q; penalises a student that misses teacher mass very strongly.",
     "mode-covering", "no", "no",
     "Pearson 1900; f-divergence family (Wen et al. 2023)",
 ))
 _register(DivergenceSpec(
-    "cauchy_schwarz", _math.cauchy_schwarz_rows,
+    "cauchy_schwarz", _math.cauchy_schwarz,
     "−log( Σ p·q / √(Σ p² · Σ q²) )",
     "Cauchy–Schwarz divergence; symmetric and scale-invariant.",
     "in between", "yes", "no",
     "Yu et al. 2024, Cauchy–Schwarz Divergence Information Bottleneck (CS-IB)",
 ))
 _register(DivergenceSpec(
-    "bdkd", _math.bdkd_rows,
+    "bdkd", _math.bdkd,
     "w_f·KL(p‖q) + w_r·KL(q‖p); (w_f, w_r) = (low, high) if H(q) > H(p) else (high, low)",
     "Entropy-balanced forward/reverse KL (BD-KD): weights set per row by the entropy gap. "
     "Weights follow a third-party reimplementation (3 and 1); unverified against the paper.",
