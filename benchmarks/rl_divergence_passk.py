@@ -110,7 +110,7 @@ def main() -> None:
         "",
         report.markdown_table(summary, columns),
         "",
-        "Per-seed rows: `rl_divergence_passk.csv`. Interpretation: docs/rl.md.",
+        f"Per-seed rows: `{name}.csv`. Interpretation: docs/rl.md.",
         "",
     ]))
     print(f"wrote {RESULTS / (name + '.csv')} and {RESULTS / (name + '.md')}")

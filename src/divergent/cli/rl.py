@@ -330,8 +330,8 @@ def register(app: typer.Typer) -> None:
         resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
         device: str = typer.Option("cpu", help="torch device."),
         threads: int = typer.Option(
-            1, min=1, help="torch CPU threads. The policy is tiny: one thread was 2-3x faster than two on a busy "
-            "2-core machine (benchmarks/results/rl_threads.csv)."),
+            1, min=1, help="torch CPU threads. The policy is tiny: one thread was many times faster than two on a "
+            "busy 2-core machine (benchmarks/results/rl_threads.csv)."),
     ) -> None:
         """GRPO with a chosen regulariser on generated arithmetic; prints pass@1/4/16 (``--compare`` for all)."""
         import torch
