@@ -11,7 +11,7 @@ from divergent.rl.filtering import BalancedBatch, accuracy_band_mask
 from divergent.rl.generators import GENERATORS, f_generator
 from divergent.rl.grpo import group_advantages, masked_token_mean, ppo_clip_loss
 from divergent.rl.kdrl import kdrl_coefficient, kdrl_kd_loss
-from divergent.rl.passk import distinct_correct, pass_at_k, pass_at_k_curve
+from divergent.metrics.passk import distinct_correct, pass_at_k, pass_at_k_curve
 
 __all__ = [
     "FDPO_DIVERGENCES",
