@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from divergent.train.distributed import init_distributed_from_env
 from divergent import report
 from divergent.config import config_to_dict, load_config, save_config
 from divergent.data.vision import ClassificationData
@@ -169,15 +170,6 @@ class CompareInterrupted(Exception):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _init_distributed(device: str) -> None:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on CUDA."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
 
 
 def _entry_method(entry: str) -> str:
@@ -467,7 +459,7 @@ def run_compare(
     previous_threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    _init_distributed(config.device)
+    init_distributed_from_env(config.device)
     if _rank() != 0:  # under torchrun only the first process prints and writes
         console = Console(file=open(os.devnull, "w"))
     try:

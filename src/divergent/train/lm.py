@@ -32,7 +32,6 @@ in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU), or sharded with
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import time
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
 from divergent.functional import divergence
 from divergent.losses.linear import LinearDistillationLoss
 from divergent.losses.modules import DistillationLoss
@@ -594,11 +594,3 @@ def evaluate_lm(
     return metrics
 
 
-def init_distributed_from_env() -> bool:
-    """Initialise torch.distributed when launched by torchrun (env RANK/WORLD_SIZE); True if so."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
-        return False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return True
