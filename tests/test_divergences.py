@@ -509,3 +509,20 @@ def test_alpha_beta_with_zero_classes_matches_log_forms(a, b):
             want = general(p, q, a, b)
     got = dv.functional.alpha_beta(s, t, alpha=a, beta=b, reduction="none").numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_sinkhorn_plain_and_log_domain_iterations_agree(monkeypatch):
+    """Plain scalings (used when W/ε < 30) and log-domain ones give the same value and gradient."""
+    from divergent.functional import _math
+
+    s, t = _pair(shape=(6, 9), scale=1.5)
+    s.requires_grad_(True)
+    plain = dv.functional.sinkhorn(s, t, epsilon=0.2, n_iters=15)
+    (g_plain,) = torch.autograd.grad(plain, s)
+    monkeypatch.setattr(_math, "_PLAIN_SINKHORN_LIMIT", 0.0)  # force the log domain
+    logd = dv.functional.sinkhorn(s, t, epsilon=0.2, n_iters=15)
+    (g_log,) = torch.autograd.grad(logd, s)
+    torch.testing.assert_close(plain, logd)
+    torch.testing.assert_close(g_plain, g_log)
+    # a tiny ε takes the log domain on its own and stays finite
+    assert torch.isfinite(dv.functional.sinkhorn(s, t, epsilon=1e-3, n_iters=50))

@@ -275,7 +275,8 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
 
     Cost W_ij = ‖q_i − p_j‖ (``cost``: "l1", "l2", or "sqeuclidean" = squared L2) between
     student row i and teacher row j; K = exp(−W/ε); uniform marginals 1/n. ``n_iters``
-    alternating row/column scalings in the log domain give P = diag(u)·K·diag(v). Returns
+    alternating row/column scalings give P = diag(u)·K·diag(v) — plain scalings when every
+    W_ij/ε is below 30, log-domain (stabilised) ones otherwise. Returns
     n·Σ_j P_ij W_ij for each row i, so the mean over rows is ⟨P, W⟩. Gradients flow
     through both P and W.
     """
@@ -290,6 +291,17 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
     else:
         w = (q.unsqueeze(1) - p.unsqueeze(0)).square().sum(-1) if n * n * q.shape[1] <= 2**24 else torch.cdist(q, p).square()
     log_k = -w / epsilon
+    if float(log_k.min()) > -_PLAIN_SINKHORN_LIMIT:
+        # K = exp(−W/ε) has no entry near underflow: plain scaling u = a/(Kv), v = b/(Kᵀu)
+        # (two matrix-vector products per iteration) gives the same plan as the log domain.
+        kernel = log_k.exp()
+        marginal = w.new_full((n,), 1.0 / n)
+        v = w.new_ones(n)
+        for _ in range(n_iters):
+            u = marginal / (kernel @ v)
+            v = marginal / (kernel.T @ u)
+        plan = u.unsqueeze(1) * kernel * v.unsqueeze(0)
+        return n * (plan * w).sum(1)
     log_marginal = -math.log(n)
     f = w.new_zeros(n)
     g = w.new_zeros(n)
@@ -298,6 +310,11 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
         g = log_marginal - torch.logsumexp(log_k + f.unsqueeze(1), dim=0)
     plan = (f.unsqueeze(1) + log_k + g.unsqueeze(0)).exp()
     return n * (plan * w).sum(1)
+
+
+# Largest W/ε for which the plain (non-log) Sinkhorn iterations are used: exp(−30) ≈ 1e-13
+# keeps K and the scalings u, v far from float32 underflow and overflow for n_iters iterations.
+_PLAIN_SINKHORN_LIMIT = 30.0
 
 
 # Rows are processed in chunks of about this many elements (8 MB in float32). Every intermediate of a
