@@ -217,7 +217,7 @@ _register(DivergenceSpec(
 _register(DivergenceSpec(
     "sinkhorn", _math.sinkhorn_rows,
     "⟨P, W⟩, P = entropic OT plan between student rows and teacher rows, W_ij = ‖q_i − p_j‖₁, K = exp(−W/ε)",
-    "Batch-wise Sinkhorn distance (SinKD): couples the rows of a batch; log-domain iterations.",
+    "Batch-wise Sinkhorn distance (SinKD): couples the rows of a batch; plain scalings, log domain when exp(−W/ε) nears underflow.",
     "batch-level", "no", "≤ 2 for cost l1",
     "Cui et al. 2024, SinKD: Sinkhorn Distance Minimization for Knowledge Distillation",
     params=(
