@@ -69,3 +69,16 @@ def test_bad_arguments_are_reported(tmp_path):
     assert result.exit_code != 0 and "unknown" in result.output.lower()
     result = CliRunner().invoke(app, ["distill-lm", "--teacher", str(tmp_path), "-o", str(tmp_path)])
     assert result.exit_code != 0 and "--student" in result.output
+
+
+def test_distill_lm_refuses_to_run_once_per_rank(monkeypatch, tmp_path):
+    """Under torchrun each rank would repeat the whole comparison: a clear error instead."""
+    from typer.testing import CliRunner
+
+    from divergent.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["distill-lm", "--out-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "runs in one process" in result.output
+    assert not list(tmp_path.iterdir())

@@ -153,6 +153,13 @@ def register(app: typer.Typer) -> None:
         alone, and each distilled student, with teacher-student KL, top-1 agreement,
         tokens/s and peak memory; writes results.csv/json, results.md and losses.png.
         """
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Each rank would run the whole comparison and write its own report.
+            raise typer.BadParameter(
+                "distill-lm runs in one process; under torchrun/accelerate launch use the Python "
+                "API (divergent.train.lm.init_distributed_from_env + train_lm_distillation, see docs/llm.md)",
+                param_hint="WORLD_SIZE",
+            )
         from divergent.functional import available, get_spec
         from divergent.models.gpt import GPTConfig, TinyGPT
         from divergent.models.hf import check_same_tokenizer, load_causal_lm, load_tokenizer
