@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from divergent.train.distributed import init_distributed_from_env
+from divergent.train.distributed import init_distributed_from_env, rank
 from divergent import report
 from divergent.config import config_to_dict, load_config, save_config
 from divergent.data.vision import ClassificationData
@@ -168,10 +168,6 @@ class CompareInterrupted(Exception):
         self.run_dir = run_dir
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _entry_method(entry: str) -> str:
     """The trainer method of a row (``mcmi`` is KD from an MCMI-fine-tuned teacher)."""
     if entry == "mcmi":
@@ -263,7 +259,7 @@ def get_teacher(
         # BatchNorm running statistics are per process: every process uses the first one's teacher.
         for tensor in result.student.state_dict().values():
             dist.broadcast(tensor, src=0)
-    if _rank() == 0:
+    if rank() == 0:
         save_checkpoint(path, {"model": result.student.state_dict(), "info": info})
         (work_dir / "checkpoint.pt").unlink(missing_ok=True)
     console.print(f"{label}: trained in {result.seconds:.1f}s, test accuracy {info['test']['accuracy']:.4f}; cached at {path}")
@@ -317,7 +313,7 @@ def _run_one(
     except NonFiniteLossError as exc:
         console.print(f"[red]{method} seed {seed}: {exc}[/red]")
         row.update(status="failed", error=str(exc))
-        if _rank() == 0:
+        if rank() == 0:
             report.write_json(row, done)
         return row
     finally:
@@ -329,7 +325,7 @@ def _run_one(
                **classification_metrics(logits, labels, teacher_test_logits))
     row["reliability"] = reliability_bins(logits, labels)
     row["history"] = result.history
-    if _rank() == 0:
+    if rank() == 0:
         report.write_json(row, done)
         (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is kept; the weights are not needed
     return row
@@ -460,7 +456,7 @@ def run_compare(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     init_distributed_from_env(config.device)
-    if _rank() != 0:  # under torchrun only the first process prints and writes
+    if rank() != 0:  # under torchrun only the first process prints and writes
         console = Console(file=open(os.devnull, "w"))
     try:
         return _run_compare(config, run_dir, console or Console(), command)
@@ -471,14 +467,14 @@ def run_compare(
 def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Console, command: str | None) -> dict[str, Any]:
     started = time.perf_counter()
     if run_dir is None:
-        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if _rank() == 0 else None
+        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if rank() == 0 else None
         if dist.is_available() and dist.is_initialized():
             shared = [run_dir]
             dist.broadcast_object_list(shared, src=0)  # every process writes into the first one's folder
             run_dir = shared[0]
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if _rank() == 0:
+    if rank() == 0:
         save_config(config, run_dir / "config.yaml")
     command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
     console.print(f"run folder: {run_dir}")
@@ -502,7 +498,7 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
     except KeyboardInterrupt:
         raise CompareInterrupted(run_dir) from None
 
-    if _rank() != 0:
+    if rank() != 0:
         return {"run_dir": str(run_dir), "runs": rows}
     summary = _summarise(config, rows)
     table_rows = _table_rows(config, summary)

@@ -72,6 +72,7 @@ from divergent.methods import online as online_method
 from divergent.methods import self_kd
 from divergent.models.classifiers import FeatureHook
 from divergent.train.checkpoint import load_checkpoint, save_checkpoint
+from divergent.train import distributed
 
 __all__ = [
     "ClassifierTrainConfig",
@@ -524,11 +525,6 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 def _make_optimizer(params: list[nn.Parameter], config: ClassifierTrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
@@ -606,7 +602,7 @@ def train_classifier(
     """
     kind = method_kind(config.method)
     device = _resolve_device(config.device)
-    rank, world = _distributed()
+    rank, world = distributed.rank(), distributed.world_size()
     if kind in ("offline", "online") and teacher is None:
         raise ValueError(f"method {config.method!r} needs a teacher model; pass teacher=...")
     if kind in ("self", "plain"):

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from divergent.train import distributed
 from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
 from divergent.functional import divergence
 from divergent.losses.linear import LinearDistillationLoss
@@ -220,12 +221,6 @@ class _HiddenStates(nn.Module):
         return hidden_and_logits(self.model, input_ids, compute_logits=self.compute_logits)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, temperature: float, generator) -> torch.Tensor:
     was_training = model.training
@@ -321,7 +316,7 @@ def train_lm_distillation(
     student (unwrapped), the history and throughput figures.
     """
     device = torch.device(device)
-    rank, world = _world()
+    rank, world = distributed.rank(), distributed.world_size()
     reset_peak_memory(device)
     student.to(device).train()
     if teacher is not None:
