@@ -181,8 +181,79 @@ def test_bad_input_raises_clear_errors():
         fused_linear_distillation("forward_kl", x_s, w_s, x_t, w_t, labels + 60, hard_weight=1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         LinearDistillationLoss("forward_kl", chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_distillation("forward_kl", x_s, w_s, x_t, w_t, chunk_size=2.5)
     with pytest.raises(ValueError, match="beta"):
         fused_linear_distillation("js", x_s, w_s, x_t, w_t, beta=1.0)
+
+
+def test_backward_hands_over_its_gradient_buffers_without_a_copy():
+    """The gradients are formed in the forward pass; backward gives autograd those very
+    buffers (so .grad costs no second [V, H] tensor), scaling them in place when the
+    upstream gradient is not 1."""
+    x_s, w_s, x_t, w_t, labels = _inputs()
+    reference = _unfused("js", x_s, w_s, x_t, w_t, labels, hard_weight=0.0, soft_weight=1.0)
+    want_x, want_w = _grads(reference, [x_s, w_s])
+    for upstream in (1.0, 2.5):
+        x_s.grad = w_s.grad = None
+        loss = fused_linear_distillation("js", x_s, w_s, x_t, w_t, labels, chunk_size=8)
+        buffers = [g.data_ptr() for g in loss.grad_fn.grads[:2]]
+        (upstream * loss).backward() if upstream != 1.0 else loss.backward()
+        assert [x_s.grad.data_ptr(), w_s.grad.data_ptr()] == buffers
+        torch.testing.assert_close(x_s.grad, upstream * want_x, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_s.grad, upstream * want_w, rtol=1e-4, atol=1e-6)
+
+
+def test_retain_graph_backward_twice_accumulates_twice():
+    """With retain_graph=True the stored gradients stay valid for a second backward."""
+    x_s, w_s, x_t, w_t, labels = _inputs()
+    reference = _unfused("reverse_kl", x_s, w_s, x_t, w_t, labels, hard_weight=0.0, soft_weight=1.0)
+    want_x, want_w = _grads(reference, [x_s, w_s])
+    loss = fused_linear_distillation("reverse_kl", x_s, w_s, x_t, w_t, labels, chunk_size=8)
+    (2.0 * loss).backward(retain_graph=True)
+    (3.0 * loss).backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x_s.grad, 6.0 * want_x, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_s.grad, 6.0 * want_w, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="second time.*retain_graph"):
+        loss.backward()  # the last backward handed the gradients over
+
+
+def test_automatic_chunk_size_keeps_the_logits_of_a_chunk_within_the_budget():
+    """chunk_size=None: a power of two with at most 2^27 logits per chunk, capped at N."""
+    from divergent.functional.fused_linear import AUTO_CHUNK_ELEMENTS, default_chunk_size
+
+    for vocab in (1, 3, 256, 32000, 50257, 128256, 2**27, 2**28):
+        rows = default_chunk_size(vocab)
+        assert rows >= 1 and rows & (rows - 1) == 0
+        assert rows * vocab <= AUTO_CHUNK_ELEMENTS or rows == 1
+        assert 2 * rows * vocab > AUTO_CHUNK_ELEMENTS  # the largest such power of two
+    assert default_chunk_size(32000, n_tokens=100) == 100
+    x_s, w_s, x_t, w_t, labels = _inputs()
+    automatic = LinearDistillationLoss("hellinger")(x_s, w_s, x_t, w_t, labels)
+    chunked = LinearDistillationLoss("hellinger", chunk_size=4)(x_s, w_s, x_t, w_t, labels)
+    torch.testing.assert_close(automatic, chunked)
+
+
+def test_accumulation_dtype_sets_the_weight_gradient_accumulator():
+    """bf16 accumulators (the GPU default) stay within 1e-2 of a float64 reference over
+    many chunks; float32 ones closer; a non-dtype is a clear TypeError."""
+    x_s, w_s, x_t, w_t, labels = _inputs(n=96, dtype=torch.bfloat16)
+    tensors64 = [t.detach().double().requires_grad_(t.requires_grad) for t in (x_s, w_s, x_t, w_t)]
+    reference = _unfused("forward_kl", *tensors64, labels, hard_weight=0.0, soft_weight=1.0)
+    (want,) = _grads(reference, [tensors64[1]])
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        loss = fused_linear_distillation(
+            "forward_kl", x_s, w_s, x_t, w_t, labels, chunk_size=4, accumulation_dtype=dtype
+        )
+        (got,) = _grads(loss, [w_s])
+        assert got.dtype == torch.bfloat16
+        errors[dtype] = float((got.double() - want).norm() / want.norm())
+    assert errors[torch.bfloat16] < 1e-2 and errors[torch.float32] < 1e-2
+    assert errors[torch.float32] < errors[torch.bfloat16], errors
+    with pytest.raises(TypeError, match="accumulation_dtype"):
+        fused_linear_distillation("forward_kl", x_s, w_s, x_t, w_t, accumulation_dtype="float32")
 
 
 def test_rows_and_student_grad_torch_is_gradient_of_weighted_rows():

@@ -132,7 +132,8 @@ def register(app: typer.Typer) -> None:
         on_policy: float = typer.Option(0.0, help="λ: fraction of steps on student-generated sequences (GKD)."),
         seq_kd: float = typer.Option(0.0, help="Fraction of steps on teacher-generated sequences (seq-KD)."),
         fused: bool = typer.Option(True, help="Fused, chunked output-layer loss (no [tokens, vocab] logits)."),
-        chunk_size: int = typer.Option(1024, min=1, help="Tokens per chunk of the fused loss."),
+        chunk_size: Optional[int] = typer.Option(
+            None, min=1, help="Tokens per chunk of the fused loss (default: as many as fit 2^27 logits)."),
         vocab_size: Optional[int] = typer.Option(
             None, help="Compare the first N vocabulary entries (when the sizes differ only by padding)."),
         teacher: Optional[Path] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder."),

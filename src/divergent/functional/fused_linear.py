@@ -20,8 +20,12 @@ gradients with respect to the inputs and weights are accumulated right away:
     dL/dx_s[chunk] = G @ W_s          dL/dW_s += G^T @ x_s[chunk]
 
 where ``G = dL/ds[chunk]``. The whole computation happens in the forward pass
-(the backward only scales the stored gradients by ``grad_output``), so peak
-memory is O(N * H + chunk_size * V) instead of O(N * V).
+(the backward hands the stored gradients over, scaled by ``grad_output`` in place
+when it is not 1), so peak memory is O(N * H + V * H + chunk_size * V) instead of
+O(N * V). By default a chunk holds ``AUTO_CHUNK_ELEMENTS / V`` rows (rounded down
+to a power of two): the chunk's logits take the same memory at every vocabulary
+size, and a small vocabulary gets larger chunks, hence fewer read-modify-write
+passes over ``dL/dW_s``.
 
 The per-row divergence and its gradient come from
 :func:`rows_and_student_grad_torch`, which calls ``dv.divergence`` (the one
@@ -35,12 +39,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "fused_linear_distillation",
     "rows_and_student_grad_torch",
     "resolve_vocab_size",
+    "default_chunk_size",
+    "AUTO_CHUNK_ELEMENTS",
 ]
+
+# Entries of one chunk's logits when chunk_size is not given: 2^27 (256 MiB in bf16 per side)
+# gives 1024 rows at V = 128256 and 4096 at V = 32000.
+AUTO_CHUNK_ELEMENTS = 2**27
+
+
+def default_chunk_size(vocab_size: int, n_tokens: int | None = None) -> int:
+    """Rows per chunk when ``chunk_size`` is None: the largest power of two with at most
+    ``AUTO_CHUNK_ELEMENTS`` logits per chunk (at least 1), and no more than ``n_tokens``.
+
+    >>> default_chunk_size(128256), default_chunk_size(32000), default_chunk_size(256, n_tokens=3000)
+    (1024, 4096, 3000)
+    """
+    rows = max(1, AUTO_CHUNK_ELEMENTS // max(int(vocab_size), 1))
+    rows = 1 << (rows.bit_length() - 1)
+    return min(rows, n_tokens) if n_tokens else rows
 
 
 def _divergence_module():
@@ -55,7 +78,19 @@ def _is_topk(teacher: Any) -> bool:
 
 
 def _slice_topk(teacher: Any, start: int, end: int) -> Any:
-    return type(teacher)(teacher.indices[start:end], teacher.logprobs[start:end])
+    # A row range of an already validated TopK (no second validation, no host syncs).
+    return teacher[start:end]
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True if unknown."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if getter is None else bool(getter())
+
+
+def _is_one(grad_output: torch.Tensor) -> bool:
+    # loss.backward() passes 1; then the stored gradients are handed over as they are.
+    return bool(grad_output == 1)
 
 
 def rows_and_student_grad_torch(
@@ -191,15 +226,24 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_grad = teacher_topk is None and (
             teacher_input.requires_grad or teacher_weight.requires_grad
         )
-        # Accumulate in float32 (float64 stays float64), like the functional layer.
+        # Row values and CE in float32 (float64 stays float64), like the functional layer.
         acc = torch.float64 if student_input.dtype == torch.float64 else torch.float32
-        # Weight gradients: float32 accumulators on CPU; on CUDA the weight's own dtype,
-        # because a float32 [V, H] buffer is 2 GiB at V = 128k, H = 4096.
-        weight_acc = acc if not student_input.is_cuda else student_weight.dtype
+        # Weight gradients: float32 accumulators on CPU; elsewhere the weight's own dtype,
+        # because a float32 [V, H] buffer is 2 GiB at V = 128k, H = 4096 (each chunk's product
+        # is still summed in float32 inside the matmul). ``accumulation_dtype`` overrides both.
+        weight_acc = options["accumulation_dtype"] or (
+            acc if student_input.device.type == "cpu" else student_weight.dtype
+        )
         student_w = student_weight[:vocab]
         teacher_w = teacher_weight[:vocab] if teacher_topk is None else None
 
-        grad_student_input = torch.zeros_like(student_input) if student_input.requires_grad else None
+        # Every row is written by its chunk below, so no zero fill; contiguous, so that
+        # each chunk's rows can be the matmul's output.
+        grad_student_input = (
+            torch.empty(student_input.shape, dtype=student_input.dtype, device=student_input.device)
+            if student_input.requires_grad
+            else None
+        )
         grad_student_weight = (
             torch.zeros(student_w.shape, dtype=weight_acc, device=student_w.device)
             if student_weight.requires_grad
@@ -280,9 +324,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 grad_s = grad_s.to(acc).add_(ce_grad)
                 del ce_grad
 
-            grad_s_low = grad_s.to(student_w.dtype)
+            grad_s_low = grad_s.to(student_w.dtype)  # the kernel's gradient already is
             if grad_student_input is not None:
-                grad_student_input[start:end] = grad_s_low @ student_w
+                torch.mm(grad_s_low, student_w, out=grad_student_input[start:end])
             if grad_student_weight is not None:
                 grad_student_weight.addmm_(grad_s_low.T.to(weight_acc), x_s.to(weight_acc))
             if teacher_grad:
@@ -304,31 +348,42 @@ class _FusedLinearDistillation(torch.autograd.Function):
             full[: grad.shape[0]] = grad
             return full
 
-        ctx.save_for_backward(
-            *(
-                g if g is not None else torch.empty(0)
-                for g in (
-                    grad_student_input,
-                    _pad_rows(grad_student_weight, student_weight),
-                    grad_teacher_input,
-                    _pad_rows(grad_teacher_weight, teacher_weight) if teacher_topk is None else None,
-                )
-            )
-        )
-        ctx.has_grad = (
-            grad_student_input is not None,
-            grad_student_weight is not None,
-            grad_teacher_input is not None,
-            grad_teacher_weight is not None,
+        # Kept on ctx rather than saved for backward: backward drops its reference before it
+        # returns them, so that autograd moves them into .grad instead of copying them.
+        ctx.grads = (
+            grad_student_input,
+            _pad_rows(grad_student_weight, student_weight),
+            grad_teacher_input,
+            _pad_rows(grad_teacher_weight, teacher_weight) if teacher_topk is None else None,
         )
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        grads = [
-            g * grad_output.to(g.dtype) if has else None
-            for g, has in zip(ctx.saved_tensors, ctx.has_grad)
-        ]
+        # The gradients were formed in the forward pass for grad_output = 1 (loss.backward()).
+        # When the graph is not kept, ctx lets go of them, so autograd moves them into .grad
+        # without a copy, and any other grad_output scales them in place: a scaled copy of
+        # dL/dW_s would add a [V, H] buffer at the peak. With retain_graph=True (gradcheck,
+        # several losses over one graph) they stay here for the next backward, and the
+        # result is a copy.
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "backward ran a second time through fused_linear_distillation / "
+                "LinearDistillationLoss after a backward without retain_graph=True, which handed "
+                "its gradients over; pass retain_graph=True to the earlier backward, or compute "
+                "the loss again"
+            )
+        if _graph_is_kept():
+            if _is_one(grad_output):
+                return (*grads, None, None, None)
+            return (*(None if g is None else g * grad_output.to(g.dtype) for g in grads), None, None, None)
+        del ctx.grads
+        if not _is_one(grad_output):
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_output.to(grad.dtype))
         return (*grads, None, None, None)
 
 
@@ -360,8 +415,9 @@ def fused_linear_distillation(
     t2_scale: bool = True,
     ignore_index: int = -100,
     normalizer: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     vocab_size: int | None = None,
+    accumulation_dtype: torch.dtype | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """Distillation loss of the output layer without materialising ``[N, V]`` logits.
@@ -387,6 +443,14 @@ def fused_linear_distillation(
 
     ``vocab_size``: see :func:`resolve_vocab_size`; padding rows of either
     output layer beyond it are ignored and get zero gradient.
+
+    ``chunk_size``: tokens per chunk; None picks :func:`default_chunk_size`
+    (1024 at V = 128256, 4096 at V = 32000).
+
+    ``accumulation_dtype``: dtype of the weight-gradient accumulators. None keeps
+    float32 on CPU and the weight's own dtype on GPUs (a float32 ``[V, H]``
+    accumulator costs 2 GiB at V = 128k, H = 4096); ``torch.float32`` sums the
+    chunks' contributions without rounding each one to bf16, at that memory cost.
     """
     functional = _divergence_module()
     if not isinstance(name, str):
@@ -399,8 +463,14 @@ def fused_linear_distillation(
             f"divergence {name!r} is not per-row (it couples all rows of a batch), so it cannot "
             "be computed chunk by chunk; use dv.DistillationLoss on full logits instead"
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    if accumulation_dtype is not None and (
+        not isinstance(accumulation_dtype, torch.dtype) or not accumulation_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"accumulation_dtype must be a floating-point torch.dtype or None, got {accumulation_dtype!r}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if normalizer is not None and not float(normalizer) > 0:
@@ -426,12 +496,11 @@ def fused_linear_distillation(
             raise ValueError("teacher_input must be None when the teacher is a dv.TopK")
         teacher_topk = teacher_weight
         topk_rows = teacher_topk.logprobs.reshape(-1, teacher_topk.logprobs.shape[-1])
-        topk_index = teacher_topk.indices.reshape(-1, teacher_topk.indices.shape[-1])
         if topk_rows.shape[0] != n_tokens:
             raise ValueError(
                 f"TopK teacher covers {topk_rows.shape[0]} tokens, student_input has {n_tokens}"
             )
-        teacher_topk = type(teacher_topk)(topk_index, topk_rows)
+        teacher_topk = teacher_topk.flatten_rows()  # validated when it was made
         vocab = resolve_vocab_size(student_weight.shape[0], None, vocab_size)
         teacher_weight_tensor = None
     else:
@@ -468,8 +537,9 @@ def fused_linear_distillation(
         name=name,
         params=params,
         temperature=float(temperature),
-        chunk_size=chunk_size,
+        chunk_size=chunk_size or default_chunk_size(vocab, n_tokens),
         vocab_size=vocab,
+        accumulation_dtype=accumulation_dtype,
         ignore_index=ignore_index,
         normalizer=normalizer,
         soft_weight=float(soft_weight),

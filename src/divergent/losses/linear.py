@@ -39,7 +39,11 @@ class LinearDistillationLoss(nn.Module):
     but tokens are processed ``chunk_size`` at a time so the ``[N, V]`` logits
     are never held in memory. The teacher may be a ``dv.TopK`` (pass it as
     ``teacher_weight`` with ``teacher_input=None``). Divergences that couple the
-    rows of a batch (``sinkhorn``) cannot be chunked and raise.
+    rows of a batch (``sinkhorn``) cannot be chunked and raise. ``chunk_size=None``
+    picks as many tokens as fit 2^27 logits per chunk (1024 at V = 128256, 4096 at
+    V = 32000); ``accumulation_dtype`` sets the dtype of the weight-gradient
+    accumulators (None: float32 on CPU, the weight's dtype on GPUs; see
+    :func:`divergent.functional.fused_linear.fused_linear_distillation`).
 
     Vocabulary: student and teacher output layers must have the same number of
     rows, or pass ``vocab_size=`` when the difference is only padding rows (both
@@ -59,18 +63,19 @@ class LinearDistillationLoss(nn.Module):
     def __init__(
         self,
         name: str,
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
         hard_weight: float = 0.5,
         soft_weight: float = 0.5,
         temperature: float = 1.0,
         t2_scale: bool = True,
         ignore_index: int = -100,
         vocab_size: int | None = None,
+        accumulation_dtype: torch.dtype | None = None,
         **params: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
         for argument, value in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{argument} must be a number >= 0, got {value!r}")
@@ -84,6 +89,7 @@ class LinearDistillationLoss(nn.Module):
         self.t2_scale = bool(t2_scale)
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
+        self.accumulation_dtype = accumulation_dtype
         self.params = dict(params)
 
     def forward(
@@ -110,6 +116,7 @@ class LinearDistillationLoss(nn.Module):
             normalizer=normalizer,
             chunk_size=self.chunk_size,
             vocab_size=self.vocab_size,
+            accumulation_dtype=self.accumulation_dtype,
             **self.params,
         )
 

@@ -77,7 +77,8 @@ class LMDistillConfig:
     t2_scale: multiply the divergence by T^2 (Hinton's convention).
     fused: compute the loss with the output layer fused and chunked over tokens
         (``LinearDistillationLoss``); False materialises the [tokens, vocab] logits.
-    chunk_size: tokens per chunk of the fused loss.
+    chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits,
+        ``divergent.functional.fused_linear.default_chunk_size``).
     vocab_size: compare only the first ``vocab_size`` entries (padding-only
         vocabulary differences; see ``resolve_vocab_size``). None = equal sizes.
     steps: optimisation steps.
@@ -106,7 +107,7 @@ class LMDistillConfig:
     soft_weight: float = 1.0
     t2_scale: bool = True
     fused: bool = True
-    chunk_size: int = 1024
+    chunk_size: int | None = None
     vocab_size: int | None = None
     steps: int = 200
     batch_size: int = 16
@@ -131,7 +132,9 @@ class LMDistillConfig:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "chunk_size", "log_every")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if name == "chunk_size" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LMDistillConfig.{name} must be a positive int, got {value!r}")
         for name in ("on_policy_fraction", "seq_kd_fraction"):
             value = getattr(self, name)
