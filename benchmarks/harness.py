@@ -17,15 +17,25 @@ import shlex
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from divergent.report import write_csv
 
-__all__ = ["time_fn", "peak_memory_mb", "machine_description", "write_results", "command_line"]
+__all__ = [
+    "time_fn",
+    "peak_memory_mb",
+    "LiveBytes",
+    "machine_description",
+    "write_results",
+    "command_line",
+]
 
 
 def _sync(device: str | torch.device | None) -> None:
@@ -91,6 +101,70 @@ def peak_memory_mb(make_fn: Callable[[], Callable[[], Any]], device: str | torch
     fn()
     peak = _status_kib("VmHWM")
     return max(peak - before, 0) / 1024.0
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storage while code runs, counted op by op.
+
+    Meant for the ``meta`` device, whose tensors have shapes and dtypes but no data: a
+    step at full size (8k tokens x a 128k vocabulary) runs on any machine in a second, and
+    this counts what it would hold. Every storage is counted from the op that creates it
+    until its last tensor is freed, which is what ``torch.cuda.max_memory_allocated``
+    reports, less the caching allocator's rounding to 512 bytes and less what libraries
+    allocate outside the ops (cuBLAS's workspace). Tensors made before the mode is entered
+    count from :meth:`track`. Meta tensors hold no values, so every number read back to
+    the host (``int(t)``, ``bool(t)``, ``t.item()``) is 0 here: a plan is only as faithful
+    as the code's allocations are independent of such values.
+
+    >>> with LiveBytes() as live:
+    ...     a = torch.empty(1024, device="meta")          # 4 KiB
+    ...     b = a * 2                                     # 4 KiB more
+    ...     del a, b
+    ...     c = torch.empty(256, device="meta")           # 1 KiB
+    >>> live.peak, live.live
+    (8192, 1024)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._alive: set[int] = set()
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        """Count tensors made outside the mode (inputs)."""
+        for tensor in tensors:
+            self._add(tensor)
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+            return
+        key = id(storage)
+        if key in self._alive:
+            return
+        nbytes = storage.nbytes()
+        self._alive.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        # The storage's Python object lives as long as any tensor on it (PyObject preservation).
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if key in self._alive:
+            self._alive.discard(key)
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
+        out = func(*args, **(kwargs or {}))
+        for leaf in _pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+        return out
 
 
 def machine_description() -> str:

@@ -325,6 +325,8 @@ def test_bad_input_raises_clear_errors(interpreted):
         call("js", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(3))
     with pytest.raises(ValueError, match="2-D"):
         call("js", student[None], teacher[None], temperature=1.0, params={}, row_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="num_warps"):
+        call("js", student, teacher, temperature=1.0, params={}, row_scale=torch.ones(2), num_warps=3)
 
 
 @needs_triton

@@ -132,6 +132,11 @@ def rows_and_student_grad_torch(
     return rows.detach().to(dtype), grad
 
 
+# Devices whose chunks go to the Triton kernels. (benchmarks/bench_fused_linear.py --plan adds
+# "meta" to plan the kernel path's memory at full size without a GPU.)
+_KERNEL_DEVICE_TYPES = ("cuda",)
+
+
 def _student_rows_and_grad(name, student_logits, teacher_logits, temperature, params, row_scale):
     """Dispatch to the Triton kernels on CUDA when they exist and support ``name``.
 
@@ -140,7 +145,7 @@ def _student_rows_and_grad(name, student_logits, teacher_logits, temperature, pa
     CPU tensors stay on the PyTorch reference.
     """
     implementation = rows_and_student_grad_torch
-    if student_logits.is_cuda and student_logits.dtype != torch.float64:
+    if student_logits.device.type in _KERNEL_DEVICE_TYPES and student_logits.dtype != torch.float64:
         try:
             from divergent.functional import triton_divergence
         except ImportError:
@@ -335,7 +340,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
                     grad_teacher_input[start:end] = grad_t_low @ teacher_w
                 if grad_teacher_weight is not None:
                     grad_teacher_weight.addmm_(grad_t_low.T.to(weight_acc), x_t.to(weight_acc))
-            del student_logits, teacher_chunk, grad_s
+                del grad_t, grad_t_low
+            # Free this chunk's buffers before the next chunk's logits are made.
+            del student_logits, teacher_chunk, grad_s, grad_s_low
 
         def _pad_rows(grad, weight):
             # Padding rows of the output layer beyond ``vocab`` get zero gradient.

@@ -537,6 +537,7 @@ def rows_and_student_grad(
     params: Mapping[str, Any] | None = None,
     row_scale: torch.Tensor | None = None,
     block_size: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence of one chunk and the gradient of their weighted sum, in one kernel.
 
@@ -550,6 +551,8 @@ def rows_and_student_grad(
         params: the divergence's parameters (registry defaults for the ones left out).
         row_scale: ``[N]`` weights ``c_i`` (default ones); rows with ``c_i = 0`` give 0.
         block_size: vocabulary entries per step (a power of two; default min(4096, V)).
+        num_warps: warps per program (a power of two; default 16 at a block of 4096 or
+            more, 8 from 1024, else 4).
 
     Returns:
         ``rows`` float32 ``[N]`` with ``rows[i] = D(p_i || q_i)`` (0 where ``c_i = 0``)
@@ -602,6 +605,7 @@ def rows_and_student_grad(
         block_size = _default_block_size(vocab_size)
     if block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
+    num_warps = _checked_num_warps(num_warps, block_size)
 
     # The gradient overwrites the logits it is computed from, one block after it was read.
     student = student_logits if student_logits.is_contiguous() else student_logits.contiguous()
@@ -609,9 +613,6 @@ def rows_and_student_grad(
     rows = torch.empty(rows_count, dtype=torch.float32, device=device)
     if rows_count == 0:
         return rows, student
-    # 4096 entries over 16 warps is 8 values of each tensor per thread: 57-76 registers (no
-    # local memory) for every variant when compiled for sm_90, two programs per SM. Untuned.
-    num_warps = 16 if block_size >= 4096 else (8 if block_size >= 1024 else 4)
     _fused_divergence_kernel[(rows_count,)](
         student,
         teacher,
@@ -631,10 +632,21 @@ def rows_and_student_grad(
     return rows, student
 
 
+def _checked_num_warps(num_warps: int | None, block_size: int) -> int:
+    if num_warps is None:
+        # 4096 entries over 16 warps is 8 values of each tensor per thread: 57-76 registers
+        # (no local memory) for every variant when compiled for sm_90, two programs per SM.
+        # Untuned: benchmarks/bench_fused_linear.py --kernel-configs sweeps it on a GPU.
+        return 16 if block_size >= 4096 else (8 if block_size >= 1024 else 4)
+    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps!r}")
+    return num_warps
+
+
 def _launch_rowwise(kernel: Any, logits: torch.Tensor, *args: Any, block_size: int | None) -> None:
     vocab_size = logits.shape[1]
     block = block_size or _default_block_size(vocab_size)
-    num_warps = 16 if block >= 4096 else (8 if block >= 1024 else 4)
+    num_warps = _checked_num_warps(None, block)
     kernel[(logits.shape[0],)](logits, *args[:-1], vocab_size, logits.stride(0), args[-1], BLOCK_V=block, num_warps=num_warps)
 
 
