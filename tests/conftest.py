@@ -4,10 +4,14 @@ Slow tests run with ``pytest --runslow`` or ``DIVERGENT_SLOW=1``; GPU tests run
 whenever CUDA is available.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pytest_addoption(parser):
@@ -37,3 +41,13 @@ def _seed_and_threads(tmp_path, monkeypatch):
     # Keep cached teachers and run folders inside the test's tmp dir.
     monkeypatch.setenv("DIVERGENT_CACHE_DIR", str(tmp_path / "cache"))
     yield
+
+
+@pytest.fixture(scope="module")
+def bench_fused_linear():
+    """``benchmarks/bench_fused_linear.py`` as a module (benchmarks/ is not a package; the
+    script puts its folder on sys.path for its ``import harness``)."""
+    spec = importlib.util.spec_from_file_location("bench_fused_linear", BENCHMARKS / "bench_fused_linear.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fused_linear.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_fused_linear", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -25,10 +15,10 @@ def read_rows(path: Path) -> tuple[list[str], list[dict]]:
     return comments, list(csv.DictReader(line for line in lines if not line.startswith("#")))
 
 
-def test_benchmark_writes_every_implementation_with_matching_losses(tmp_path):
+def test_benchmark_writes_every_implementation_with_matching_losses(tmp_path, bench_fused_linear):
     torch.set_num_threads(1)
     output = tmp_path / "fused_linear.csv"
-    load_bench().main(
+    bench_fused_linear.main(
         [
             "--device", "cpu", "--shape", "24,16,203", "--names", "js,forward_kl,cauchy_schwarz",
             "--dtype", "fp32", "--chunk-size", "10", "--topk", "5", "--repeats", "1", "--warmup", "0",

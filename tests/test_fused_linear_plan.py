@@ -12,10 +12,6 @@ accumulator, a kept chunk buffer or a copied gradient fails here first.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,20 +19,14 @@ import divergent as dv
 
 pytest.importorskip("triton", reason="the plan follows the Triton path, which needs triton")
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 GIB = 2.0**30
 ANCHOR = (8192, 4096, 128256)
 PER_ROW_NAMES = [name for name in dv.available() if dv.get_spec(name).per_row]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_fused_linear", BENCHMARKS / "bench_fused_linear.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCHMARKS))
+def bench(bench_fused_linear):
+    return bench_fused_linear
 
 
 def _bytes(*shapes, itemsize=2):

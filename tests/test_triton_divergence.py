@@ -10,7 +10,6 @@ hand-derived gradients. Tests marked ``gpu`` run the compiled kernel on CUDA.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import subprocess
 import sys
@@ -19,36 +18,20 @@ import pytest
 import torch
 
 import divergent as dv
+from kernel_cases import (
+    CASE_IDS,
+    CASES,
+    ONE_CASE_PER_NAME,
+    assert_grad_close,
+    assert_rows_close,
+    check_bf16_fused_loss,
+    random_logits,
+    reference,
+)
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not TRITON_INSTALLED, reason="triton is not installed")
 
-# Every supported name, with the parameter settings whose formulas differ (limits included).
-CASES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("js", {}),
-    ("js", {"beta": 0.2}),
-    ("tvd", {}),
-    ("skew_kl", {}),
-    ("skew_kl", {"alpha": 0.0}),
-    ("skew_reverse_kl", {"alpha": 0.3}),
-    ("alpha_beta", {}),
-    ("alpha_beta", {"alpha": 0.0, "beta": 0.5}),
-    ("alpha_beta", {"alpha": 1.5, "beta": 0.0}),
-    ("alpha_beta", {"alpha": 0.0, "beta": 0.0}),
-    ("alpha_beta", {"alpha": 1.0, "beta": 0.0}),
-    ("alpha", {}),
-    ("alpha", {"alpha": 0.2}),
-    ("alpha", {"alpha": 1.0}),
-    ("alpha", {"alpha": 0.0}),
-    ("hellinger", {}),
-    ("chi2", {}),
-    ("cauchy_schwarz", {}),
-    ("bdkd", {}),
-    ("bdkd", {"high_weight": 2.0, "low_weight": 0.5}),
-]
-CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in CASES]
 ROW_SCALE = torch.tensor([1.0, 0.5, 0.0, 2.0, -0.7])
 VOCAB = 203  # odd: with BLOCK = 64 the row spans four blocks and the last one is partial
 BLOCK = 64
@@ -69,49 +52,6 @@ def interpreted():
     else:
         os.environ["TRITON_INTERPRET"] = previous
     importlib.reload(triton_divergence)  # compiled kernels again for any later CUDA test
-
-
-def reference(name, student, teacher, temperature, params, row_scale):
-    """Rows and d(sum_i c_i rows_i)/d student from the functional layer in float64."""
-    student64 = student.detach().double().requires_grad_(True)
-    rows = dv.divergence(
-        name,
-        student64,
-        teacher.detach().double(),
-        temperature=temperature,
-        mask=row_scale != 0,
-        reduction="none",
-        **params,
-    )
-    (grad,) = torch.autograd.grad((rows * row_scale.double()).sum(), student64)
-    return rows.detach(), grad
-
-
-def assert_rows_close(rows, expected, rtol, atol):
-    """Equal where the reference is finite; the same infinity where it is not."""
-    assert rows.dtype == torch.float32
-    finite = torch.isfinite(expected)
-    assert torch.equal(torch.isinf(rows), ~finite), (rows, expected)
-    assert torch.equal(rows[~finite], expected[~finite].float())
-    torch.testing.assert_close(rows[finite].double(), expected[finite], rtol=rtol, atol=atol)
-
-
-def assert_grad_close(grad, expected, finite_rows, rtol, floor=1e-6):
-    """Gradients of the rows whose divergence is finite, to ``rtol`` of each row's largest entry.
-
-    ``floor`` is an absolute allowance at float32 level: a saturated row (TVD = 1 against a
-    one-hot teacher) has a gradient far below the probabilities it is computed from.
-    """
-    grad = grad.double()[finite_rows]
-    expected = expected[finite_rows]
-    assert torch.isfinite(grad).all()
-    allowed = rtol * expected.abs().amax(dim=-1, keepdim=True) + floor
-    excess = ((grad - expected).abs() - allowed).max()
-    assert excess <= 0, f"gradient off by {excess.item():.3g} beyond the allowance"
-
-
-def random_logits(rows, vocab, dtype=torch.float32, spread=3.0):
-    return (torch.randn(rows, vocab) * spread).to(dtype)
 
 
 def check_against_reference(module, name, params, student, teacher, temperature, rows_rtol, rows_atol, grad_rtol):
@@ -220,6 +160,26 @@ def test_topk_teacher_with_every_class_stored_has_no_tail(interpreted):
     assert_grad_close(grad, expected_grad, torch.ones(3, dtype=torch.bool), rtol=1e-4)
 
 
+def route_chunks_to_kernel(interpreted, monkeypatch) -> set:
+    """Send LinearDistillationLoss's per-chunk step to the interpreted kernels, as on CUDA;
+    returns the set that collects the dtypes of the chunks' student logits."""
+    from divergent.functional import fused_linear
+
+    seen = set()
+
+    def through_kernel(name, student_logits, teacher_logits, temperature, params, row_scale):
+        seen.add(student_logits.dtype)
+        kernel = (
+            interpreted.rows_and_student_grad_topk
+            if isinstance(teacher_logits, dv.TopK)
+            else interpreted.rows_and_student_grad
+        )
+        return kernel(name, student_logits, teacher_logits, temperature=temperature, params=params, row_scale=row_scale)
+
+    monkeypatch.setattr(fused_linear, "_student_rows_and_grad", through_kernel)
+    return seen
+
+
 @needs_triton
 @pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
 @pytest.mark.parametrize(("name", "params"), [("js", {"beta": 0.3}), ("reverse_kl", {}), ("bdkd", {})])
@@ -228,7 +188,6 @@ def test_linear_distillation_loss_through_the_kernel_equals_the_torch_path(
 ):
     """LinearDistillationLoss with its per-chunk step routed to the kernel, as on CUDA:
     same loss and input/weight gradients as the PyTorch path (CE term, ignored labels, T = 2)."""
-    from divergent.functional import fused_linear
     from divergent.losses.linear import LinearDistillationLoss
 
     x_s, w_s = torch.randn(13, 8), torch.randn(VOCAB, 8)
@@ -247,17 +206,21 @@ def test_linear_distillation_loss_through_the_kernel_equals_the_torch_path(
 
     expected = loss_and_grads()
 
-    def through_kernel(name, student_logits, teacher_logits, temperature, params, row_scale):
-        kernel = (
-            interpreted.rows_and_student_grad_topk
-            if isinstance(teacher_logits, dv.TopK)
-            else interpreted.rows_and_student_grad
-        )
-        return kernel(name, student_logits, teacher_logits, temperature=temperature, params=params, row_scale=row_scale)
-
-    monkeypatch.setattr(fused_linear, "_student_rows_and_grad", through_kernel)
+    route_chunks_to_kernel(interpreted, monkeypatch)
     for got, want in zip(loss_and_grads(), expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+@pytest.mark.parametrize(("name", "params"), ONE_CASE_PER_NAME, ids=[c[0] for c in ONE_CASE_PER_NAME])
+def test_bf16_gpu_path_end_to_end_within_one_percent_of_float64(interpreted, monkeypatch, name, params, teacher_kind):
+    """What runs on a GPU, emulated on CPU: the chunks go through the interpreted kernel with
+    bf16 logits and a bf16 weight-gradient accumulator (``kernel_cases.check_bf16_fused_loss``;
+    on CUDA, ``tests/test_fused_linear_gpu.py`` runs the same check on the compiled kernel)."""
+    seen = route_chunks_to_kernel(interpreted, monkeypatch)
+    check_bf16_fused_loss(name, params, teacher_kind, device="cpu", n_tokens=45, hidden=16, vocab=VOCAB, chunk_size=8)
+    assert seen == {torch.bfloat16}  # the chunks' logits, as cuBLAS gives them
 
 
 @needs_triton
@@ -399,51 +362,3 @@ def test_module_imports_and_declines_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
-
-
-@pytest.mark.gpu
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
-def test_compiled_kernel_on_cuda_matches_reference(name, params, dtype):
-    """The compiled kernel at an LLM-sized vocabulary (32003 = odd), default block size."""
-    from divergent.functional import triton_divergence
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter is on; this test is for the compiled kernel")
-    rows_count, vocab = 64, 32003
-    student = random_logits(rows_count, vocab, dtype).cuda()
-    teacher = random_logits(rows_count, vocab, dtype).cuda()
-    row_scale = torch.rand(rows_count).cuda()
-    row_scale[::7] = 0.0
-    expected_rows, expected_grad = reference(name, student, teacher, 2.0, params, row_scale)
-    rows, grad = triton_divergence.rows_and_student_grad(
-        name, student.clone(), teacher, temperature=2.0, params=params, row_scale=row_scale
-    )
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-4
-    assert_rows_close(rows.cpu(), expected_rows.cpu(), rtol=tolerance, atol=1e-5)
-    assert_grad_close(grad.cpu(), expected_grad.cpu(), torch.isfinite(expected_rows).cpu(), rtol=tolerance)
-    assert not math.isnan(rows.sum().item())
-
-
-@pytest.mark.gpu
-@needs_triton
-@pytest.mark.parametrize(("name", "params"), CASES[::3], ids=CASE_IDS[::3])
-def test_compiled_topk_kernels_on_cuda_match_reference(name, params):
-    """TopK teacher (k = 64) on CUDA, bf16 student logits, V = 32003."""
-    from divergent.functional import triton_divergence
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("the interpreter is on; this test is for the compiled kernel")
-    student = random_logits(64, 32003, torch.bfloat16).cuda()
-    teacher = dv.TopK.from_logits(random_logits(64, 32003).cuda(), 64)
-    row_scale = torch.rand(64).cuda()
-    student64 = student.double().requires_grad_(True)
-    expected_rows = dv.divergence(name, student64, teacher, temperature=2.0, reduction="none", **params)
-    (expected_grad,) = torch.autograd.grad((expected_rows * row_scale.double()).sum(), student64)
-    rows, grad = triton_divergence.rows_and_student_grad_topk(
-        name, student.clone(), teacher, temperature=2.0, params=params, row_scale=row_scale
-    )
-    finite = torch.isfinite(expected_rows).cpu()
-    assert_rows_close(rows.cpu(), expected_rows.detach().cpu(), rtol=1e-2, atol=1e-5)
-    assert_grad_close(grad.cpu(), expected_grad.cpu(), finite, rtol=1e-2)
