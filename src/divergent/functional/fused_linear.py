@@ -88,10 +88,6 @@ def _graph_is_kept() -> bool:
     return True if getter is None else bool(getter())
 
 
-def _is_one(grad_output: torch.Tensor) -> bool:
-    # loss.backward() passes 1; then the stored gradients are handed over as they are.
-    return bool(grad_output == 1)
-
 
 def rows_and_student_grad_torch(
     name: str,
@@ -382,15 +378,17 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 "its gradients over; pass retain_graph=True to the earlier backward, or compute "
                 "the loss again"
             )
+        # One host read; as a Python float the scale is not rounded to the gradients' bf16.
+        scale = float(grad_output)
         if _graph_is_kept():
-            if _is_one(grad_output):
+            if scale == 1.0:
                 return (*grads, None, None, None)
-            return (*(None if g is None else g * grad_output.to(g.dtype) for g in grads), None, None, None)
+            return (*(None if g is None else g * scale for g in grads), None, None, None)
         del ctx.grads
-        if not _is_one(grad_output):
+        if scale != 1.0:
             for grad in grads:
                 if grad is not None:
-                    grad.mul_(grad_output.to(grad.dtype))
+                    grad.mul_(scale)
         return (*grads, None, None, None)
 
 
