@@ -55,6 +55,7 @@ with the command and machine, rewritten after every row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -67,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402  (benchmarks/ is not a package)
 
 import divergent as dv  # noqa: E402
+from divergent.functional.fused_linear import default_chunk_size  # noqa: E402
 
 ISSUE_SHAPES = [(8192, 4096, 128256), (1024, 4096, 128256), (32768, 4096, 128256), (8192, 2048, 32000)]
 QUICK_SHAPES = [(64, 32, 1000)]
@@ -290,9 +292,9 @@ def plan_ours(
         loss_fn(x_s, w_s, teacher_input, teacher).backward()
         return {"inputs": inputs, "held_after": live.live if live else 0}
 
-    for patch in patches:
-        patch.start()
-    try:
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
         # Two runs: FlopCounterMode hooks the module's outputs, which holds references to
         # the gradients and so changes what is allocated. In-place addmm_ counts as addmm.
         with harness.LiveBytes() as live:
@@ -301,9 +303,6 @@ def plan_ours(
         counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         with counter, harness.LiveBytes():
             step(None)
-    finally:
-        for patch in reversed(patches):
-            patch.stop()
     return {
         "planned_peak_gib": live.peak / GIB,
         "held_after_gib": sizes["held_after"] / GIB,
@@ -357,8 +356,6 @@ def measure(step: Callable[[], float], device: str, repeats: int, warmup: int, m
 
 
 def _chunk_label(chunk_size: int | None, vocab: int, n_tokens: int) -> str:
-    from divergent.functional.fused_linear import default_chunk_size
-
     return f"auto({default_chunk_size(vocab, n_tokens)})" if chunk_size is None else str(chunk_size)
 
 
@@ -447,9 +444,7 @@ def run(args: argparse.Namespace, write: Callable[[list[dict]], None] = lambda r
                         step_ours(name, x_s, w_s, x_t, w_t, params, chunk_size, teacher_topk),
                         f"TopK teacher, k={args.topk}", **chunk,
                     )
-            from divergent.functional.fused_linear import default_chunk_size
-
-            kernel_rows = min(default_chunk_size(vocab, n_tokens), n_tokens)
+            kernel_rows = default_chunk_size(vocab, n_tokens)
             for block_size, num_warps in args.kernel_configs or [(None, None)]:
                 kernel = step_kernel_only(name, kernel_rows, vocab, dtype, device, params, block_size, num_warps)
                 if kernel is None:

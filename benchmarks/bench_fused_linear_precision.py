@@ -37,8 +37,14 @@ def norm_relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
+ACCUMULATORS = {"bf16_acc": torch.bfloat16, "fp32_acc": torch.float32}
+
+
 def measure(name: str, n_tokens: int, hidden: int, vocab: int, chunk_size: int, device: str,
-            seed: int, temperature: float, topk: int) -> dict:
+            seed: int, temperature: float, topk: int, params: dict | None = None,
+            accumulators: tuple[str, ...] = tuple(ACCUMULATORS)) -> dict:
+    """One row: the errors of ``name`` (with ``params``) for each accumulator in ``accumulators``."""
+    params = dict(params or {})
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -51,12 +57,12 @@ def measure(name: str, n_tokens: int, hidden: int, vocab: int, chunk_size: int, 
     rounded_teacher = teacher64 if topk else teacher_logits.bfloat16().double()
 
     x64, w64 = x_s.double().requires_grad_(True), w_s.double().requires_grad_(True)
-    reference = dv.divergence(name, x64 @ w64.T, teacher64, temperature=temperature)
+    reference = dv.divergence(name, x64 @ w64.T, teacher64, temperature=temperature, **params)
     want_x, want_w = torch.autograd.grad(reference, [x64, w64])
     reference = float(reference.detach())
 
     rounded = (x_s.float() @ w_s.float().T).bfloat16().double().requires_grad_(True)
-    rounded_loss = dv.divergence(name, rounded, rounded_teacher, temperature=temperature)
+    rounded_loss = dv.divergence(name, rounded, rounded_teacher, temperature=temperature, **params)
     (grad,) = torch.autograd.grad(rounded_loss, rounded)
     rounded_loss = float(rounded_loss.detach())
     row = {
@@ -66,17 +72,18 @@ def measure(name: str, n_tokens: int, hidden: int, vocab: int, chunk_size: int, 
         "bf16_logits_only_dx": norm_relative(grad @ w_s.double(), want_x),
         "bf16_logits_only_dw": norm_relative(grad.T @ x_s.double(), want_w),
     }
-    for label, dtype in (("bf16_acc", torch.bfloat16), ("fp32_acc", torch.float32)):
+    for label in accumulators:
         student_input, student_weight = x_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
         loss_fn = dv.LinearDistillationLoss(
             name, chunk_size=chunk_size, hard_weight=0.0, soft_weight=1.0, temperature=temperature,
-            t2_scale=False, accumulation_dtype=dtype,
+            t2_scale=False, accumulation_dtype=ACCUMULATORS[label], **params,
         )
         loss = loss_fn(student_input, student_weight, *((None, teacher64) if topk else (x_t, w_t)))
         loss.backward()
         row[f"{label}_loss"] = abs(float(loss.detach()) - reference) / abs(reference)
         row[f"{label}_dx"] = norm_relative(student_input.grad, want_x)
         row[f"{label}_dw"] = norm_relative(student_weight.grad, want_w)
+        row[f"{label}_grad_dtype"] = str(student_weight.grad.dtype).removeprefix("torch.")
     return row
 
 

@@ -112,7 +112,7 @@ class LiveBytes(TorchDispatchMode):
     until its last tensor is freed, which is what ``torch.cuda.max_memory_allocated``
     reports, less the caching allocator's rounding to 512 bytes and less what libraries
     allocate outside the ops (cuBLAS's workspace). Tensors made before the mode is entered
-    count from :meth:`track`. Meta tensors hold no values, so every number read back to
+    are not counted. Meta tensors hold no values, so every number read back to
     the host (``int(t)``, ``bool(t)``, ``t.item()``) is 0 here: a plan is only as faithful
     as the code's allocations are independent of such values.
 
@@ -130,11 +130,6 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._alive: set[int] = set()
-
-    def track(self, *tensors: torch.Tensor) -> None:
-        """Count tensors made outside the mode (inputs)."""
-        for tensor in tensors:
-            self._add(tensor)
 
     def _add(self, tensor: torch.Tensor) -> None:
         try:

@@ -4,14 +4,10 @@ Slow tests run with ``pytest --runslow`` or ``DIVERGENT_SLOW=1``; GPU tests run
 whenever CUDA is available.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pytest_addoption(parser):
@@ -45,9 +41,7 @@ def _seed_and_threads(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def bench_fused_linear():
-    """``benchmarks/bench_fused_linear.py`` as a module (benchmarks/ is not a package; the
-    script puts its folder on sys.path for its ``import harness``)."""
-    spec = importlib.util.spec_from_file_location("bench_fused_linear", BENCHMARKS / "bench_fused_linear.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``benchmarks/bench_fused_linear.py`` as a module."""
+    from kernel_cases import load_benchmark
+
+    return load_benchmark("bench_fused_linear")
