@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> Path:
                    "x_floor", "peak_gib", "meets_target", "loss", "status"]
     table = [{c: (f"{row[c]:.4g}" if isinstance(row.get(c), float) and math.isfinite(row[c]) else row.get(c, "")) for c in columns} for row in rows]
     try:
-        from divergent.report import print_table
+        from divergent.experiments.report import print_table
 
         print_table(table, columns, title=f"fused linear divergence ({harness.machine_description()})")
     except ImportError:

@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from divergent.report import write_csv
+from divergent.experiments.report import write_csv
 
 __all__ = [
     "time_fn",

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import command_line, machine_description, write_results  # noqa: E402
 
-from divergent import report  # noqa: E402
+from divergent.experiments import report  # noqa: E402
 from divergent.cli.rl import REPORT_KS, run_comparison  # noqa: E402
 from divergent.data.arithmetic import ArithmeticTask  # noqa: E402
 from divergent.train.rl import GRPOConfig  # noqa: E402

@@ -6,11 +6,11 @@ import pytest
 from typer.testing import CliRunner
 
 MODULES = [
-    "divergent.compare",
+    "divergent.experiments.compare",
     "divergent.data.digits",
     "divergent.data.vision",
     "divergent.metrics.classification",
-    "divergent.metrics.plots",
+    "divergent.experiments.plots",
     "divergent.models.classifiers",
     "divergent.models.resnet_cifar",
     "divergent.train.classifier",

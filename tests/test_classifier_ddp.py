@@ -72,7 +72,7 @@ def test_compare_under_torchrun_matches_one_process(tmp_path):
     """`divergent compare` launched by torchrun: one run folder, written by the first process, same numbers."""
     from rich.console import Console
 
-    from divergent.compare import CompareConfig, run_compare
+    from divergent.experiments.compare import CompareConfig, run_compare
     from divergent.config import save_config
 
     cache = tmp_path / "cache"

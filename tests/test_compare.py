@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-import divergent.compare as compare_module
+import divergent.experiments.compare as compare_module
 from divergent.cli import app
-from divergent.compare import NO_TEACHER, CompareConfig, CompareInterrupted, resume_compare, run_compare
+from divergent.experiments.compare import NO_TEACHER, CompareConfig, CompareInterrupted, resume_compare, run_compare
 from divergent.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("compare*.yaml"))

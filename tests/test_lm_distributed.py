@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from divergent.train.checkpoint import load_checkpoint
+
 WORKER = textwrap.dedent(
     """
     import sys, torch
@@ -78,5 +80,5 @@ def test_two_process_fsdp_equals_one_process(tmp_path):
     for name in single:
         torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
     # The collective checkpoint was written by rank 0 with the full state.
-    checkpoint = torch.load(tmp_path / "state_2_2_2_fsdp.pt.run" / "step_2.pt", weights_only=False)
+    checkpoint = load_checkpoint(tmp_path / "state_2_2_2_fsdp.pt.run" / "step_2.pt")
     assert checkpoint["student"].keys() == single.keys()

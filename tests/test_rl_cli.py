@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from divergent.cli import app
+from divergent.train.checkpoint import load_checkpoint
 
 TINY = ["--steps", "2", "--warm-steps", "3", "--eval-samples", "4", "--max-operand", "9", "--n-test", "8",
         "--threads", "2"]
@@ -21,7 +22,7 @@ def test_rl_single_run_writes_results(tmp_path):
         assert (run_dir / name).is_file(), name
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["method"] == "reverse_kl" and set(saved["pass_at_k"]) == {"1", "2", "3", "4"}
-    checkpoint = torch.load(next((run_dir / "checkpoints").glob("step_2.pt")), weights_only=False)
+    checkpoint = load_checkpoint(next((run_dir / "checkpoints").glob("step_2.pt")))
     assert checkpoint["config"]["kl_estimator"] == "k2"
 
 

@@ -18,7 +18,24 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["load_config", "config_to_dict", "save_config"]
+__all__ = ["load_config", "config_to_dict", "save_config", "load_run_config", "suggest", "SETTINGS_FILE"]
+
+# The settings of a run, in its folder; ``--resume RUN_DIR`` reads them back.
+SETTINGS_FILE = "config.yaml"
+
+
+def suggest(name: str, valid, what: str = "name") -> str:
+    """`` (did you mean 'x'?)`` for the closest valid names, or ``""``.
+
+    >>> suggest("forwrd_kl", ["forward_kl", "reverse_kl"])
+    " (did you mean 'forward_kl'?)"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 T = TypeVar("T")
 
@@ -93,7 +110,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     >>> load_config(C, overrides={"epoch": 5})
     Traceback (most recent call last):
     ...
-    ValueError: unknown config key 'epoch' for C; valid keys: epochs, names
+    ValueError: unknown config key 'epoch' for C (did you mean 'epochs'?); valid keys: epochs, names
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"cls must be a dataclass type, got {cls!r}")
@@ -101,10 +118,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     if path is not None:
+        from divergent.io import read_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path, "config file")
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
         values.update(loaded)
@@ -113,7 +130,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
     for key, value in values.items():
         if key not in fields:
             raise ValueError(
-                f"unknown config key {key!r} for {cls.__name__}; valid keys: {', '.join(sorted(fields))}"
+                f"unknown config key {key!r} for {cls.__name__}{suggest(key, fields)}; "
+                f"valid keys: {', '.join(sorted(fields))}"
             )
         kwargs[key] = _convert(value, hints[key], key)
     return cls(**kwargs)
@@ -132,8 +150,30 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str | Path) -> Path:
-    """Write a dataclass config as YAML, readable back by :func:`load_config`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return path
+    """Write a dataclass config as YAML, atomically; readable back by :func:`load_config`."""
+    from divergent.io import write_yaml
+
+    return write_yaml(config_to_dict(config), path)
+
+
+def load_run_config(cls: type[T], run_dir: str | Path) -> T:
+    """The settings a run folder was started with (``RUN_DIR/config.yaml``), for ``--resume``.
+
+    Strict: a folder that is missing, is not a run folder of this kind, or whose settings
+    file is empty or corrupt raises an error naming the file — never a fall-back to defaults.
+    """
+    from divergent.io import CorruptFileError, read_yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume: run folder not found: {run_dir}")
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a run folder: {path} not found")
+    loaded = read_yaml(path, "run settings file")
+    if not isinstance(loaded, dict):
+        raise CorruptFileError(f"run settings file {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+    try:
+        return load_config(cls, overrides=loaded)
+    except (TypeError, ValueError) as exc:
+        raise CorruptFileError(f"run settings file {path} does not describe a {cls.__name__}: {exc}") from None

@@ -1,10 +1,22 @@
-"""The ``divergent`` command line: one typer app, one module per command."""
+"""The ``divergent`` command line: one typer app, one thin module per command.
+
+Help texts are plain text (``rich_markup_mode=None``): option help may mention
+shapes such as ``[tokens, vocab]`` or code in backticks, which rich markup would
+eat. Usage errors (an unknown option, a value of the wrong type) end in one line
+and exit code 2, like every other user error (see :mod:`divergent.cli._common`).
+"""
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older versions use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 app = typer.Typer(
     name="divergent",
@@ -12,8 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-
 
 
 @app.callback()
@@ -33,6 +45,23 @@ for _module in _COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``divergent`` console script."""
-    app()
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as exc:  # `divergent` alone: the help, exit 0
+        print(exc.ctx.get_help() if exc.ctx else "")
+        code = 0
+    except click_exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "divergent"
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())} (see: {command} --help)\n")
+        code = 2
+    except click_exceptions.Abort:
+        sys.stderr.write("aborted\n")
+        code = 130
+    except click_exceptions.Exit as exc:
+        code = exc.exit_code
+    except click_exceptions.ClickException as exc:
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

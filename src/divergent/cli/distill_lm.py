@@ -30,7 +30,7 @@ import torch
 import typer
 from rich.console import Console
 
-from divergent import report
+from divergent.experiments import report
 
 # Default sizes: the teacher trains in about a minute and a half and each student
 # run in under a minute on two uncontended CPU cores.

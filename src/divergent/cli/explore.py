@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from divergent import report
+from divergent.experiments import report
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,7 @@
 """``divergent rl``: GRPO on a generated arithmetic task with a chosen regulariser.
 
 With no arguments: build the arithmetic task, warm-start a tiny GPT policy by a
-short supervised phase (cached under ``divergent.report.cache_dir()``), run GRPO
+short supervised phase (cached under ``divergent.experiments.report.cache_dir()``), run GRPO
 with the chosen regulariser, then print the reward curve and test pass@1/4/16.
 ``--compare`` runs none / reverse KL / DPH forward KL / DPH JS over several
 seeds from the same warm-started policies and writes one table, ``report.md``
@@ -25,7 +25,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from divergent import report
+from divergent.experiments import report
 from divergent.config import load_config, save_config
 from divergent.data.arithmetic import VOCAB_SIZE, ArithmeticTask
 from divergent.models.gpt import GPTConfig, TinyGPT

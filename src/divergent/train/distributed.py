@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed_from_env", "rank", "world_size"]
+__all__ = ["init_distributed_from_env", "rank", "world_size", "collective_device"]
 
 
 def init_distributed_from_env(device: str | None = None) -> bool:
@@ -39,3 +39,10 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -426,7 +426,7 @@ def train_lm_distillation(
             return hidden.reshape(-1, hidden.shape[-1]), output_weight(teacher).detach()
         return logits
 
-    from divergent.report import progress
+    from divergent.train.run import progress
 
     step = start_step
     sequences_per_rank = config.batch_size * config.grad_accum

@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import json
+import io
 import math
 import os
+import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
+from divergent.io import atomic_write_text, cache_dir, write_json
+from divergent.train.run import progress
+
 __all__ = [
+    "run_folder",
+    "RunFolder",
     "cache_dir",
     "make_run_dir",
     "write_csv",
@@ -43,36 +41,58 @@ __all__ = [
 ]
 
 
-def cache_dir() -> Path:
-    """Where cached teachers and warm-started policies live.
-
-    ``$DIVERGENT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/divergent``, else
-    ``~/.cache/divergent``. Created on first use.
-    """
-    env = os.environ.get("DIVERGENT_CACHE_DIR")
-    if env:
-        root = Path(env)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "divergent"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def make_run_dir(root: str | os.PathLike, name: str) -> Path:
     """Create and return a new folder ``root/<name>-<YYYYmmdd-HHMMSS>[-k]`` that did not exist."""
+    from divergent.io import WriteError
+
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"output folder {root} is a file; expected a folder (-o/--out-dir)")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = root / f"{name}-{stamp}"
     candidate, k = base, 1
     while True:
         try:
+            root.mkdir(parents=True, exist_ok=True)
             candidate.mkdir(parents=False, exist_ok=False)
             return candidate
         except FileExistsError:
             k += 1
             candidate = Path(f"{base}-{k}")
+        except OSError as exc:
+            raise WriteError(exc.errno or 0, f"cannot create the run folder in {root}: {exc.strerror or exc}") from None
+
+
+class RunFolder:
+    """A run's folder. ``started()`` marks that training began (from then on it is kept on errors)."""
+
+    def __init__(self, path: Path, created: bool) -> None:
+        self.path = path
+        self.created = created
+        self.is_started = not created
+
+    def started(self) -> None:
+        self.is_started = True
+
+
+@contextmanager
+def run_folder(root: str | os.PathLike, name: str, *, resume: str | os.PathLike | None = None) -> Iterator[RunFolder]:
+    """The folder of a new run (``root/<name>-<time>``), or the existing one given to ``--resume``.
+
+    A run that fails before :meth:`RunFolder.started` is called leaves no folder behind: a
+    newly created folder is removed when the body raises before training began (a resumed
+    run's folder is never removed).
+    """
+    if resume is not None:
+        folder = RunFolder(Path(resume), created=False)
+    else:
+        folder = RunFolder(make_run_dir(root, name), created=True)
+    try:
+        yield folder
+    except BaseException:
+        if folder.created and not folder.is_started:
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
 
 
 def _plain(value: Any) -> Any:
@@ -84,37 +104,18 @@ def _plain(value: Any) -> Any:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write rows (dicts) as CSV; the header is the union of keys in first-seen order."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows (dicts) as CSV, atomically; the header is the union of keys in first-seen order."""
     columns: list[str] = []
     for row in rows:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _plain(v) for k, v in row.items()})
-    return path
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON (paths and 0-d tensors/arrays become plain values)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def default(value: Any) -> Any:
-        plain = _plain(value)
-        if plain is value:
-            if hasattr(value, "tolist"):
-                return value.tolist()
-            return str(value)
-        return plain
-
-    path.write_text(json.dumps(obj, indent=2, default=default) + "\n")
-    return path
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _plain(v) for k, v in row.items()})
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def format_value(value: Any, digits: int = 4) -> str:
@@ -198,18 +199,3 @@ def paired_difference(a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, fl
     }
 
 
-def progress(console: Console | None = None, transient: bool = False) -> Progress:
-    """A rich progress bar with description, bar, count, elapsed and remaining time.
-
-    Use as ``with progress() as bar: task = bar.add_task("training", total=n); bar.advance(task)``.
-    """
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=transient,
-    )

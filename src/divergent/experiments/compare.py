@@ -15,7 +15,7 @@ each training run checkpoints under ``runs/<entry>/seed<k>/`` so
 
 Python API::
 
-    from divergent.compare import CompareConfig, run_compare
+    from divergent.experiments.compare import CompareConfig, run_compare
     summary = run_compare(CompareConfig(seeds=[0, 1], epochs=10))
 """
 
@@ -36,11 +36,13 @@ import torch.distributed as dist
 from rich.console import Console
 
 from divergent.train.distributed import init_distributed_from_env, rank
-from divergent import report
-from divergent.config import config_to_dict, load_config, save_config
+from divergent.experiments import report
+from divergent.config import config_to_dict, load_run_config, save_config
+from divergent.io import read_json
+from divergent.train.run import RunInterrupted
 from divergent.data.vision import ClassificationData
 from divergent.metrics.classification import classification_metrics, reliability_bins
-from divergent.metrics.plots import plot_accuracy_vs_ece, plot_reliability, plot_training_curves
+from divergent.experiments.plots import plot_accuracy_vs_ece, plot_reliability, plot_training_curves
 from divergent.models.classifiers import build_model
 from divergent.train.checkpoint import load_checkpoint, save_checkpoint
 from divergent.train.classifier import (
@@ -160,11 +162,11 @@ class CompareConfig:
         return list(self.divergences) + list(self.methods)
 
 
-class CompareInterrupted(Exception):
+class CompareInterrupted(RunInterrupted):
     """Ctrl-C during a comparison; everything finished so far is saved. ``run_dir`` tells where."""
 
     def __init__(self, run_dir: Path, message: str | None = None):
-        super().__init__(message or f"interrupted; resume with: divergent compare --resume {run_dir}")
+        super().__init__(0, None, message or f"interrupted; everything finished is saved; resume with: divergent compare --resume {run_dir}")
         self.run_dir = run_dir
 
 
@@ -209,7 +211,7 @@ def get_teacher(
 
     The cache key is a hash of everything that determines the teacher (dataset, split,
     architecture, epochs, optimiser settings, seed); the file lives under
-    ``divergent.report.cache_dir()/teachers/``. With ``mcmi=True``, a copy fine-tuned with
+    ``divergent.experiments.report.cache_dir()/teachers/``. With ``mcmi=True``, a copy fine-tuned with
     the MCMI objective (also cached). Returns the model (eval mode) and its info dict.
     """
     console = console or Console()
@@ -281,6 +283,12 @@ def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTra
     )
 
 
+def _config_hash(config: CompareConfig) -> str:
+    """What the per-run results of a run folder depend on (not where the folder lives or how many threads)."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in ("output_dir", "num_threads", "device")}
+    return _hash(settings)
+
+
 def _slug(name: str) -> str:
     """A folder name for a row: ``student alone (CE)`` -> ``student-alone-CE``."""
     return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
@@ -293,7 +301,13 @@ def _run_one(
     folder = run_dir / "runs" / _slug(entry) / f"seed{seed}"
     done = folder / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        saved = read_json(done, "per-run result file")
+        if saved.get("config_hash") != _config_hash(config):
+            raise ValueError(
+                f"{done} was written by a run with other settings than {run_dir / 'config.yaml'}; "
+                f"a run folder holds one comparison — start a new run instead of resuming this one"
+            )
+        return saved
     method = NO_TEACHER if entry == NO_TEACHER else entry
     train_config = _train_config(config, "ce" if entry == NO_TEACHER else entry, seed)
     kind = method_kind(train_config.method)
@@ -307,7 +321,8 @@ def _run_one(
         teacher = teachers["mcmi" if entry == "mcmi" else "base"]
     steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
     task = bar.add_task(f"{method} · seed {seed}", total=steps)
-    row: dict[str, Any] = {"name": method, "seed": seed, "method": train_config.method, "kind": kind}
+    row: dict[str, Any] = {"name": method, "seed": seed, "method": train_config.method, "kind": kind,
+                           "config_hash": _config_hash(config)}
     try:
         result = train_classifier(student, data, train_config, teacher=teacher, run_dir=folder, resume=True, progress=bar, progress_task=task)
     except NonFiniteLossError as exc:
@@ -466,14 +481,20 @@ def run_compare(
 
 def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Console, command: str | None) -> dict[str, Any]:
     started = time.perf_counter()
-    if run_dir is None:
-        run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if rank() == 0 else None
-        if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
+        if run_dir is None:
+            run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if rank() == 0 else None
             shared = [run_dir]
             dist.broadcast_object_list(shared, src=0)  # every process writes into the first one's folder
             run_dir = shared[0]
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        with report.run_folder(config.output_dir, "", resume=run_dir) as folder:
+            return _compare_in(config, folder, console, command, started)
+    with report.run_folder(config.output_dir, f"compare-{config.dataset}", resume=run_dir) as folder:
+        return _compare_in(config, folder, console, command, started)
+
+
+def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Console, command: str | None, started: float) -> dict[str, Any]:
+    run_dir = folder.path
     if rank() == 0:
         save_config(config, run_dir / "config.yaml")
     command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
@@ -488,6 +509,7 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
 
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
     rows: list[dict[str, Any]] = []
+    folder.started()
     try:
         with report.progress(console=console) as bar:
             overall = bar.add_task("runs", total=len(names) * len(config.seeds))
@@ -534,11 +556,11 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
 
 
 def resume_compare(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:
-    """Continue the comparison in ``run_dir`` with its saved ``config.yaml``; finished runs are not redone."""
+    """Continue the comparison in ``run_dir`` with its saved ``config.yaml``; finished runs are not redone.
+
+    A missing, empty or corrupt ``config.yaml`` is an error naming it (never a fall-back to defaults).
+    """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a compare run folder: {config_path} not found")
-    config = load_config(CompareConfig, config_path)
+    config = load_run_config(CompareConfig, run_dir)
     return run_compare(config, run_dir=run_dir, console=console,
-                       command=f"divergent compare --config {shlex.quote(str(config_path))}")
+                       command=f"divergent compare --resume {shlex.quote(str(run_dir))}")
