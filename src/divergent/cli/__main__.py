@@ -1,0 +1,5 @@
+"""``python -m divergent.cli``: the same as the ``divergent`` command."""
+
+from divergent.cli import main
+
+main()
