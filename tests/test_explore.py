@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from divergent.cli import app
-from divergent.explore import fit
+from divergent.experiments.explore import fit
 
 
 def test_reverse_kl_seeks_a_mode_and_forward_kl_covers_all():

@@ -12,14 +12,39 @@ reports the mass it puts on each teacher mode.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from divergent.functional import available, divergence
+from divergent.functional import available, divergence, get_spec
 
-__all__ = ["ExploreResult", "teacher_logits", "student_logits", "fit", "fit_all", "plot_grid", "MODES"]
+__all__ = ["ExploreConfig", "ExploreResult", "run_explore", "teacher_logits", "student_logits", "fit", "fit_all",
+           "plot_grid", "MODES"]
+
+
+@dataclass
+class ExploreConfig:
+    """Settings of ``divergent explore``.
+
+    divergences: names to fit (empty: every registered divergence).
+    steps: Adam steps per divergence.
+    plot: write the PNG grid.
+    output_dir: where the run folder is created.
+    """
+
+    divergences: list[str] = field(default_factory=list)
+    steps: int = 300
+    plot: bool = True
+    output_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        for name in self.divergences:
+            get_spec(name)  # unknown names raise, listing the valid ones
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 N_CATEGORIES = 100
 # (centre, width, weight) of the teacher's modes; unequal so that "which mode" is visible.
@@ -174,3 +199,32 @@ def plot_grid(results: list[ExploreResult], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_explore(config: ExploreConfig, *, run_dir: str | Path | None = None, console=None) -> dict[str, Any]:
+    """Fit every divergence, print the table, write results.csv/json and explore.png to a run folder."""
+    from rich.console import Console
+
+    from divergent.config import save_config
+    from divergent.experiments import report
+
+    console = console or Console()
+    names = list(config.divergences) or list(available())
+    with report.run_folder(config.output_dir, "explore", resume=run_dir) as folder:
+        save_config(config, folder.path / "config.yaml")
+        folder.started()
+        start = time.perf_counter()
+        with report.progress(console=console, transient=True) as bar:
+            results = fit_all(names, steps=config.steps, progress=bar)
+        rows = [r.row() for r in results]
+        columns = ["divergence", "mass_A", "mass_B", "mass_C", "covers", "H_student", "H_teacher", "final_divergence"]
+        report.print_table(rows, columns, console=console,
+                           title="Mass a one-Gaussian student puts on each teacher mode "
+                                 "(A: 45% left, B: 20% wide middle, C: 35% narrow right)")
+        report.write_csv(rows, folder.path / "results.csv")
+        summary = {"steps": config.steps, "results": [r.__dict__ for r in results], "run_dir": str(folder.path)}
+        report.write_json(summary, folder.path / "results.json")
+        if config.plot:
+            plot_grid(results, folder.path / "explore.png")
+        console.print(f"{len(results)} fits in {time.perf_counter() - start:.1f} s; results in {folder.path}")
+    return summary
