@@ -29,8 +29,21 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    plugin: list[str] = typer.Option(
+        [], "--plugin", metavar="MODULE",
+        help="Import MODULE first (repeatable; the current folder is on the path), e.g. one that calls "
+             "divergent.register_divergence or divergent.methods.register_method; its names then work in "
+             "every command. Also read from DIVERGENT_PLUGINS (comma-separated).",
+    ),
+) -> None:
     """divergent: every divergence behind one API, and commands that compare them honestly."""
+    from divergent.cli._common import fail, load_plugins
+
+    try:
+        load_plugins(plugin)
+    except (ImportError, ValueError, TypeError) as exc:
+        fail(str(exc))
 
 
 # Each module defines ``register(app)``. One line per command module.

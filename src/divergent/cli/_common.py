@@ -39,6 +39,7 @@ __all__ = [
     "settings",
     "run_command",
     "fail",
+    "load_plugins",
     "USER_ERRORS",
 ]
 
@@ -134,6 +135,28 @@ def settings(
             )
         return load_run_config(cls, resume)
     return load_config(cls, config_file, {**given, **extra})
+
+
+def load_plugins(modules: list[str]) -> list[str]:
+    """Import the user's modules named by ``--plugin`` and ``$DIVERGENT_PLUGINS`` (registrations happen on import).
+
+    The current folder is put on ``sys.path`` first, so ``--plugin my_divergences`` finds
+    ``./my_divergences.py``. A module that cannot be imported is an ``ImportError`` naming it.
+    """
+    import importlib
+
+    names = [*modules, *(split_list(os.environ.get("DIVERGENT_PLUGINS", "")) or [])]
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"--plugin {name}: cannot import it ({exc}); give a module name on the Python path, "
+                              f"e.g. my_divergences for ./my_divergences.py") from None
+        except Exception as exc:  # the user's module raised while registering
+            raise ValueError(f"--plugin {name}: importing it raised {type(exc).__name__}: {exc}") from None
+    return names
 
 
 def fail(message: str, code: int = 2) -> None:
