@@ -100,8 +100,13 @@ def test_sinkd_matches_pot_at_convergence(batch):
     n = len(q)
     sink = ot.sinkhorn2(np.full(n, 1 / n), np.full(n, 1 / n), cost, eps, numItermax=2000, stopThr=1e-14)
     kd = _kl_rows(p, q).mean()
-    expected = 0.1 * _ce(s.numpy(), y.numpy()) + 0.9 * T**2 * kd + 0.8 * sink
+    # Official scaling: no T² on KD; 0.001 × Σ_ij P_ij W_ij with unit column sums = 0.001 · n · ⟨P, W⟩.
+    expected = 0.1 * _ce(s.numpy(), y.numpy()) + 0.9 * kd + 0.8 * 0.001 * n * sink
     assert sinkd_loss(s, t, y, n_iters=2000).item() == pytest.approx(float(expected), rel=1e-5)
+    # The Hinton-style option: T² on KD and ⟨P, W⟩ with unit total mass.
+    hinton_style = 0.1 * _ce(s.numpy(), y.numpy()) + 0.9 * T**2 * kd + 0.8 * sink
+    got = sinkd_loss(s, t, y, n_iters=2000, t2_scale=True, sinkhorn_scale=1.0, sinkhorn_reduction="mean")
+    assert got.item() == pytest.approx(float(hinton_style), rel=1e-5)
 
 
 def test_ofa_at_epsilon_1_is_cross_entropy_with_teacher(batch):
@@ -130,7 +135,8 @@ def test_pskd_target_and_schedule(batch):
     assert pskd_loss(s, y, None, alpha).item() == pytest.approx(_ce(s.numpy(), y.numpy()), rel=1e-6)
 
 
-def test_uskd_matches_written_out_formula(batch):
+def test_uskd_weak_ranking_matches_written_out_formula(batch):
+    """``ranking="weak"``: Zipf ranks of the non-target classes by the weak head's logits alone."""
     s, t, y = batch  # t plays the weak head's logits
     sn, wn, yn = s.numpy(), t.numpy(), y.numpy()
     idx = np.arange(len(y))
@@ -146,14 +152,24 @@ def test_uskd_matches_written_out_formula(batch):
     smooth = 0.9 * np.eye(5)[yn] + 0.1 / 5
     loss_weak = -(smooth * log_softmax(wn, 1)).sum(1).mean()
     expected = _ce(sn, yn) + loss_target + 0.1 * loss_non + 0.005 * loss_weak
-    assert uskd_loss(s, y, weak_logits=t).item() == pytest.approx(expected, rel=1e-6)
+    assert uskd_loss(s, y, weak_logits=t, ranking="weak").item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_zipf_labels_follow_rank():
-    z = zipf_non_target_labels(torch.tensor([[0.0, 5.0, 1.0, 3.0]]), torch.tensor([1]))
-    # non-target classes 0, 2, 3 with logits 0, 1, 3 -> ranks 3, 2, 1
+    scores, y = torch.tensor([[0.0, 5.0, 1.0, 3.0]]), torch.tensor([1])
+    z = zipf_non_target_labels(scores, y, rank_over="non_target")
+    # non-target classes 0, 2, 3 with logits 0, 1, 3 -> ranks 3, 2, 1 among themselves
     expected = np.array([1 / 3, 1 / 2, 1.0]) / (1 / 3 + 1 / 2 + 1)
     np.testing.assert_allclose(z.numpy()[0], expected, rtol=1e-6)
+    # Ranked among all four classes the target (5.0) is first: the others get ranks 4, 3, 2.
+    z = zipf_non_target_labels(scores, y)
+    expected = np.array([1 / 4, 1 / 3, 1 / 2]) / (1 / 4 + 1 / 3 + 1 / 2)
+    np.testing.assert_allclose(z.numpy()[0], expected, rtol=1e-6)
+    # A target ranked last leaves the non-target classes ranks 1, 2, 3: the two rules agree.
+    low_target = torch.tensor([[0.0, -9.0, 1.0, 3.0]])
+    torch.testing.assert_close(zipf_non_target_labels(low_target, y), zipf_non_target_labels(low_target, y, rank_over="non_target"))
+    with pytest.raises(ValueError, match="rank_over"):
+        zipf_non_target_labels(scores, y, rank_over="some")
 
 
 def test_nd_loss_is_zero_when_student_points_at_the_class_centre_with_teacher_norm():

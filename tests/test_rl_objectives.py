@@ -116,13 +116,16 @@ def test_token_logprobs_matches_log_softmax():
 
 def test_group_advantages_closed_form():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 2.0]])
-    adv = group_advantages(rewards, eps=1e-12)
-    expected = (rewards.numpy() - rewards.numpy().mean(1, keepdims=True)) / (
-        rewards.numpy().std(1, keepdims=True) + 1e-12
-    )
-    expected[1] = 0.0
-    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-6, atol=1e-6)
-    assert torch.isfinite(adv).all()
+    for std, ddof in (("sample", 1), ("population", 0)):
+        adv = group_advantages(rewards, eps=1e-12, std=std)
+        expected = (rewards.numpy() - rewards.numpy().mean(1, keepdims=True)) / (
+            rewards.numpy().std(1, ddof=ddof, keepdims=True) + 1e-12
+        )
+        expected[1] = 0.0
+        np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(adv).all()
+    # The default is the sample (Bessel-corrected) standard deviation.
+    torch.testing.assert_close(group_advantages(rewards), group_advantages(rewards, std="sample"))
     centred = group_advantages(rewards, scale=False)
     torch.testing.assert_close(centred.sum(1), torch.zeros(3))
 
@@ -132,6 +135,8 @@ def test_group_advantages_bad_input():
         group_advantages(torch.zeros(3, 1))
     with pytest.raises(ValueError, match="shape"):
         group_advantages(torch.zeros(3))
+    with pytest.raises(ValueError, match="std must be 'sample'.*got 'bessel'"):
+        group_advantages(torch.zeros(3, 2), std="bessel")
 
 
 def test_ppo_clip_on_policy_is_policy_gradient():

@@ -40,8 +40,11 @@ def dkd_loss(
 
     TCKD = T² · KL(b_t ‖ b_s) over the binary split [p_y, 1 − p_y];
     NCKD = T² · KL(p̂_t ‖ p̂_s) over the non-target classes, renormalised
-    (p̂ = softmax of the non-target logits / T). ``epoch`` counts from 0.
-    Defaults are the CIFAR recipe: α = 1, β = 8, T = 4, 20 warm-up epochs.
+    (p̂ = softmax of the non-target logits / T). ``epoch`` counts from 0 (the trainer's
+    count), so the first epoch gets 1/warmup: the same factor as mdistiller's
+    min(epoch / warmup, 1) with its epochs counted from 1 (``mdistiller/distillers/DKD.py``,
+    ``mdistiller/engine/trainer.py``). Defaults are mdistiller's CIFAR recipe: α = 1, β = 8,
+    T = 4, 20 warm-up epochs, CE weight 1.
 
     >>> z = torch.tensor([[2.0, 0.0, -1.0]])
     >>> dkd_loss(z, z, torch.tensor([0]), epoch=30).item() == F.cross_entropy(z, torch.tensor([0])).item()

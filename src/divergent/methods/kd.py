@@ -90,18 +90,40 @@ def sinkd_loss(
     kd_weight: float = 0.9,
     sinkhorn_weight: float = 0.8,
     temperature: float = 2.0,
+    sinkhorn_temperature: float = 2.0,
     epsilon: float = 0.1,
     n_iters: int = 20,
+    t2_scale: bool = False,
+    sinkhorn_scale: float = 0.001,
+    sinkhorn_reduction: str = "sum",
 ) -> torch.Tensor:
-    """SinKD: (1 − α) · CE + α · T² · KL(p_T ‖ q_T) + β · S_ε(q_T, p_T).
+    """SinKD: (1 − α) · CE + α · c_T · KL(p_T ‖ q_T) + β · s · S(q_T', p_T').
 
-    S_ε is the batch-wise Sinkhorn divergence ⟨P, W⟩ with L1 cost between student and
-    teacher rows (``divergent.functional.sinkhorn``). Defaults follow the SinKD GLUE
-    recipe: α = ``kd_weight`` = 0.9, β = ``sinkhorn_weight`` = 0.8, T = 2, ε = 0.1,
-    20 iterations. The batch is the transport problem, so the term depends on batch
-    composition (and on how a batch is split across processes).
+    S is the batch-wise Sinkhorn transport cost with L1 ground cost between student and
+    teacher rows (``divergent.functional.sinkhorn``, ε = ``epsilon``, ``n_iters`` alternating
+    row/column normalisations), at its own temperature T' = ``sinkhorn_temperature``.
+
+    Defaults follow the official code (``2018cx/SinKD``, ``loss.py`` and ``glue_train.py``):
+    α = ``kd_weight`` = 0.9, β = ``sinkhorn_weight`` = 0.8, T = 2 for the KD term, T' = 2
+    (fixed in the official ``Sinkhorn`` module), ε = 0.1, 20 iterations; the KD term is *not*
+    multiplied by T² (c_T = 1, ``t2_scale=False``) and the Sinkhorn term is
+    s = ``sinkhorn_scale`` = 0.001 times Σ_ij P_ij W_ij of a plan whose columns sum to 1
+    (``sinkhorn_reduction="sum"``, i.e. B · ⟨P, W⟩ for a batch of B rows).
+    ``t2_scale=True, sinkhorn_scale=1, sinkhorn_reduction="mean"`` gives the Hinton-style
+    row this library used before (c_T = T², ⟨P, W⟩ with unit total mass).
+
+    The official KD term is the soft cross-entropy −Σ p_T log q_T; the KL used here differs
+    from it by the teacher's entropy, a constant without gradient. The batch is the transport
+    problem, so the Sinkhorn term depends on batch composition (and on how a batch is split
+    across processes).
     """
+    if sinkhorn_reduction not in ("sum", "mean"):
+        raise ValueError(f"sinkhorn_reduction must be 'sum' (official) or 'mean', got {sinkhorn_reduction!r}")
     kd = divergence("forward_kl", student_logits, teacher_logits, temperature=temperature)
-    sink = divergence("sinkhorn", student_logits, teacher_logits, temperature=temperature, epsilon=epsilon, n_iters=n_iters)
+    sink = divergence(
+        "sinkhorn", student_logits, teacher_logits, temperature=sinkhorn_temperature,
+        epsilon=epsilon, n_iters=n_iters, reduction=sinkhorn_reduction,
+    )
     ce = F.cross_entropy(student_logits, labels)
-    return (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kd + sinkhorn_weight * sink
+    kd_scale = temperature**2 if t2_scale else 1.0
+    return (1.0 - kd_weight) * ce + kd_weight * kd_scale * kd + sinkhorn_weight * sinkhorn_scale * sink

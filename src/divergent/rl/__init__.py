@@ -2,7 +2,8 @@
 
 KL estimators, GRPO advantages and PPO-clip, DPH-RL generators, KDRL, f-DPO,
 balanced difficulty filtering and unbiased pass@k — each defined once here and
-imported by the trainers in ``divergent.train``.
+imported by the trainers in ``divergent.train`` — and the registry of GRPO regularisers
+(:mod:`divergent.rl.registry`). Formulas, defaults and sources: ``docs/methods.md``.
 """
 
 from divergent.rl.estimators import KL_ESTIMATORS, kl_estimator, token_logprobs
@@ -11,6 +12,15 @@ from divergent.rl.filtering import BalancedBatch, accuracy_band_mask
 from divergent.rl.generators import GENERATORS, f_generator
 from divergent.rl.grpo import group_advantages, masked_token_mean, ppo_clip_loss
 from divergent.rl.kdrl import kdrl_coefficient, kdrl_kd_loss
+from divergent.rl.registry import (
+    RegulariserInputs,
+    RegulariserParam,
+    RegulariserSpec,
+    available_regularisers,
+    get_regulariser,
+    register_regulariser,
+    unregister_regulariser,
+)
 from divergent.metrics.passk import distinct_correct, pass_at_k, pass_at_k_curve
 
 __all__ = [
@@ -18,6 +28,13 @@ __all__ = [
     "GENERATORS",
     "KL_ESTIMATORS",
     "BalancedBatch",
+    "RegulariserInputs",
+    "RegulariserParam",
+    "RegulariserSpec",
+    "available_regularisers",
+    "get_regulariser",
+    "register_regulariser",
+    "unregister_regulariser",
     "accuracy_band_mask",
     "distinct_correct",
     "f_generator",

@@ -7,7 +7,9 @@ With ``log r = log pi_theta(y_t) - log pi_ref(y_t)`` evaluated on tokens
 - ``k2 = (log r)^2 / 2`` — biased (its mean is not the KL), low variance, >= 0;
 - ``k3 = exp(-log r) + log r - 1`` — unbiased and >= 0 (the GRPO choice).
 
-All three are zero when the two log-probabilities agree.
+All three are zero when the two log-probabilities agree. verl's ``kl_penalty`` clamps
+k3 for numerical stability (``log r`` to [-20, 20], the value to [-10, 10]); the same
+clamps are options here (``log_ratio_clamp``, ``value_clamp``), off by default as in TRL.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ def _check_float_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
 
 
-def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+def kl_estimator(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    kind: str = "k3",
+    *,
+    log_ratio_clamp: float | None = None,
+    value_clamp: float | None = None,
+) -> torch.Tensor:
     """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs.
 
     Args:
@@ -34,6 +43,8 @@ def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -
         ref_logp: log pi_ref(y_t) of the same tokens, same shape.
         kind: ``"k1"`` (log r), ``"k2"`` ((log r)^2 / 2) or ``"k3"`` (exp(-log r) + log r - 1),
             with ``log r = logp - ref_logp``.
+        log_ratio_clamp: clamp ``log r`` to [-x, x] first (verl: 20 for k3). None = off.
+        value_clamp: clamp the estimate to [-x, x] (verl: 10 for k3). None = off.
 
     Returns:
         A tensor of the input shape (no reduction; mask and average it yourself).
@@ -42,6 +53,8 @@ def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -
         >>> import torch
         >>> kl_estimator(torch.tensor([-1.0]), torch.tensor([-1.0]), "k3")
         tensor([0.])
+        >>> kl_estimator(torch.tensor([-30.0]), torch.tensor([0.0]), "k3", log_ratio_clamp=20.0, value_clamp=10.0)
+        tensor([10.])
     """
     _check_float_tensor("logp", logp)
     _check_float_tensor("ref_logp", ref_logp)
@@ -51,13 +64,22 @@ def kl_estimator(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -
         )
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"kind must be one of {KL_ESTIMATORS}, got {kind!r}")
+    for name, bound in (("log_ratio_clamp", log_ratio_clamp), ("value_clamp", value_clamp)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            raise ValueError(f"{name} must be a number > 0 or None, got {bound!r}")
     log_ratio = logp - ref_logp
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio.square()
-    # k3 = r^-1 - 1 + log r; expm1 keeps it accurate (and >= 0) near r = 1.
-    return torch.expm1(-log_ratio) + log_ratio
+        value = log_ratio
+    elif kind == "k2":
+        value = 0.5 * log_ratio.square()
+    else:
+        # k3 = r^-1 - 1 + log r; expm1 keeps it accurate (and >= 0) near r = 1.
+        value = torch.expm1(-log_ratio) + log_ratio
+    if value_clamp is not None:
+        value = value.clamp(-value_clamp, value_clamp)
+    return value
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """DPH-RL generator functions f(u), u = pi_theta / pi_0, evaluated from log u.
 
-DPH-RL (METHODS.md) adds ``eta * mean_t f(u_t)`` over the tokens of stored
+DPH-RL (``docs/methods.md``) adds ``eta * mean_t f(u_t)`` over the tokens of stored
 rehearsal responses, ``u_t = pi_theta(y_t) / pi_0(y_t)`` with the pi_0 log-probs
 stored when the rehearsal set was built. For tokens drawn from pi_0,
 E_{pi_0}[f(u)] is the f-divergence between pi_0 and pi_theta:

@@ -7,8 +7,8 @@ variant KDRL reports best) or ``"full"`` — the exact per-position reverse KL
 over the whole vocabulary from ``divergent.functional``. The coefficient is
 annealed linearly, ``beta_t = max(beta_0 - delta * t, beta_min)``, and
 reward-guided masking drops the KD term on responses that were already
-correct (reward > threshold). The exact recipe details are (unverified) in
-METHODS.md; every one of them is a parameter here.
+correct (reward > threshold). The exact recipe details are unverified (see
+``docs/methods.md``); every one of them is a parameter here.
 """
 
 from __future__ import annotations

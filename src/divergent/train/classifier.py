@@ -6,26 +6,17 @@ step, a checkpoint now and then, and a validation pass per epoch. The loss of
 every method is built from :mod:`divergent.methods` and :mod:`divergent.functional`;
 this module only feeds them the tensors they need.
 
-Methods (``config.method``):
+Methods (``config.method``) come from one registry, :mod:`divergent.methods.registry`
+(``divergent.methods.available_methods()``; table, formulas and sources in
+``docs/methods.md``): any registered divergence name is offline KD with it
+(hard_weight · CE + soft_weight · T² · D(p_T ‖ q_T), frozen teacher); each method has a
+kind — offline (frozen teacher), online (the teacher is trained too), self (no teacher)
+or plain (the given model alone; ``mcmi-teacher`` fine-tunes it, so use it on a teacher
+copy) — and an ``adapter`` that picks the objective class below feeding its loss. Methods
+added with :func:`divergent.methods.register_method` train here too; an unknown name raises.
 
-=================== ======================================================================
-a divergence name   offline KD: hard_weight · CE + soft_weight · T² · D(p_T ‖ q_T), frozen teacher
-``ce``              the student alone on hard labels (the no-teacher baseline)
-``hinton``          Hinton KD (T = 4, CE 0.1, KD 0.9)
-``dkd``             Decoupled KD (α = 1, β = 8, T = 4, warm-up 20 epochs)
-``nkd``             Normalized KD (T = 3, γ = 3.5)
-``abkd``            CE + α-β divergence (α = 0.8, β = 0.3, total weight 32)
-``sinkd``           CE + KD + Sinkhorn (``sinkhorn-with-KD`` is an alias)
-``nd``              CE + KD + KD++'s ND loss on penultimate features (needs a feature hook)
-``ofa``             CE + OFA's target-enhanced loss on the logits and on projector branches
-``mcmi-teacher``    fine-tunes the *given model* with CE − λ·CMI (use on a teacher copy)
-``dml``             online: teacher and student trained together, each toward the other
-``bdkd-online``     online: BD-KD student loss, teacher toward the student
-``pskd``            self-KD on the model's own previous-epoch predictions
-``uskd``            self-KD with customised soft labels and a weak mid-level head
-=================== ======================================================================
-
-``config.params`` overrides any default above (e.g. ``{"beta": 4.0}`` for DKD).
+``config.params`` overrides any of the method's defaults (e.g. ``{"beta": 4.0}`` for DKD);
+an unknown parameter raises when the config is built.
 
 Reliability: the run folder holds ``checkpoint.pt`` (written atomically); calling
 again with ``resume=True`` continues exactly where it stopped — the epoch's
@@ -44,11 +35,11 @@ losses that are means over rows — not the batch-wise Sinkhorn term).
 
 from __future__ import annotations
 
-import inspect
 import math
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -61,15 +52,9 @@ from torch.utils.data import TensorDataset
 
 from divergent.config import config_to_dict
 from divergent.data.vision import ClassificationData, get_batch
-from divergent.functional import available, get_spec
-from divergent.methods import dkd as dkd_method
-from divergent.methods import kd as kd_method
-from divergent.methods import mcmi as mcmi_method
-from divergent.methods import nd as nd_method
-from divergent.methods import nkd as nkd_method
-from divergent.methods import ofa as ofa_method
-from divergent.methods import online as online_method
-from divergent.methods import self_kd
+from divergent.methods import get_method, kd as kd_method, mcmi as mcmi_method, nd as nd_method
+from divergent.methods import ofa as ofa_method, registry as method_registry, self_kd
+from divergent.methods.registry import MethodSpec
 from divergent.models.classifiers import FeatureHook
 from divergent.train.checkpoint import load_checkpoint, save_checkpoint
 from divergent.train import distributed
@@ -86,37 +71,42 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
-# Method name -> (kind, default parameters). Kinds: "offline" (frozen teacher), "online"
-# (teacher trained too), "self" (no teacher), "plain" (hard labels only).
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ce": ("plain", {}),
-    "hinton": ("offline", {"temperature": 4.0, "hard_weight": 0.1, "soft_weight": 0.9}),
-    "dkd": ("offline", {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20}),
-    "nkd": ("offline", {"temperature": 3.0, "gamma": 3.5}),
-    "abkd": ("offline", {"alpha": 0.8, "beta": 0.3, "temperature": 4.0, "hard_weight": 1.0, "soft_weight": 2.0}),
-    "sinkd": ("offline", {"kd_weight": 0.9, "sinkhorn_weight": 0.8, "temperature": 2.0, "epsilon": 0.1, "n_iters": 20}),
-    "nd": ("offline", {"temperature": 4.0, "hard_weight": 0.1, "soft_weight": 0.9, "nd_weight": 1.0}),
-    "ofa": ("offline", {"epsilon": 1.0, "temperature": 1.0, "ofa_weight": 1.0, "branches": True}),
-    "mcmi-teacher": ("plain", {"weight": 0.15}),
-    "dml": ("online", {"temperature": 1.0}),
-    "bdkd-online": ("online", {"temperature": 1.0, "high_weight": 3.0, "low_weight": 1.0, "teacher_divergence": "forward_kl", "teacher_weight": 1.0}),
-    "pskd": ("self", {"alpha_final": 0.8}),
-    "uskd": ("self", {"alpha": 1.0, "beta": 0.1, "mu": 0.005, "ce_weight": 1.0}),
-}
-ALIASES = {"sinkhorn-with-KD": "sinkd", "sinkhorn-with-kd": "sinkd", "kd": "hinton"}
+class _MethodTable(Mapping):
+    """Read-only view of the method registry: name -> (kind, default parameters).
+
+    Derived from :mod:`divergent.methods.registry` on every access, so methods added with
+    :func:`divergent.methods.register_method` appear here too.
+    """
+
+    def __getitem__(self, name: str) -> tuple[str, dict[str, Any]]:
+        if name not in method_registry.available_methods():
+            raise KeyError(name)
+        spec = get_method(name)
+        return spec.kind, dict(spec.defaults)
+
+    def __iter__(self):
+        return iter(method_registry.available_methods())
+
+    def __len__(self) -> int:
+        return len(method_registry.available_methods())
 
 
-def method_kind(method: str) -> str:
-    """``"offline"``, ``"online"``, ``"self"`` or ``"plain"`` for a method or divergence name."""
-    method = ALIASES.get(method, method)
-    if method in METHODS:
-        return METHODS[method][0]
-    if method in available():
-        return "offline"
-    raise ValueError(
-        f"unknown method {method!r}; valid: a divergence ({', '.join(available())}) "
-        f"or a method ({', '.join([*METHODS, *ALIASES])})"
-    )
+class _AliasTable(Mapping):
+    """Read-only view of the registry's aliases: alias -> method name."""
+
+    def __getitem__(self, alias: str) -> str:
+        return method_registry.method_aliases()[alias]
+
+    def __iter__(self):
+        return iter(method_registry.method_aliases())
+
+    def __len__(self) -> int:
+        return len(method_registry.method_aliases())
+
+
+METHODS: Mapping[str, tuple[str, dict[str, Any]]] = _MethodTable()
+ALIASES: Mapping[str, str] = _AliasTable()
+method_kind = method_registry.method_kind
 
 
 @dataclass
@@ -166,7 +156,9 @@ class ClassifierTrainConfig:
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
-        method_kind(self.method)
+        if not isinstance(self.params, dict):
+            raise TypeError(f"params must be a mapping, got {type(self.params).__name__}")
+        get_method(self.method).resolve(self.params)  # unknown method or parameter: fail before training
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -251,23 +243,12 @@ def _probe_stages(model: nn.Module, data: ClassificationData, device: torch.devi
     return hook.stages
 
 
-def _call_with_known(fn: Callable, *args, **kwargs):
-    """Call ``fn`` with only the keyword arguments its signature accepts (extras are an error)."""
-    accepted = inspect.signature(fn).parameters
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for {fn.__name__}; valid: {[k for k in accepted if k not in ('student_logits', 'teacher_logits', 'labels', 'logits')]}")
-    return fn(*args, **kwargs)
-
-
 class _DivergenceKD(_Objective):
-    def __init__(self, name: str, config: ClassifierTrainConfig):
+    """Adapter ``divergence``: hard_weight · CE + soft_weight · T² · D(p_T ‖ q_T), T and weights from the config."""
+
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
-        valid = [param.name for param in get_spec(name).params]
-        unknown = [k for k in config.params if k not in valid]
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for divergence {name!r}; valid: {valid}")
-        self.name, self.params = name, dict(config.params)
+        self.name, self.params = spec.name, params
         self.temperature, self.hard_weight, self.soft_weight = config.temperature, config.hard_weight, config.soft_weight
 
     def loss(self, batch: _Batch) -> torch.Tensor:
@@ -278,52 +259,87 @@ class _DivergenceKD(_Objective):
 
 
 class _LogitMethod(_Objective):
-    """Methods that need only the two logits and the labels (and DKD the epoch)."""
+    """Adapter ``logits``: fn(student_logits, teacher_logits, labels, **params[, epoch]).
 
-    FUNCTIONS = {
-        "hinton": kd_method.hinton_kd_loss,
-        "dkd": dkd_method.dkd_loss,
-        "nkd": nkd_method.nkd_loss,
-        "abkd": kd_method.abkd_loss,
-        "sinkd": kd_method.sinkd_loss,
-    }
+    A tuple result (an online method: one loss per network) is summed: each loss reaches
+    only its own network (the peer is detached), so one backward pass of the sum updates
+    both exactly as two separate steps would.
+    """
 
-    def __init__(self, method: str, params: dict[str, Any]):
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
-        self.fn = self.FUNCTIONS[method]
-        self.params = params
-        self.takes_epoch = "epoch" in inspect.signature(self.fn).parameters
+        self.fn, self.params, self.takes_epoch = spec.fn, params, spec.takes_epoch
 
     def loss(self, batch: _Batch) -> torch.Tensor:
         extra = {"epoch": batch.epoch} if self.takes_epoch else {}
-        return _call_with_known(self.fn, batch.student_logits, batch.teacher_logits, batch.labels, **extra, **self.params)
+        value = self.fn(batch.student_logits, batch.teacher_logits, batch.labels, **extra, **self.params)
+        return sum(value) if isinstance(value, (tuple, list)) else value
 
 
 class _PlainCE(_Objective):
+    """Adapter ``ce``."""
+
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
+        super().__init__()
+
     def loss(self, batch: _Batch) -> torch.Tensor:
         return F.cross_entropy(batch.student_logits, batch.labels)
 
 
 class _MCMITeacher(_Objective):
-    def __init__(self, weight: float):
+    """Adapter ``mcmi-teacher``: fine-tunes the given model with CE − λ · KL(p(x) ‖ Q_y).
+
+    ``centroids`` chooses Q: ``"once"`` — training-set class centroids of the model before
+    fine-tuning, fixed (the official code); ``"epoch"`` — recomputed after every epoch from the
+    current model, for the next one; ``"batch"`` — the batch estimate, gradients through Q.
+    The centroids are a buffer, so a resumed run continues with the ones it saved.
+    """
+
+    CENTROIDS = ("once", "epoch", "batch")
+
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
-        self.weight = weight
+        params = dict(params)
+        self.mode = params.pop("centroids")
+        if self.mode not in self.CENTROIDS:
+            raise ValueError(f"method 'mcmi-teacher': parameter centroids must be one of "
+                             f"{', '.join(map(repr, self.CENTROIDS))}, got {self.mode!r}")
+        self.fn, self.params = spec.fn, params
+        self.register_buffer("centroids", torch.zeros(0))
+        self._refresh: Callable[[], torch.Tensor] | None = None
+
+    def setup(self, student, teacher, data, device, config):
+        if self.mode == "batch":
+            return
+
+        def refresh() -> torch.Tensor:
+            # Q_y over the whole training set with the current weights (no gradient).
+            logits, labels = predict_logits(student, data.train, batch_size=config.eval_batch_size, device=device)
+            return mcmi_method.class_centroids(logits, labels, data.num_classes).to(device)
+
+        self._refresh = refresh  # a plain function: the model is not registered as a submodule
+        self.centroids = refresh()
 
     def loss(self, batch: _Batch) -> torch.Tensor:
-        return mcmi_method.mcmi_teacher_loss(batch.student_logits, batch.labels, weight=self.weight)
+        centroids = self.centroids if self.mode != "batch" else None
+        return self.fn(batch.student_logits, batch.labels, centroids=centroids, **self.params)
+
+    def end_epoch(self) -> None:
+        if self.mode == "epoch":
+            self.centroids = self._refresh()
 
 
 class _ND(_Objective):
-    """CE + KD + λ · ND on penultimate features; class centres from the teacher's training-set features."""
+    """Adapter ``nd``: Hinton KD + λ · ND on penultimate features; class centres from the teacher's training-set features."""
 
     needs_student_features = True
     needs_teacher_features = True
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
         params = dict(params)
         self.nd_weight = params.pop("nd_weight")
-        self.kd_params = params
+        self.fn, self.kd_params = spec.fn, params
         self.projector: nn.Module = nn.Identity()
         self.register_buffer("centers", torch.zeros(0))
 
@@ -339,22 +355,22 @@ class _ND(_Objective):
         self.centers = nd_method.teacher_class_centers(features, labels, data.num_classes).to(device)
 
     def loss(self, batch: _Batch) -> torch.Tensor:
-        kd = _call_with_known(kd_method.hinton_kd_loss, batch.student_logits, batch.teacher_logits, batch.labels, **self.kd_params)
+        kd = kd_method.hinton_kd_loss(batch.student_logits, batch.teacher_logits, batch.labels, **self.kd_params)
         student_features = self.projector(batch.student_hook.features)
-        nd = nd_method.nd_loss(student_features, batch.teacher_hook.features, batch.labels, self.centers)
+        nd = self.fn(student_features, batch.teacher_hook.features, batch.labels, self.centers)
         return kd + self.nd_weight * nd
 
 
 class _OFA(_Objective):
-    """CE + weight · (OFA loss on the final logits + on one projector branch per intermediate stage)."""
+    """Adapter ``ofa``: CE + weight · (OFA loss on the final logits + on one projector branch per intermediate stage)."""
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
         params = dict(params)
         self.ofa_weight = params.pop("ofa_weight")
         self.use_branches = bool(params.pop("branches"))
         self.needs_student_features = self.use_branches
-        self.ofa_params = params
+        self.fn, self.ofa_params = spec.fn, params
         self.branches = nn.ModuleList()
 
     def setup(self, student, teacher, data, device, config):
@@ -366,32 +382,19 @@ class _OFA(_Objective):
             self.branches.append(ofa_method.OFABranch(stage.shape[1], data.num_classes, spatial=stage.ndim == 4).to(device))
 
     def loss(self, batch: _Batch) -> torch.Tensor:
-        terms = [ofa_method.ofa_loss(batch.student_logits, batch.teacher_logits, batch.labels, **self.ofa_params)]
+        terms = [self.fn(batch.student_logits, batch.teacher_logits, batch.labels, **self.ofa_params)]
         if self.use_branches:
             for branch, stage in zip(self.branches, batch.student_hook.stages):
-                terms.append(ofa_method.ofa_loss(branch(stage), batch.teacher_logits, batch.labels, **self.ofa_params))
+                terms.append(self.fn(branch(stage), batch.teacher_logits, batch.labels, **self.ofa_params))
         return F.cross_entropy(batch.student_logits, batch.labels) + self.ofa_weight * sum(terms)
 
 
-class _Online(_Objective):
-    def __init__(self, method: str, params: dict[str, Any]):
-        super().__init__()
-        self.fn = online_method.dml_losses if method == "dml" else online_method.bdkd_online_losses
-        self.params = params
-
-    def loss(self, batch: _Batch) -> torch.Tensor:
-        # Each loss reaches only its own network (the peer is detached), so one backward
-        # pass of the sum updates both exactly as two separate steps would.
-        student_loss, teacher_loss = _call_with_known(self.fn, batch.student_logits, batch.teacher_logits, batch.labels, **self.params)
-        return student_loss + teacher_loss
-
-
 class _PSKD(_Objective):
-    """Keeps each training sample's softmax from the previous epoch (a buffer, so it is checkpointed)."""
+    """Adapter ``pskd``: keeps each training sample's softmax from the previous epoch (a buffer, so it is checkpointed)."""
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
-        self.alpha_final = params["alpha_final"]
+        self.fn, self.alpha_final = spec.fn, params["alpha_final"]
         self.register_buffer("previous", torch.zeros(0))
         self.register_buffer("current", torch.zeros(0))
         self.register_buffer("has_previous", torch.tensor(False))
@@ -404,7 +407,7 @@ class _PSKD(_Objective):
         self.current[batch.indices] = torch.softmax(batch.student_logits.detach().float(), dim=-1)
         previous = self.previous[batch.indices] if bool(self.has_previous) else None
         alpha_t = self_kd.pskd_alpha(batch.epoch, batch.epochs, self.alpha_final)
-        return self_kd.pskd_loss(batch.student_logits, batch.labels, previous, alpha_t)
+        return self.fn(batch.student_logits, batch.labels, previous, alpha_t)
 
     def end_epoch(self) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -415,13 +418,13 @@ class _PSKD(_Objective):
 
 
 class _USKD(_Objective):
-    """USKD with a weak head on the second-to-last stage's output (when the model has stages)."""
+    """Adapter ``uskd``: a weak head on the second-to-last stage's output (when the model has stages)."""
 
     needs_student_features = True
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, spec: MethodSpec, params: dict[str, Any], config: ClassifierTrainConfig):
         super().__init__()
-        self.params = params
+        self.fn, self.params = spec.fn, params
         self.weak_head: nn.Module | None = None
 
     def setup(self, student, teacher, data, device, config):
@@ -434,33 +437,26 @@ class _USKD(_Objective):
         weak_logits = None
         if self.weak_head is not None:
             weak_logits = self.weak_head(batch.student_hook.stages[-2])
-        return _call_with_known(self_kd.uskd_loss, batch.student_logits, batch.labels, weak_logits=weak_logits, **self.params)
+        return self.fn(batch.student_logits, batch.labels, weak_logits=weak_logits, **self.params)
+
+
+# One objective class per registry adapter (divergent.methods.registry.ADAPTERS; a test checks both lists agree).
+_OBJECTIVES: dict[str, type[_Objective]] = {
+    "logits": _LogitMethod,
+    "divergence": _DivergenceKD,
+    "ce": _PlainCE,
+    "nd": _ND,
+    "ofa": _OFA,
+    "mcmi-teacher": _MCMITeacher,
+    "pskd": _PSKD,
+    "uskd": _USKD,
+}
 
 
 def _build_objective(config: ClassifierTrainConfig) -> _Objective:
-    method = ALIASES.get(config.method, config.method)
-    if method not in METHODS:
-        return _DivergenceKD(method, config)
-    kind, defaults = METHODS[method]
-    unknown = [k for k in config.params if k not in defaults]
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; valid: {list(defaults)}")
-    params = {**defaults, **config.params}
-    if method == "ce":
-        return _PlainCE()
-    if method == "mcmi-teacher":
-        return _MCMITeacher(params["weight"])
-    if method in _LogitMethod.FUNCTIONS:
-        return _LogitMethod(method, params)
-    if method == "nd":
-        return _ND(params)
-    if method == "ofa":
-        return _OFA(params)
-    if method in ("dml", "bdkd-online"):
-        return _Online(method, params)
-    if method == "pskd":
-        return _PSKD(params)
-    return _USKD(params)
+    """The objective of ``config.method``, dispatched on its registry adapter; unknown names raise."""
+    spec = get_method(config.method)
+    return _OBJECTIVES[spec.adapter](spec, spec.resolve(config.params), config)
 
 
 # ---------------------------------------------------------------------------------------------

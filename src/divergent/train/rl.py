@@ -9,8 +9,12 @@ One training step, top to bottom (:meth:`GRPOTrainer.step`):
    batch is full (or ``filter_max_rounds`` draws were made).
 2. Score each response with the task's reward; a reward function that raises
    gives 0 for that response and is counted in ``reward_errors``.
-3. Advantages: rewards standardised within each group (``divergent.rl.group_advantages``).
-4. Loss = PPO-clip token-mean (``divergent.rl.ppo_clip_loss``) plus the regulariser:
+3. Advantages: rewards standardised within each group (``divergent.rl.group_advantages``,
+   sample standard deviation by default as in TRL and verl; ``advantage_std``).
+4. Loss = PPO-clip token-mean (``divergent.rl.ppo_clip_loss``; verl's dual clip and
+   log-ratio clamp are options) plus ``coefficient * value`` of the regulariser named by
+   ``config.regulariser``, looked up in :mod:`divergent.rl.registry` (table in
+   ``docs/methods.md``). The built-ins:
 
    - ``none``: nothing;
    - ``reverse_kl``: ``kl_beta`` * token-mean KL estimator (k1/k2/k3) between the
@@ -21,6 +25,9 @@ One training step, top to bottom (:meth:`GRPOTrainer.step`):
      solves leave the GRPO pool, and no reference model is kept;
    - ``kdrl``: beta_t * reverse-KL-to-teacher estimate on the policy's own rollouts,
      beta_t annealed, correct responses masked (``divergent.rl.kdrl_kd_loss``).
+
+   What a regulariser needs (reference copy, rehearsal set, teacher) is prepared from
+   its registry entry; one added with ``divergent.rl.register_regulariser`` works the same.
 5. Gradient clip, optimizer step. A non-finite loss or gradient stops the run
    with :class:`NonFiniteLossError`; the last checkpoint on disk is the last good one.
 
@@ -43,7 +50,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +58,18 @@ import torch
 import torch.nn as nn
 
 from divergent.rl import (
-    GENERATORS,
-    KL_ESTIMATORS,
     BalancedBatch,
+    RegulariserInputs,
+    available_regularisers,
     distinct_correct,
-    f_generator,
+    get_regulariser,
     group_advantages,
-    kdrl_coefficient,
-    kdrl_kd_loss,
-    kl_estimator,
     masked_token_mean,
     pass_at_k_curve,
     ppo_clip_loss,
     token_logprobs,
 )
+from divergent.rl.registry import builtin_defaults
 from divergent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -84,7 +89,22 @@ __all__ = [
     "supervised_warm_start",
 ]
 
-REGULARISERS = ("none", "reverse_kl", "dph", "kdrl")
+class _RegulariserNames(Sequence):
+    """The registered regulariser names, read from :mod:`divergent.rl.registry` on every access."""
+
+    def __getitem__(self, index):
+        return available_regularisers()[index]
+
+    def __len__(self) -> int:
+        return len(available_regularisers())
+
+    def __repr__(self) -> str:
+        return repr(available_regularisers())
+
+
+REGULARISERS: Sequence[str] = _RegulariserNames()
+# Defaults of the built-in regularisers' parameters (GRPOConfig fields of the same names), read from the registry.
+_DEFAULT = builtin_defaults()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,13 +124,23 @@ class GRPOConfig:
     weight_decay: AdamW weight decay.
     grad_clip: max global gradient norm (0 = no clipping).
     clip_eps: PPO clip range (ratio kept in [1 - clip_eps, 1 + clip_eps]).
+    dual_clip: dual-clip PPO bound c > 1 for tokens with a negative advantage (verl's clip_ratio_c,
+        3 there); None = off (TRL has none).
+    log_ratio_clamp: clamp log(pi_theta/pi_old) to [-x, x] before the ratio (verl: 20); None = off.
+    advantage_std: "sample" (divide by G - 1, as TRL and verl) or "population" (divide by G) for the
+        group standard deviation of the advantages.
     num_iterations: optimizer passes over each rollout batch (1 = on-policy; >1 makes PPO clipping active).
-    regulariser: one of "none", "reverse_kl", "dph", "kdrl".
+    regulariser: a name registered in ``divergent.rl.registry``: "none", "reverse_kl", "dph", "kdrl",
+        or one added with ``divergent.rl.register_regulariser``.
+    regulariser_params: values of a user-registered regulariser's parameters (the built-ins'
+        parameters are the fields below).
     kl_estimator: k1, k2 or k3 for ``reverse_kl``.
     kl_beta: coefficient of the reverse-KL term.
+    kl_log_ratio_clamp: clamp log(pi_theta/pi_ref) to [-x, x] in the estimator (verl: 20); None = off.
+    kl_value_clamp: clamp the per-token KL estimate to [-x, x] (verl: 10 for k3); None = off.
     dph_divergence: DPH-RL generator: "forward_kl", "js" or "alpha".
     dph_eta: coefficient of the DPH term (paper: 0.01-0.05 forward KL, 0.05-0.2 JS).
-    dph_alpha: order of the alpha generator.
+    dph_alpha: order of the alpha generator, in (0, 1).
     dph_probe_prompts: training prompts sampled from the initial policy to build the rehearsal set.
     dph_probe_samples: samples per probed prompt.
     dph_solved_fraction: a probed prompt is "solved" (goes to rehearsal) when at least this fraction
@@ -125,6 +155,9 @@ class GRPOConfig:
     checkpoint_every: steps between checkpoints (0 = only at the end and on Ctrl-C).
     keep_checkpoints: how many recent checkpoints to keep on disk.
     seed: seeds prompt selection and sampling.
+
+    The regularisers' parameters take their defaults and valid values from
+    :mod:`divergent.rl.registry`.
     """
 
     steps: int = 150
@@ -136,22 +169,28 @@ class GRPOConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     clip_eps: float = 0.2
+    dual_clip: float | None = None
+    log_ratio_clamp: float | None = None
+    advantage_std: str = "sample"
     num_iterations: int = 1
     regulariser: str = "none"
-    kl_estimator: str = "k3"
-    kl_beta: float = 0.05
-    dph_divergence: str = "js"
-    dph_eta: float = 0.1
-    dph_alpha: float = 0.2
-    dph_probe_prompts: int = 512
-    dph_probe_samples: int = 8
-    dph_solved_fraction: float = 0.5
-    dph_batch_size: int = 32
-    kdrl_beta0: float = 0.02
-    kdrl_delta: float = 0.0001
-    kdrl_beta_min: float = 0.005
-    kdrl_estimator: str = "k2"
-    kdrl_mask_correct: bool = True
+    regulariser_params: dict = field(default_factory=dict)
+    kl_estimator: str = _DEFAULT["kl_estimator"]
+    kl_beta: float = _DEFAULT["kl_beta"]
+    kl_log_ratio_clamp: float | None = _DEFAULT["kl_log_ratio_clamp"]
+    kl_value_clamp: float | None = _DEFAULT["kl_value_clamp"]
+    dph_divergence: str = _DEFAULT["dph_divergence"]
+    dph_eta: float = _DEFAULT["dph_eta"]
+    dph_alpha: float = _DEFAULT["dph_alpha"]
+    dph_probe_prompts: int = _DEFAULT["dph_probe_prompts"]
+    dph_probe_samples: int = _DEFAULT["dph_probe_samples"]
+    dph_solved_fraction: float = _DEFAULT["dph_solved_fraction"]
+    dph_batch_size: int = _DEFAULT["dph_batch_size"]
+    kdrl_beta0: float = _DEFAULT["kdrl_beta0"]
+    kdrl_delta: float = _DEFAULT["kdrl_delta"]
+    kdrl_beta_min: float = _DEFAULT["kdrl_beta_min"]
+    kdrl_estimator: str = _DEFAULT["kdrl_estimator"]
+    kdrl_mask_correct: bool = _DEFAULT["kdrl_mask_correct"]
     filter_low: float | None = None
     filter_high: float = 0.75
     filter_max_rounds: int = 4
@@ -160,39 +199,55 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive = ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "dph_probe_prompts",
-                    "dph_probe_samples", "dph_batch_size", "filter_max_rounds", "keep_checkpoints")
+        positive = ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "filter_max_rounds",
+                    "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GRPOConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size must be an int >= 2, got {self.group_size!r}")
-        if self.regulariser not in REGULARISERS:
-            raise ValueError(f"GRPOConfig.regulariser must be one of {REGULARISERS}, got {self.regulariser!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"GRPOConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.kdrl_estimator not in KL_ESTIMATORS + ("full",):
-            raise ValueError(
-                f"GRPOConfig.kdrl_estimator must be one of {KL_ESTIMATORS + ('full',)}, got {self.kdrl_estimator!r}"
-            )
-        if self.dph_divergence not in GENERATORS:
-            raise ValueError(f"GRPOConfig.dph_divergence must be one of {GENERATORS}, got {self.dph_divergence!r}")
+        spec = get_regulariser(self.regulariser)  # unknown name: ValueError with the valid ones
+        # Every built-in regulariser's fields are checked (a typo is caught even when another one is chosen).
+        for name in available_regularisers():
+            builtin = get_regulariser(name)
+            if builtin.builtin:
+                builtin.resolve({p.name: getattr(self, p.name) for p in builtin.params}, prefix="GRPOConfig.")
+        if not isinstance(self.regulariser_params, dict):
+            raise TypeError(f"GRPOConfig.regulariser_params must be a mapping, got {type(self.regulariser_params).__name__}")
+        if self.regulariser_params:
+            if spec.builtin:
+                raise ValueError(
+                    f"GRPOConfig.regulariser_params is for user-registered regularisers; set the built-in "
+                    f"{spec.name!r}'s parameters as GRPOConfig fields ({', '.join(spec.defaults) or 'it has none'})"
+                )
+            spec.resolve(self.regulariser_params, prefix="GRPOConfig.regulariser_params.")
+        if self.advantage_std not in ("sample", "population"):
+            raise ValueError(f"GRPOConfig.advantage_std must be 'sample' or 'population', got {self.advantage_std!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"GRPOConfig.dual_clip must be > 1 or None, got {self.dual_clip!r}")
+        if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
+            raise ValueError(f"GRPOConfig.log_ratio_clamp must be > 0 or None, got {self.log_ratio_clamp!r}")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}")
         if self.lr <= 0:
             raise ValueError(f"GRPOConfig.lr must be > 0, got {self.lr}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if not 0 < self.dph_solved_fraction <= 1:
-            raise ValueError(f"GRPOConfig.dph_solved_fraction must be in (0, 1], got {self.dph_solved_fraction}")
         if self.filter_low is not None and not 0 <= self.filter_low <= self.filter_high <= 1:
             raise ValueError(
                 f"GRPOConfig needs 0 <= filter_low <= filter_high <= 1, got {self.filter_low}, {self.filter_high}"
             )
-        for name in ("kl_beta", "dph_eta", "grad_clip", "weight_decay", "checkpoint_every"):
+        for name in ("grad_clip", "weight_decay", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    def regulariser_values(self) -> dict[str, Any]:
+        """The chosen regulariser's parameter values: its GRPOConfig fields, or ``regulariser_params``."""
+        spec = get_regulariser(self.regulariser)
+        if spec.builtin:
+            return spec.resolve({p.name: getattr(self, p.name) for p in spec.params}, prefix="GRPOConfig.")
+        return spec.resolve(self.regulariser_params, prefix="GRPOConfig.regulariser_params.")
 
 
 # ---------------------------------------------------------------------- model helpers
@@ -503,8 +558,9 @@ class GRPOTrainer:
 
     def __init__(self, policy: nn.Module, task, config: GRPOConfig, *, teacher: nn.Module | None = None,
                  run_dir: str | Path | None = None, reward_fn: Callable[[Any, str], float] | None = None):
-        if config.regulariser == "kdrl" and teacher is None:
-            raise ValueError("regulariser='kdrl' needs a teacher model (teacher=...)")
+        self.regulariser = get_regulariser(config.regulariser)
+        if "teacher" in self.regulariser.needs and teacher is None:
+            raise ValueError(f"regulariser={config.regulariser!r} needs a teacher model (teacher=...)")
         self.policy, self.task, self.config, self.teacher = policy, task, config, teacher
         self.reward_fn = reward_fn if reward_fn is not None else task.reward
         self.run_dir = None if run_dir is None else Path(run_dir)
@@ -525,9 +581,9 @@ class GRPOTrainer:
     def _prepare(self) -> None:
         """Build what the regulariser needs from the initial policy (reference copy or rehearsal set)."""
         config = self.config
-        if config.regulariser == "reverse_kl":
+        if "reference" in self.regulariser.needs:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        elif config.regulariser == "dph":
+        if "rehearsal" in self.regulariser.needs:
             probe = self.rng.sample(self.pool, min(config.dph_probe_prompts, len(self.pool)))
             self.rehearsal = build_rehearsal_set(
                 self.policy, self.task, probe, n_samples=config.dph_probe_samples,
@@ -643,38 +699,35 @@ class GRPOTrainer:
         record: dict[str, Any] = {"step": self.step_index + 1, **stats}
         if problems:
             mask = response_mask(responses, task.eos_id)
-            advantages = group_advantages(rewards).flatten().to(self.device)
+            advantages = group_advantages(rewards, std=config.advantage_std).flatten().to(self.device)
             flat_rewards = rewards.flatten().to(self.device)
+            regulariser, params = self.regulariser, config.regulariser_values()
             with torch.no_grad():
                 old_logp, _ = response_logprobs(self.policy, prompts, responses)
                 ref_logp = teacher_logp = teacher_logits = None
-                if self.reference is not None:
+                if "reference" in regulariser.needs:
                     ref_logp, _ = response_logprobs(self.reference, prompts, responses)
-                if config.regulariser == "kdrl":
+                if "teacher" in regulariser.needs:
                     teacher_logp, teacher_logits = response_logprobs(self.teacher, prompts, responses)
-            rehearsal = self._rehearsal_minibatch() if config.regulariser == "dph" else None
-            kdrl_beta = kdrl_coefficient(self.step_index, config.kdrl_beta0, config.kdrl_delta, config.kdrl_beta_min)
+            rehearsal = self._rehearsal_minibatch() if "rehearsal" in regulariser.needs else None
+            coefficient = regulariser.coefficient(self.step_index, **params)
             for _ in range(config.num_iterations):
                 self.policy.train()
                 logp, logits = response_logprobs(self.policy, prompts, responses)
-                policy_loss, clip_stats = ppo_clip_loss(logp, old_logp, advantages, mask, clip_eps=config.clip_eps)
-                loss = policy_loss
-                regulariser_value = torch.zeros((), device=self.device)
-                if config.regulariser == "reverse_kl":
-                    regulariser_value = masked_token_mean(kl_estimator(logp, ref_logp, config.kl_estimator), mask)
-                    loss = loss + config.kl_beta * regulariser_value
-                elif config.regulariser == "kdrl":
-                    regulariser_value = kdrl_kd_loss(
-                        logp, teacher_logp, mask, flat_rewards, estimator=config.kdrl_estimator,
-                        mask_correct=config.kdrl_mask_correct, student_logits=logits, teacher_logits=teacher_logits,
-                    )
-                    loss = loss + kdrl_beta * regulariser_value
-                elif config.regulariser == "dph" and rehearsal is not None:
+                policy_loss, clip_stats = ppo_clip_loss(
+                    logp, old_logp, advantages, mask, clip_eps=config.clip_eps,
+                    dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
+                )
+                r_logp = r_logp0 = r_mask = None
+                if rehearsal is not None:
                     r_prompts, r_responses, r_logp0, r_mask = rehearsal
                     r_logp, _ = response_logprobs(self.policy, r_prompts, r_responses)
-                    generator_values = f_generator(r_logp - r_logp0, config.dph_divergence, alpha=config.dph_alpha)
-                    regulariser_value = masked_token_mean(generator_values, r_mask)
-                    loss = loss + config.dph_eta * regulariser_value
+                regulariser_value = regulariser.value(RegulariserInputs(
+                    logp=logp, logits=logits, mask=mask, rewards=flat_rewards, step=self.step_index,
+                    ref_logp=ref_logp, teacher_logp=teacher_logp, teacher_logits=teacher_logits,
+                    rehearsal_logp=r_logp, rehearsal_logp0=r_logp0, rehearsal_mask=r_mask,
+                ), **params)
+                loss = policy_loss + coefficient * regulariser_value
                 self.optimizer.zero_grad(set_to_none=True)
                 self._check_finite(loss, "loss")
                 loss.backward()
@@ -690,11 +743,11 @@ class GRPOTrainer:
                 "loss": float(loss.detach()),
                 "policy_loss": float(policy_loss.detach()),
                 "regulariser": float(regulariser_value.detach()),
-                "clip_fraction": clip_stats["clip_fraction"],
+                **clip_stats,
                 "grad_norm": float(grad_norm),
             })
-            if config.regulariser == "kdrl":
-                record["kdrl_beta"] = kdrl_beta
+            if regulariser.log_coefficient_as:
+                record[regulariser.log_coefficient_as] = coefficient
         else:
             # Every group was filtered out: nothing to learn from this step.
             record.update({"mean_reward": float("nan"), "mean_length": float("nan"), "loss": 0.0,
