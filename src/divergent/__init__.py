@@ -10,7 +10,7 @@ True
 """
 
 from divergent import functional
-from divergent.functional import TopK, available, divergence, get_spec
+from divergent.functional import TopK, available, divergence, get_spec, register_divergence
 from divergent.losses import DistillationLoss, DivergenceLoss, LinearDistillationLoss
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "available",
     "divergence",
     "get_spec",
+    "register_divergence",
     "TopK",
     "DivergenceLoss",
     "DistillationLoss",

@@ -1,46 +1,46 @@
 """divergent.functional: every divergence as pure tensor math.
 
-Student first, teacher second, both logits over the last dimension.
+Student first, teacher second, both logits over the last dimension. One function per
+registered name (``forward_kl``, ``js``, ...), made from the registry; a name added with
+:func:`register_divergence` is reachable here too, as ``divergent.functional.<name>``.
 """
 
-from divergent.functional.api import (
-    alpha,
-    alpha_beta,
-    bdkd,
-    cauchy_schwarz,
-    chi2,
-    divergence,
-    forward_kl,
-    hellinger,
-    js,
-    reverse_kl,
-    sinkhorn,
-    skew_kl,
-    skew_reverse_kl,
-    tvd,
+from divergent.functional import api, registry
+from divergent.functional.api import BUILTIN_NAMES, divergence
+from divergent.functional.registry import (
+    DivergenceSpec,
+    ParamSpec,
+    available,
+    get_spec,
+    register_divergence,
+    render_markdown,
+    unregister_divergence,
 )
-from divergent.functional.registry import DivergenceSpec, ParamSpec, available, get_spec, render_markdown
 from divergent.functional.topk import TopK
+
+globals().update({name: getattr(api, name) for name in BUILTIN_NAMES})
 
 __all__ = [
     "divergence",
     "available",
     "get_spec",
+    "register_divergence",
+    "unregister_divergence",
     "render_markdown",
     "DivergenceSpec",
     "ParamSpec",
     "TopK",
-    "forward_kl",
-    "reverse_kl",
-    "js",
-    "tvd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "alpha_beta",
-    "alpha",
-    "hellinger",
-    "chi2",
-    "cauchy_schwarz",
-    "bdkd",
-    "sinkhorn",
+    *BUILTIN_NAMES,
 ]
+
+
+def __getattr__(attribute: str):
+    """``divergent.functional.<name>`` for a divergence registered after import."""
+    spec = registry.REGISTRY.get(attribute)
+    if spec is None:
+        raise AttributeError(f"module 'divergent.functional' has no attribute {attribute!r}")
+    return api.named_function(spec)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(registry.REGISTRY))

@@ -196,14 +196,22 @@ def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
     limits: (α, 0) → 1/α² Σ [p^α log(p^α/q^α) − p^α + q^α] ((1, 0) is KL(p‖q)), (0, β) → the
     mirror image ((0, 1) is KL(q‖p)), (0, 0) → ½ Σ (log p − log q)².
 
-    With G(x, y; c) = (e^{c·y} − e^{c·x})/c (y − x at c = 0), computed without cancellation:
+    Gradient weights, with G(x, y; c) = (e^{c·y} − e^{c·x})/c (y − x at c = 0) computed
+    without cancellation:
         w = q ∂D/∂q = (q^{α+β} − p^α q^β)/α = q^β · G(log p, log q; α)
         v = p ∂D/∂p = (p^{α+β} − p^α q^β)/β = p^α · G(log q, log p; β)
-    and D = Σ (w + v)/(α + β) term by term (check: (w + v)/s = p^s/(sβ) + q^s/(sα) −
-    p^α q^β/(αβ)), so value and gradient come from the same two terms and every limit
-    follows from those of G. When both exponents are at least 0.1 the plain powers are
-    accurate enough and cheaper; when both are below 0.05 the division by α + β is done
-    in float64.
+
+    Value. When both exponents are at least 0.1, D = Σ (w + v)/(α + β) from plain powers
+    (cancellation costs at most ~eps·max(q^s, p^α q^β)/α per term, far below the value).
+    Nearer 0, w + v cancels to O(α + β) and that sum loses every digit (α = β = 1e-20
+    would give 0 instead of ½ Σ (log p − log q)²), so the value is taken from a form
+    without any cancellation: with x = log p, y = log q, d = x − y, s = α + β and
+    φ(c, z) = (e^{cz} − 1 − cz)/c² ≥ 0 (z²/2 at c = 0),
+
+        D = Σ p^α q^β · [ (β/s)·φ(β, d) + (α/s)·φ(α, −d) ],
+
+    a weighted mean of two non-negative terms (see :func:`_weighted_phi`). Every limit
+    follows: α → 0 leaves q^β φ(β, d), the (0, β) log form; α, β → 0 leaves d²/2.
     """
     if zeros:
         both_zero = (lp == _NEG_INF) & (lq == _NEG_INF)
@@ -212,27 +220,72 @@ def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
     if alpha == 0.0 and beta == 0.0:
         d = lp - lq
         return 0.5 * d.square().sum(-1), -d, d
+    s = alpha + beta
     if min(alpha, beta) >= 0.1:
-        # Both exponents away from 0: the direct form (q^s − p^α q^β)/α loses at most
-        # ~eps·max(q^s, p^α q^β)/α per term to cancellation, far below the value,
-        # and takes a third of the passes of the G form below.
-        s = alpha + beta
         cross = (alpha * lp + beta * lq).exp()
         w = ((s * lq).exp() - cross) / alpha
         v = ((s * lp).exp() - cross) / beta
         return (w + v).sum(-1) / s, w, v
     out_dtype = lp.dtype
-    if max(alpha, beta) < 0.05:
+    if out_dtype != torch.float64 and 0.0 < min(e for e in (alpha, beta) if e > 0.0) < 1e-30:
+        # c·(log p − log q) would fall among float32's subnormals: work in float64.
         lp, lq = lp.double(), lq.double()
+    d = lp - lq
+    # p^α q^β; an exponent of 0 makes its factor 1, also where that probability is 0
+    cross = (alpha * lp if beta == 0.0 else beta * lq if alpha == 0.0 else alpha * lp + beta * lq).exp()
+    terms = 0.0
+    if beta > 0.0:  # e^{(α+β)·log p} = p^α q^β · e^{β d}
+        terms = (beta / s) * _weighted_phi(cross, s * lp, beta, d, zeros)
+    if alpha > 0.0:
+        terms = terms + (alpha / s) * _weighted_phi(cross, s * lq, alpha, -d, zeros)
+    rows = terms.sum(-1).to(out_dtype)
+    if not want_weights:
+        return rows, None, None
     w = _finite_where_zero(_power(lq, beta) * _scaled_difference(lp, lq, alpha), zeros)
     v = _finite_where_zero(_power(lp, alpha) * _scaled_difference(lq, lp, beta), zeros)
-    rows = ((w + v).sum(-1) / (alpha + beta)).to(out_dtype)
     return rows, w.to(out_dtype), v.to(out_dtype)
+
+
+# ψ(u) = (e^u − 1 − u)/u² = Σ_k u^k/(k+2)!. For |u| < ½ the series' first 8 terms leave a
+# relative error of 2e-9 (below float32's eps), the first 14 terms 6e-18 (below float64's).
+_PSI_COEFFICIENTS = tuple(1.0 / math.factorial(k + 2) for k in range(14))
+_PSI_SERIES_LIMIT = 0.5
+
+
+def _psi_series(u: Tensor) -> Tensor:
+    coefficients = _PSI_COEFFICIENTS[: 14 if u.dtype == torch.float64 else 8]
+    out = torch.full_like(u, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        out.mul_(u).add_(c)
+    return out
+
+
+def _weighted_phi(cross: Tensor, log_top: Tensor, c: float, z: Tensor, zeros: bool) -> Tensor:
+    """e^A · φ(c, z) = e^A (e^{cz} − 1 − cz)/c² for c > 0, with e^A = ``cross`` and e^{A + cz} = e^{log_top}.
+
+    |cz| < ½: e^A z² ψ(cz) by the series (no cancellation). Otherwise
+    (e^{A + cz} − e^A (1 + cz))/c², which cancels by at most a factor ~10 there and never
+    exponentiates cz on its own (A + cz ≤ 0, so nothing overflows). A zero probability makes
+    e^A exactly 0 against an infinite cz; that product is the limit 0 (p^α log p → 0).
+    """
+    u = c * z
+    near = u.abs() < _PSI_SERIES_LIMIT
+    series = cross * z.square() * _psi_series(torch.where(near, u, 0.0))
+    correction = cross * (1.0 + u)
+    if zeros:
+        correction = torch.where(cross == 0.0, 0.0, correction)
+    far = (log_top.exp() - correction) / (c * c)
+    return torch.where(near, series, far)
 
 
 # Amari α-divergence (1 − Σ p^α q^{1−α}) / (α(1−α)) = D_AB at (α, 1−α)
 def alpha(lp, lq, zeros, want_weights, alpha):
     return alpha_beta(lp, lq, zeros, want_weights, alpha=alpha, beta=1.0 - alpha)
+
+
+def _weighted(weight: Tensor, value: Tensor, zeros: bool) -> Tensor:
+    """weight · value, where a weight of 0 removes an infinite value too (0 · inf would be NaN)."""
+    return torch.where(weight == 0.0, 0.0, weight * value) if zeros else weight * value
 
 
 def bdkd(lp, lq, zeros, want_weights, high_weight, low_weight):
@@ -247,30 +300,13 @@ def bdkd(lp, lq, zeros, want_weights, high_weight, low_weight):
     less_confident = -_neg_entropy(lq, zeros) > -_neg_entropy(lp, zeros)
     w_rkl = torch.where(less_confident, high_weight, low_weight).to(lp.dtype)
     w_fkl = torch.where(less_confident, low_weight, high_weight).to(lp.dtype)
-    rows = w_fkl * to_q.sum(-1) + w_rkl * to_p.sum(-1)
+    rows = _weighted(w_fkl, to_q.sum(-1), zeros) + _weighted(w_rkl, to_p.sum(-1), zeros)
     if not want_weights:
         return rows, None, None
     w_fkl, w_rkl = w_fkl.unsqueeze(-1), w_rkl.unsqueeze(-1)
     return rows, -w_fkl * lp.exp() + w_rkl * to_p, w_fkl * to_q - w_rkl * lq.exp()
-
-
-ROW_KERNELS = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "js": js,
-    "tvd": tvd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "alpha_beta": alpha_beta,
-    "alpha": alpha,
-    "hellinger": hellinger,
-    "chi2": chi2,
-    "cauchy_schwarz": cauchy_schwarz,
-    "bdkd": bdkd,
-}
-
-
-def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: int, cost: str) -> Tensor:
+def sinkhorn_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, *, epsilon: float, n_iters: int,
+                  cost: str) -> Tensor:
     """Batch-wise entropic optimal transport between student rows and teacher rows (SinKD).
 
     Cost W_ij = ‖q_i − p_j‖ (``cost``: "l1", "l2", or "sqeuclidean" = squared L2) between
@@ -278,8 +314,9 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
     alternating row/column scalings give P = diag(u)·K·diag(v) — plain scalings when every
     W_ij/ε is below 30, log-domain (stabilised) ones otherwise. Returns
     n·Σ_j P_ij W_ij for each row i, so the mean over rows is ⟨P, W⟩. Gradients flow
-    through both P and W.
+    through both P and W (by autograd: this is a registry ``fn``, not a row kernel).
     """
+    lq, lp = student_logprobs, teacher_logprobs
     n = lp.shape[0]
     if n == 0:
         return (lp.sum(-1) + lq.sum(-1)) * 0.0  # empty, but attached to the graph
@@ -291,7 +328,16 @@ def sinkhorn_rows(lp: Tensor, lq: Tensor, zeros: bool, epsilon: float, n_iters: 
     else:
         w = (q.unsqueeze(1) - p.unsqueeze(0)).square().sum(-1) if n * n * q.shape[1] <= 2**24 else torch.cdist(q, p).square()
     log_k = -w / epsilon
-    if float(log_k.min()) > -_PLAIN_SINKHORN_LIMIT:
+    # One host read decides the iteration (detached: it is a number, not part of the graph).
+    lowest = float(log_k.detach().min())
+    if not math.isfinite(lowest):
+        largest = float(w.detach().max())
+        raise ValueError(
+            f"sinkhorn: epsilon={epsilon:g} is too small for {w.dtype}: cost / epsilon overflows (largest "
+            f"cost {largest:.3g}, so epsilon must exceed {largest / torch.finfo(w.dtype).max:.3g}); "
+            f"use a larger epsilon (SinKD uses 0.1) or float64 logits"
+        )
+    if lowest > -_PLAIN_SINKHORN_LIMIT:
         # K = exp(−W/ε) has no entry near underflow: plain scaling u = a/(Kv), v = b/(Kᵀu)
         # (two matrix-vector products per iteration) gives the same plan as the log domain.
         kernel = log_k.exp()
@@ -333,7 +379,8 @@ def _chunks(n_rows: int, vocab: int):
 class RowDivergence(torch.autograd.Function):
     """Per-row divergence of tempered softmaxes; the gradient is formed in the forward pass.
 
-    Inputs are student and teacher logits ``[n, V]`` in the compute dtype. Chunk by
+    Inputs are student and teacher logits ``[n, V]`` in the compute dtype and a per-row
+    kernel of this module (a registry entry's ``kernel``). Chunk by
     chunk, the forward pass computes both log-softmaxes once, the divergence, and —
     when a gradient will be needed — ``(w − q·Σw)/T`` for the student (and the
     teacher's counterpart), sharing the intermediate terms between value and
@@ -343,8 +390,7 @@ class RowDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, name, temperature, params, zeros, want_student, want_teacher):
-        kernel = ROW_KERNELS[name]
+    def forward(ctx, student, teacher, kernel, temperature, params, zeros, want_student, want_teacher):
         n, vocab = student.shape
         rows = student.new_empty(n)
         grad_student = torch.empty_like(student) if want_student else None

@@ -27,6 +27,8 @@ def check_logits(value: object, argument: str) -> Tensor:
         )
     if value.ndim == 0:
         raise ValueError(f"{argument} must have a last dimension over classes, got a 0-d tensor")
+    if value.device.type == "meta":
+        raise ValueError(f"{argument} is on the meta device: it has a shape but no values")
     if value.shape[-1] == 0:
         raise ValueError(f"{argument} has an empty last dimension (0 classes); expected at least 1 class")
     return value
@@ -99,13 +101,28 @@ def check_normalizer(normalizer: object) -> float | Tensor | None:
     return float(normalizer)
 
 
+def check_weight(value: object, argument: str) -> float:
+    """A loss weight: a finite number ≥ 0 (``hard_weight``, ``soft_weight``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{argument} must be a number ≥ 0, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{argument} must be a finite number ≥ 0, got {value}")
+    return value
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half inputs are computed in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def diagnose_nan(student: Tensor, teacher: Tensor | None, name: str) -> None:
-    """Raise a ValueError that says why a divergence came out NaN."""
+def diagnose_nan(student: Tensor, teacher: Tensor | None, spec, temperature: float) -> None:
+    """Raise the error that says why divergence ``spec`` came out NaN (``spec``: a registry entry).
+
+    Input problems name the argument: NaN or +inf logits, rows that are all -inf, and logits
+    whose magnitude (divided by ``temperature``) overflows the compute dtype. From valid
+    inputs, a user-registered function is named; only a built-in left is a bug here.
+    """
     for argument, tensor in (("student_logits", student), ("teacher_logits", teacher)):
         if tensor is None:
             continue
@@ -120,9 +137,51 @@ def diagnose_nan(student: Tensor, teacher: Tensor | None, name: str) -> None:
                 f"{argument} has {int(all_neg_inf.sum())} row(s) whose logits are all -inf, which is no "
                 f"distribution; exclude such rows with mask="
             )
+    for argument, tensor in (("student_logits", student), ("teacher_logits", teacher)):
+        if tensor is not None:
+            _check_magnitude(tensor, argument, temperature)
+    if not spec.builtin:
+        raise ValueError(
+            f"divergence {spec.name!r} (fn {spec.function_name}) returned NaN from valid inputs. It receives "
+            f"log-probabilities that are -inf where a probability is 0: terms such as 0·log 0 must be written "
+            f"to give their limit (torch.xlogy, torch.where), and exp(-inf) = 0 may not be multiplied by inf"
+        )
     raise FloatingPointError(
-        f"divergence {name!r} produced NaN from valid logits; this is a bug in divergent, please report it"
+        f"divergence {spec.name!r} produced NaN from valid logits; this is a bug in divergent, please report it"
     )
+
+
+def _check_magnitude(tensor: Tensor, argument: str, temperature: float) -> None:
+    """ValueError when ``tensor / temperature`` is too large for its dtype's arithmetic.
+
+    Float arithmetic on the tempered logits overflows when a logit divided by T exceeds the
+    dtype's largest number, and the log-softmax and the divergences' terms (differences,
+    squares, exponents of differences) overflow well before that: a spread within one row
+    beyond the square root of that number (1.8e19 in float32) is reported as the cause.
+    """
+    finite = torch.isfinite(tensor)
+    if not finite.any():
+        return
+    limit = torch.finfo(tensor.dtype).max
+    largest = float(torch.where(finite, tensor.abs(), 0.0).max())
+    spread = float(
+        (torch.where(finite, tensor, float("-inf")).amax(-1).double()
+         - torch.where(finite, tensor, float("inf")).amin(-1).double()).nan_to_num(nan=0.0, neginf=0.0).max()
+    )
+    tempered = "" if temperature == 1.0 else f" / temperature (temperature={temperature:g})"
+    if largest / temperature > limit:
+        raise ValueError(
+            f"{argument}{tempered} overflows {tensor.dtype}: the largest |logit| is {largest:.3g}, and "
+            f"{largest:.3g} / {temperature:g} exceeds {limit:.3g}; use a larger temperature or smaller logits"
+        )
+    if spread / temperature > limit**0.5:
+        raise ValueError(
+            f"{argument}{tempered} spans {spread / temperature:.3g} within a row, beyond what {tensor.dtype} "
+            f"arithmetic on log-probabilities can hold (about {limit ** 0.5:.2g}): the divergence overflows. "
+            f"Logits this far apart carry no information beyond the top class; "
+            + ("use a larger temperature, " if temperature < 1.0 else "")
+            + "check where the logits come from, or pass float64 logits"
+        )
 
 
 def reduce_rows(

@@ -1,7 +1,15 @@
-"""``divergence(name, student_logits, teacher_logits, ...)`` and one function per name."""
+"""``divergence(name, student_logits, teacher_logits, ...)`` and one function per registered name.
+
+The per-name functions (``forward_kl``, ``js``, ...) are made from the registry entries:
+their signature, docstring and doctest example come from
+:mod:`divergent.functional.registry`, and a name registered later with
+``dv.register_divergence`` gets the same kind of function (``dv.functional.<name>``).
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,25 +17,8 @@ from torch import Tensor
 
 from divergent.functional import _validation as v
 from divergent.functional._math import RowDivergence
-from divergent.functional.registry import get_spec
+from divergent.functional.registry import REGISTRY, DivergenceSpec, get_spec
 from divergent.functional.topk import TopK, bucket_logprobs
-
-__all__ = [
-    "divergence",
-    "forward_kl",
-    "reverse_kl",
-    "js",
-    "tvd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "alpha_beta",
-    "alpha",
-    "hellinger",
-    "chi2",
-    "cauchy_schwarz",
-    "bdkd",
-    "sinkhorn",
-]
 
 
 def divergence(
@@ -58,6 +49,11 @@ def divergence(
     Returns:
         float32 (float64 if an input is float64) tensor: per-row values or a scalar.
 
+    Gradients flow to both arguments: to the student, and to the teacher when its logits
+    require grad (online distillation, a trainable teacher); detach the teacher to keep it
+    fixed. A :class:`TopK` teacher whose ``logprobs`` require grad receives the gradient
+    of the divergence over the k+1 buckets.
+
     >>> import torch, divergent as dv
     >>> s = torch.tensor([[0.0, 1.0, 2.0]]); t = torch.tensor([[2.0, 1.0, 0.0]])
     >>> round(dv.divergence("js", s, t, beta=0.5).item(), 4)
@@ -83,13 +79,9 @@ def divergence(
                 f"TopK teacher rows {tuple(teacher_logits.shape[:-1])} do not match student_logits rows "
                 f"{tuple(student_logits.shape[:-1])}"
             )
-        dtype = v.compute_dtype(student_logits, teacher_logits.logprobs)
-        teacher_tensor = None
     else:
         teacher_logits = v.check_logits(teacher_logits, "teacher_logits")
         v.check_same_shape(student_logits, teacher_logits)
-        dtype = v.compute_dtype(student_logits, teacher_logits)
-        teacher_tensor = teacher_logits
 
     batch_shape = student_logits.shape[:-1]
     mask = v.check_mask(mask, batch_shape, student_logits.device)
@@ -99,33 +91,55 @@ def divergence(
     if mask is None:
         student_rows = student_logits.reshape(-1, vocab)
         teacher_rows = (
-            teacher_tensor.reshape(-1, vocab) if teacher_tensor is not None else teacher_logits.flatten_rows()
+            teacher_logits.flatten_rows() if isinstance(teacher_logits, TopK) else teacher_logits.reshape(-1, vocab)
         )
     else:
         student_rows = student_logits[mask]
-        teacher_rows = teacher_tensor[mask] if teacher_tensor is not None else teacher_logits[mask]
+        teacher_rows = teacher_logits[mask]
+    rows = divergence_rows(spec, student_rows, teacher_rows, temperature, resolved)
+    return v.reduce_rows(rows, mask, batch_shape, reduction, normalizer)
 
-    if teacher_tensor is not None:
-        student_rows = student_rows.to(dtype)
-        teacher_rows = teacher_rows.to(dtype)
-        zeros = bool(torch.isneginf(student_rows).any() or torch.isneginf(teacher_rows).any())
-        if zeros and (torch.isneginf(student_rows).all(-1).any() or torch.isneginf(teacher_rows).all(-1).any()):
-            v.diagnose_nan(student_rows, teacher_rows, name)
-        if spec.per_row:
-            rows = RowDivergence.apply(student_rows, teacher_rows, name, temperature, resolved, zeros,
-                                       *_wanted(student_rows, teacher_rows))
-        else:
-            lq = torch.log_softmax(student_rows / temperature, dim=-1)
-            lp = torch.log_softmax(teacher_rows / temperature, dim=-1)
-            rows = spec.kernel(lp, lq, zeros, **resolved)
-    else:
+
+def divergence_rows(
+    spec: DivergenceSpec,
+    student_rows: Tensor,
+    teacher_rows: Tensor | TopK,
+    temperature: float,
+    params: dict[str, Any],
+) -> Tensor:
+    """Per-row values ``[n]`` of already validated rows: logits ``[n, V]`` and a teacher ``[n, V]`` or ``TopK [n, k]``.
+
+    ``params`` are resolved (``spec.resolve``): callers that evaluate many chunks (the fused
+    loss) check arguments once and call this per chunk.
+    """
+    if isinstance(teacher_rows, TopK):
+        dtype = v.compute_dtype(student_rows, teacher_rows.logprobs)
         # The buckets are already tempered, normalised log-probabilities (log_softmax is then the identity).
         lp, lq = bucket_logprobs(student_rows, teacher_rows, temperature, dtype)
-        zeros = bool(torch.isneginf(lp).any() or torch.isneginf(lq).any())
-        rows = RowDivergence.apply(lq, lp, name, 1.0, resolved, zeros, *_wanted(lq, lp))
+        if spec.kernel is None:
+            rows = _call_fn(spec, lq, lp, params)
+        else:
+            zeros = bool(torch.isneginf(lp).any() or torch.isneginf(lq).any())
+            rows = RowDivergence.apply(lq, lp, spec.kernel, 1.0, params, zeros, *_wanted(lq, lp))
+        teacher_for_diagnosis = None
+    else:
+        dtype = v.compute_dtype(student_rows, teacher_rows)
+        student_rows = student_rows.to(dtype)
+        teacher_rows = teacher_rows.to(dtype)
+        teacher_for_diagnosis = teacher_rows
+        if spec.kernel is None:
+            lq = torch.log_softmax(student_rows / temperature, dim=-1)
+            lp = torch.log_softmax(teacher_rows / temperature, dim=-1)
+            rows = _call_fn(spec, lq, lp, params)
+        else:
+            zeros = bool(torch.isneginf(student_rows).any() or torch.isneginf(teacher_rows).any())
+            if zeros and (torch.isneginf(student_rows).all(-1).any() or torch.isneginf(teacher_rows).all(-1).any()):
+                v.diagnose_nan(student_rows, teacher_rows, spec, temperature)
+            rows = RowDivergence.apply(student_rows, teacher_rows, spec.kernel, temperature, params, zeros,
+                                       *_wanted(student_rows, teacher_rows))
     if torch.isnan(rows).any():
-        v.diagnose_nan(student_rows, teacher_rows if teacher_tensor is not None else None, name)
-    return v.reduce_rows(rows, mask, batch_shape, reduction, normalizer)
+        v.diagnose_nan(student_rows, teacher_for_diagnosis, spec, temperature)
+    return rows
 
 
 def _wanted(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
@@ -134,109 +148,85 @@ def _wanted(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
     return enabled and student.requires_grad, enabled and teacher.requires_grad
 
 
-def _doc(name: str) -> str:
-    spec = get_spec(name)
+def _call_fn(spec: DivergenceSpec, lq: Tensor, lp: Tensor, params: dict[str, Any]) -> Tensor:
+    """``spec.fn(lq, lp, **params)`` with its result checked: a floating tensor ``[n]`` attached to the graph."""
+    rows = spec.fn(lq, lp, **params)
+    where = f"divergence {spec.name!r} (fn {spec.function_name})"
+    n = lq.shape[0]
+    if not isinstance(rows, Tensor):
+        raise TypeError(f"{where} must return a torch.Tensor of per-row values, got {type(rows).__name__}")
+    if rows.shape != (n,):
+        raise ValueError(
+            f"{where} must return one value per row, shape ({n},) for log-probabilities of shape "
+            f"{tuple(lq.shape)}; got shape {tuple(rows.shape)} (reduce over the last dimension only, e.g. .sum(-1))"
+        )
+    if not rows.is_floating_point():
+        raise TypeError(f"{where} must return floating-point values, got dtype {rows.dtype}")
+    if rows.device != lq.device:
+        raise ValueError(f"{where} returned values on {rows.device} for inputs on {lq.device}")
+    if torch.is_grad_enabled() and (lq.requires_grad or lp.requires_grad) and not rows.requires_grad:
+        raise ValueError(
+            f"{where} returned values with no gradient path to its inputs: compute them with torch "
+            f"operations on the log-probabilities it receives (no .detach(), .item(), numpy or torch.no_grad)"
+        )
+    return rows.to(lq.dtype)
+
+
+# ---------------------------------------------------------------- one function per name
+
+_CONTRACT = ("temperature", 1.0), ("mask", None), ("reduction", "mean"), ("normalizer", None)
+
+
+def _docstring(spec: DivergenceSpec) -> str:
     params = "".join(
-        f"\n        {p.name}: {p.doc}; {p.range_text()} (default {p.default!r})." for p in spec.params
+        f"\n        {p.name}: {p.doc + '; ' if p.doc else ''}{p.range_text()} (default {p.default!r})."
+        for p in spec.params
     )
-    return (
+    doc = (
         f"{spec.summary}\n\n    Formula: {spec.formula}\n    Behaviour: {spec.behaviour}; symmetric: {spec.symmetric}; "
         f"bounded: {spec.bounded}.\n    Source: {spec.source}.\n\n    Args:\n        student_logits, teacher_logits, "
         f"temperature, mask, reduction, normalizer: as in :func:`divergent.divergence`.{params}\n"
     )
+    if spec.example is not None:
+        arguments, value = spec.example
+        call = f"{spec.name}(s, t{', ' + arguments if arguments else ''})"
+        doc += (
+            f"\n    >>> import torch\n    >>> from divergent.functional import {spec.name}"
+            "\n    >>> s = torch.tensor([[0.0, 1.0, 2.0]]); t = torch.tensor([[2.0, 1.0, 0.0]])"
+            f"\n    >>> round({call}.item(), 4)\n    {value}\n"
+        )
+    return doc
 
 
-def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("forward_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
+def named_function(spec: DivergenceSpec) -> Callable[..., Tensor]:
+    """``spec.name(student_logits, teacher_logits, *, <params>, temperature, mask, reduction, normalizer)``.
 
+    Its signature (keyword-only parameters with the registry's defaults) and docstring
+    come from ``spec``; a call goes through :func:`divergence`, which checks every argument.
+    """
+    name = spec.name
 
-def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("reverse_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
+    def function(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None,
+                 **params):
+        return divergence(name, student_logits, teacher_logits, temperature=temperature, mask=mask,
+                          reduction=reduction, normalizer=normalizer, **params)
 
-
-def js(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("js", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, beta=beta)
-
-
-def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("tvd", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
-
-
-def skew_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean",
-            normalizer=None):
-    return divergence("skew_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, alpha=alpha)
-
-
-def skew_reverse_kl(student_logits, teacher_logits, *, alpha=0.1, temperature=1.0, mask=None, reduction="mean",
-                    normalizer=None):
-    return divergence("skew_reverse_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, alpha=alpha)
-
-
-def alpha_beta(student_logits, teacher_logits, *, alpha=0.2, beta=0.7, temperature=1.0, mask=None,
-               reduction="mean", normalizer=None):
-    return divergence("alpha_beta", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, alpha=alpha, beta=beta)
-
-
-def alpha(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0, mask=None, reduction="mean",
-          normalizer=None):
-    return divergence("alpha", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, alpha=alpha)
-
-
-def hellinger(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("hellinger", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
-
-
-def chi2(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", normalizer=None):
-    return divergence("chi2", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
-
-
-def cauchy_schwarz(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean",
-                   normalizer=None):
-    return divergence("cauchy_schwarz", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer)
-
-
-def bdkd(student_logits, teacher_logits, *, high_weight=3.0, low_weight=1.0, temperature=1.0, mask=None,
-         reduction="mean", normalizer=None):
-    return divergence("bdkd", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, high_weight=high_weight, low_weight=low_weight)
-
-
-def sinkhorn(student_logits, teacher_logits, *, epsilon=0.1, n_iters=20, cost="l1", temperature=1.0, mask=None,
-             reduction="mean", normalizer=None):
-    return divergence("sinkhorn", student_logits, teacher_logits, temperature=temperature, mask=mask,
-                      reduction=reduction, normalizer=normalizer, epsilon=epsilon, n_iters=n_iters, cost=cost)
-
-
-_EXAMPLES = {
-    "forward_kl": ("forward_kl(s, t)", "1.1504"),
-    "reverse_kl": ("reverse_kl(s, t)", "1.1504"),
-    "js": ("js(s, t, beta=0.5)", "0.2476"),
-    "tvd": ("tvd(s, t)", "0.5752"),
-    "skew_kl": ("skew_kl(s, t, alpha=0.1)", "0.8299"),
-    "skew_reverse_kl": ("skew_reverse_kl(s, t, alpha=0.1)", "0.8299"),
-    "alpha_beta": ("alpha_beta(s, t, alpha=1.0, beta=0.0)", "1.1504"),
-    "alpha": ("alpha(s, t, alpha=0.5)", "1.0633"),
-    "hellinger": ("hellinger(s, t)", "0.2658"),
-    "chi2": ("chi2(s, t)", "4.1724"),
-    "cauchy_schwarz": ("cauchy_schwarz(s, t)", "1.0443"),
-    "bdkd": ("bdkd(s, t)", "4.6017"),
-    "sinkhorn": ("sinkhorn(s, t)", "1.1504"),
-}
-
-for _name, (_call, _value) in _EXAMPLES.items():
-    globals()[_name].__doc__ = _doc(_name) + (
-        "\n    >>> import torch\n    >>> from divergent.functional import " + _name +
-        "\n    >>> s = torch.tensor([[0.0, 1.0, 2.0]]); t = torch.tensor([[2.0, 1.0, 0.0]])"
-        f"\n    >>> round({_call}.item(), 4)\n    {_value}\n"
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    function.__signature__ = inspect.Signature(
+        [inspect.Parameter("student_logits", positional), inspect.Parameter("teacher_logits", positional)]
+        + [inspect.Parameter(p.name, keyword, default=p.default) for p in spec.params]
+        + [inspect.Parameter(argument, keyword, default=default) for argument, default in _CONTRACT],
+        return_annotation=Tensor,
     )
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = _docstring(spec)
+    return function
+
+
+BUILTIN_NAMES = tuple(name for name, spec in REGISTRY.items() if spec.builtin)
+for _name in BUILTIN_NAMES:
+    globals()[_name] = named_function(REGISTRY[_name])
+del _name
+
+__all__ = ["divergence", *BUILTIN_NAMES]

@@ -36,10 +36,16 @@ place the math lives). On CUDA, when the GPU module
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from divergent.functional import _validation as v
+from divergent.functional.api import divergence_rows
+from divergent.functional.registry import DivergenceSpec, get_spec
+from divergent.functional.topk import TopK
 
 __all__ = [
     "fused_linear_distillation",
@@ -66,15 +72,8 @@ def default_chunk_size(vocab_size: int, n_tokens: int | None = None) -> int:
     return min(rows, n_tokens) if n_tokens else rows
 
 
-def _divergence_module():
-    # Imported lazily: ``divergent.functional.__init__`` imports this module.
-    import divergent.functional as functional
-
-    return functional
-
-
 def _is_topk(teacher: Any) -> bool:
-    return type(teacher).__name__ == "TopK" and hasattr(teacher, "logprobs")
+    return isinstance(teacher, TopK)
 
 
 def _slice_topk(teacher: Any, start: int, end: int) -> Any:
@@ -107,25 +106,26 @@ def rows_and_student_grad_torch(
     receives no gradient. This is the reference of the Triton kernel's
     ``rows_and_student_grad`` and has the identical signature.
     """
-    functional = _divergence_module()
+    spec = get_spec(name)
+    params = spec.resolve(params)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     row_scale = row_scale.to(dtype)
     with torch.enable_grad():
         student = student_logits.detach().to(dtype).requires_grad_(True)
         teacher = teacher_logits if _is_topk(teacher_logits) else teacher_logits.detach()
-        counted = row_scale != 0
-        # Without masked rows, skip the mask: selecting rows copies the [N, V] logits.
-        rows = functional.divergence(
-            name,
-            student,
-            teacher,
-            temperature=temperature,
-            mask=None if bool(counted.all()) else counted,
-            reduction="none",
-            **params,
-        )
+        rows = _counted_rows(spec, student, teacher, temperature, params, row_scale != 0)
         (grad,) = torch.autograd.grad((rows.to(dtype) * row_scale).sum(), student)
     return rows.detach().to(dtype), grad
+
+
+def _counted_rows(spec: DivergenceSpec, student: torch.Tensor, teacher: Any, temperature: float, params: dict,
+                  counted: torch.Tensor) -> torch.Tensor:
+    """Per-row divergence of the counted rows, 0 for the others (``params`` already resolved)."""
+    # Without uncounted rows, select nothing: selecting rows copies the [N, V] logits.
+    if bool(counted.all()):
+        return divergence_rows(spec, student, teacher, temperature, params)
+    rows = divergence_rows(spec, student[counted], teacher[counted], temperature, params)
+    return rows.new_zeros(counted.shape).masked_scatter(counted, rows)
 
 
 # Devices whose chunks go to the Triton kernels. (benchmarks/bench_fused_linear.py --plan adds
@@ -298,19 +298,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
 
             if teacher_grad:
                 # Trainable teacher (online distillation): both logits need gradients.
-                functional = _divergence_module()
                 with torch.enable_grad():
                     s_leaf = student_logits.detach().requires_grad_(True)
                     t_leaf = teacher_chunk.detach().requires_grad_(True)
-                    rows = functional.divergence(
-                        name,
-                        s_leaf,
-                        t_leaf,
-                        temperature=temperature,
-                        mask=row_scale != 0,
-                        reduction="none",
-                        **params,
-                    )
+                    rows = _counted_rows(get_spec(name), s_leaf, t_leaf, temperature, params, row_scale != 0)
                     grad_s, grad_t = torch.autograd.grad((rows.to(acc) * row_scale).sum(), [s_leaf, t_leaf])
                 soft_sum = (rows.detach().to(acc) * row_scale).sum()
                 grad_s, grad_t = grad_s.to(acc), grad_t.to(acc)
@@ -339,6 +330,16 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 del grad_t, grad_t_low
             # Free this chunk's buffers before the next chunk's logits are made.
             del student_logits, teacher_chunk, grad_s, grad_s_low
+
+        if bool(torch.isnan(total)):
+            # The inputs were checked finite, so the logits x @ W.T overflowed their dtype.
+            raise ValueError(
+                f"the loss came out NaN from finite inputs: the logits student_input @ student_weight.T"
+                f"{'' if teacher_topk is not None else ' or teacher_input @ teacher_weight.T'} overflow "
+                f"{student_input.dtype} (beyond ±{torch.finfo(student_input.dtype).max:.3g}) for some token, "
+                f"or their spread divided by temperature={temperature:g} does; check the hidden states' and "
+                f"weights' scale"
+            )
 
         def _pad_rows(grad, weight):
             # Padding rows of the output layer beyond ``vocab`` get zero gradient.
@@ -457,29 +458,13 @@ def fused_linear_distillation(
     accumulator costs 2 GiB at V = 128k, H = 4096); ``torch.float32`` sums the
     chunks' contributions without rounding each one to bf16, at that memory cost.
     """
-    functional = _divergence_module()
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    available = functional.available() if hasattr(functional, "available") else None
-    if available is not None and name not in available:
-        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(available)}")
-    if hasattr(functional, "get_spec") and not functional.get_spec(name).per_row:
-        raise ValueError(
-            f"divergence {name!r} is not per-row (it couples all rows of a batch), so it cannot "
-            "be computed chunk by chunk; use dv.DistillationLoss on full logits instead"
-        )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-    if accumulation_dtype is not None and (
-        not isinstance(accumulation_dtype, torch.dtype) or not accumulation_dtype.is_floating_point
-    ):
-        raise TypeError(
-            f"accumulation_dtype must be a floating-point torch.dtype or None, got {accumulation_dtype!r}"
-        )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if normalizer is not None and not float(normalizer) > 0:
-        raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
+    spec, options = check_options(
+        name, temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, t2_scale=t2_scale,
+        ignore_index=ignore_index, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype, params=params,
+    )
+    normalizer = v.check_normalizer(normalizer)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = float(normalizer.detach())
 
     _check_matrix(student_weight, "student_weight")
     if not isinstance(student_input, torch.Tensor) or student_input.dim() < 1:
@@ -492,6 +477,7 @@ def fused_linear_distillation(
             f"student_input hidden size {student_flat.shape[1]} does not match student_weight "
             f"{tuple(student_weight.shape)} (expected [vocab, {student_flat.shape[1]}])"
         )
+    _check_pair(student_input, student_weight, "student")
     n_tokens = student_flat.shape[0]
 
     teacher_topk = None
@@ -500,6 +486,12 @@ def fused_linear_distillation(
         if teacher_input is not None:
             raise ValueError("teacher_input must be None when the teacher is a dv.TopK")
         teacher_topk = teacher_weight
+        if torch.is_grad_enabled() and teacher_topk.logprobs.requires_grad:
+            raise ValueError(
+                "the TopK teacher's logprobs require grad, but the fused loss gives a TopK teacher no "
+                "gradient; pass TopK(indices, logprobs.detach()) (a stored teacher is data), or use "
+                "dv.DistillationLoss on full logits, which differentiates through the bucket log-probs"
+            )
         topk_rows = teacher_topk.logprobs.reshape(-1, teacher_topk.logprobs.shape[-1])
         if topk_rows.shape[0] != n_tokens:
             raise ValueError(
@@ -524,13 +516,21 @@ def fused_linear_distillation(
                 f"teacher_input hidden size {teacher_flat.shape[1]} does not match teacher_weight "
                 f"{tuple(teacher_weight.shape)} (expected [vocab, {teacher_flat.shape[1]}])"
             )
+        _check_pair(teacher_input, teacher_weight, "teacher")
+        if teacher_input.device != student_input.device:
+            raise ValueError(
+                f"the teacher's tensors are on {teacher_input.device} and the student's on "
+                f"{student_input.device}; move both to one device"
+            )
         vocab = resolve_vocab_size(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
         teacher_weight_tensor = teacher_weight
 
     flat_labels = None
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-            raise TypeError("labels must be an integer tensor of token ids (ignore_index = masked)")
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool \
+                or labels.is_complex():
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be an integer tensor of token ids (ignore_index = masked), got {got}")
         if labels.shape != leading_shape:
             raise ValueError(
                 f"labels has shape {tuple(labels.shape)}, expected {tuple(leading_shape)} "
@@ -538,18 +538,15 @@ def fused_linear_distillation(
             )
         flat_labels = labels.reshape(-1).long()
 
-    options = dict(
-        name=name,
-        params=params,
-        temperature=float(temperature),
-        chunk_size=chunk_size or default_chunk_size(vocab, n_tokens),
-        vocab_size=vocab,
-        accumulation_dtype=accumulation_dtype,
-        ignore_index=ignore_index,
+    _check_finite(
+        ("student_input", student_flat), ("student_weight", student_weight[:vocab]),
+        ("teacher_input", teacher_flat), ("teacher_weight", None if teacher_topk is not None else teacher_weight[:vocab]),
+    )
+    options.update(
         normalizer=normalizer,
-        soft_weight=float(soft_weight),
-        hard_weight=float(hard_weight) if labels is not None else 0.0,
-        t2=float(temperature) ** 2 if t2_scale else 1.0,
+        vocab_size=vocab,
+        chunk_size=options["chunk_size"] or default_chunk_size(vocab, n_tokens),
+        hard_weight=options["hard_weight"] if labels is not None else 0.0,
     )
     return _FusedLinearDistillation.apply(
         student_flat,
@@ -560,3 +557,89 @@ def fused_linear_distillation(
         teacher_topk,
         options,
     )
+
+
+def check_options(
+    name: str,
+    *,
+    temperature: Any,
+    hard_weight: Any,
+    soft_weight: Any,
+    t2_scale: Any,
+    ignore_index: Any,
+    chunk_size: Any,
+    accumulation_dtype: Any,
+    params: dict,
+) -> tuple[DivergenceSpec, dict]:
+    """Check the fused loss's hyperparameters (also what ``LinearDistillationLoss`` checks when made).
+
+    Returns the registry entry and the options of ``_FusedLinearDistillation`` (the
+    divergence's parameters resolved: filled with defaults and range-checked).
+    """
+    spec = get_spec(name)
+    if not spec.per_row:
+        raise ValueError(
+            f"divergence {name!r} is not per-row (it couples all rows of a batch), so it cannot "
+            "be computed chunk by chunk; use dv.DistillationLoss on full logits instead"
+        )
+    resolved = spec.resolve(params)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+    if accumulation_dtype is not None and (
+        not isinstance(accumulation_dtype, torch.dtype) or not accumulation_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"accumulation_dtype must be a floating-point torch.dtype or None, got {accumulation_dtype!r}"
+        )
+    temperature = v.check_temperature(temperature)
+    if not isinstance(t2_scale, bool):
+        raise TypeError(f"t2_scale must be True or False, got {t2_scale!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (the label of tokens that do not count), got {ignore_index!r}")
+    return spec, dict(
+        name=name,
+        params=resolved,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        accumulation_dtype=accumulation_dtype,
+        ignore_index=ignore_index,
+        soft_weight=v.check_weight(soft_weight, "soft_weight"),
+        hard_weight=v.check_weight(hard_weight, "hard_weight"),
+        t2=temperature**2 if t2_scale else 1.0,
+    )
+
+
+def _check_pair(hidden: torch.Tensor, weight: torch.Tensor, side: str) -> None:
+    """An input and its output layer: one dtype, one device, with values (not on ``meta``)."""
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"{side}_input has dtype {hidden.dtype} but {side}_weight has {weight.dtype}; the logits "
+            f"{side}_input @ {side}_weight.T need one dtype (cast the hidden states to the weight's)"
+        )
+    if hidden.device != weight.device:
+        raise ValueError(
+            f"{side}_input is on {hidden.device} but {side}_weight is on {weight.device}; move both to one device"
+        )
+    # A memory plan (benchmarks/bench_fused_linear.py --plan) routes meta tensors to the kernels on
+    # purpose; anywhere else a weight on meta belongs to a model whose weights were never loaded.
+    if weight.device.type == "meta" and "meta" not in _KERNEL_DEVICE_TYPES:
+        raise ValueError(
+            f"{side}_weight is on the meta device: it has a shape but no values (a model made with "
+            f"init_empty_weights or device_map='meta' and never loaded); load its weights first"
+        )
+
+
+def _check_finite(*named: tuple[str, torch.Tensor | None]) -> None:
+    """ValueError naming the first tensor that holds NaN or ±inf (one host read for all of them).
+
+    Min and max are reductions: no temporary as large as a [V, H] weight, unlike isfinite.
+    """
+    present = [(argument, tensor) for argument, tensor in named if tensor is not None and tensor.numel()]
+    if not present:
+        return
+    extremes = torch.stack([torch.stack(torch.aminmax(tensor.detach())).float() for _, tensor in present])
+    bad = ~torch.isfinite(extremes).all(-1)
+    if bool(bad.any()):
+        argument, tensor = present[int(bad.int().argmax())]
+        count = int((~torch.isfinite(tensor.detach())).sum())
+        raise ValueError(f"{argument} holds {count} NaN or infinite value(s); the loss needs finite values")

@@ -55,16 +55,26 @@ class TopK:
             raise ValueError(f"TopK needs at least one index per row (shape [..., k], k ≥ 1), got {tuple(indices.shape)}")
         if torch.isnan(logprobs).any() or torch.isposinf(logprobs).any():
             raise ValueError("TopK logprobs contain NaN or +inf; expected log-probabilities ≤ 0")
-        if (logprobs > 1e-4).any():
+        # Log-probs stored in a low-precision dtype (a bf16 cache) carry its rounding: each may
+        # be off by its relative rounding |log p|·eps/2, plus eps absolute for the rounding of the
+        # log-softmax that produced it (at least 1e-4). Values up to that above 0, and sums up to
+        # that above 1, are rounding; beyond it they are not log-probabilities.
+        finfo = torch.finfo(logprobs.dtype)
+        slack = max(finfo.eps, 1e-4)
+        if (logprobs > slack).any():
             raise ValueError(
-                f"TopK logprobs must be log-probabilities (≤ 0), got a maximum of {float(logprobs.max()):.4g}; "
-                f"pass log_softmax(teacher_logits) values, or build it with TopK.from_logits"
+                f"TopK logprobs must be log-probabilities (≤ 0, or up to {slack:.2g} above for the rounding of "
+                f"{logprobs.dtype}), got a maximum of {float(logprobs.max()):.4g}; pass log_softmax(teacher_logits) "
+                f"values, or build it with TopK.from_logits"
             )
-        mass = torch.logsumexp(logprobs.double(), dim=-1).exp()
-        if (mass > 1.0 + 1e-3).any():
+        least = logprobs.double() * (1.0 + finfo.eps / 2) - slack  # each value at the low end of its rounding
+        least_mass = torch.logsumexp(least, dim=-1).exp()
+        if (least_mass > 1.0).any():
+            mass = torch.logsumexp(logprobs.double(), dim=-1).exp()
             raise ValueError(
-                f"TopK logprobs sum to more than 1 in probability (max {float(mass.max()):.6g}); they must be "
-                f"the teacher's full-vocabulary log-probs at the stored indices"
+                f"TopK logprobs sum to more than 1 in probability (max {float(mass.max()):.6g}), beyond the "
+                f"rounding of {logprobs.dtype}; they must be the teacher's full-vocabulary log-probs at the "
+                f"stored indices"
             )
         if (indices < 0).any():
             raise ValueError("TopK indices must be ≥ 0")
@@ -127,7 +137,9 @@ def bucket_logprobs(student_logits: Tensor, teacher: TopK, temperature: float, d
     logsumexp of all other classes (computed directly, not as 1 − Σ, to stay exact).
     Teacher: the stored log-probs and log(1 − Σ p_topk) for the tail, then tempered as
     softmax(log p_bucket / T) — exact at T = 1; at T ≠ 1 the tail is tempered as if it were
-    one class. When k equals the vocabulary size there is no tail (both tails are -inf).
+    one class. When k equals the vocabulary size there is no tail (both tails are -inf) and
+    the stored log-probs are normalised to sum to 1 (removing a low-precision cache's rounding);
+    when they sum to slightly more than 1 at k < V, they are scaled back to 1 and the tail is 0.
     """
     vocab = student_logits.shape[-1]
     if teacher.k > vocab:
@@ -140,13 +152,17 @@ def bucket_logprobs(student_logits: Tensor, teacher: TopK, temperature: float, d
     lq_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     lq_top = lq_full.gather(-1, indices)
     lp_top = teacher.logprobs.to(device=student_logits.device, dtype=dtype)
+    top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True)
     if teacher.k == vocab:
+        # The stored log-probs are the whole distribution: normalising removes their rounding.
+        lp_top = lp_top - top_mass
         neg_inf = torch.full_like(lq_top[..., :1], float("-inf"))
         lq_tail, lp_tail = neg_inf, neg_inf
     else:
         lq_tail = torch.logsumexp(lq_full.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True)
-        top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True).clamp_max(0.0)
-        lp_tail = torch.log(-torch.expm1(top_mass))  # log(1 − Σ p_topk); -inf when Σ = 1
+        # Rounding (see TopK) may put the top k slightly above 1: scale them back to 1, tail 0.
+        lp_top = lp_top - top_mass.clamp_min(0.0)
+        lp_tail = torch.log(-torch.expm1(top_mass.clamp_max(0.0)))  # log(1 − Σ p_topk); -inf when Σ = 1
     lq = torch.cat([lq_top, lq_tail], dim=-1)
     lp = torch.cat([lp_top, lp_tail], dim=-1)
     if temperature != 1.0:

@@ -3,7 +3,8 @@
 This is the GPU inner loop of the output-layer-fused loss
 (:mod:`divergent.functional.fused_linear`). For a chunk of ``N`` tokens it
 receives the student and teacher logits ``s, t`` (``[N, V]``, bf16/fp16/fp32)
-and returns, for every registered divergence except ``sinkhorn``,
+and returns, for every built-in divergence whose registry entry names a ``triton_kernel``
+(all but ``sinkhorn``; see :data:`SUPPORTED_NAMES`),
 
     rows[i] = D(p_i || q_i),        p_i = softmax(t_i / T),  q_i = softmax(s_i / T)
     grad    = d( sum_i row_scale[i] * rows[i] ) / d s
@@ -46,10 +47,12 @@ still to be measured on a GPU: ``docs/gpu.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from divergent.functional.registry import REGISTRY, get_spec
 
 try:  # Triton is optional: CPU-only installs and CI have none.
     import triton
@@ -58,7 +61,14 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-__all__ = ["supports", "rows_and_student_grad", "rows_and_student_grad_topk", "triton_available", "SUPPORTED_NAMES"]
+__all__ = [
+    "supports",
+    "rows_and_student_grad",
+    "rows_and_student_grad_topk",
+    "triton_available",
+    "SUPPORTED_NAMES",
+    "KERNEL_CONSTANTS",
+]
 
 # Kernel identifiers of the per-class formulas (constexpr: each name compiles its own kernel).
 _FORWARD_KL = 0
@@ -67,31 +77,18 @@ _JS = 2
 _TVD = 3
 _SKEW_KL = 4
 _SKEW_REVERSE_KL = 5
-_AB_GENERIC = 6  # alpha > 0, beta > 0
-_AB_ALPHA_ZERO = 7  # alpha = 0, beta > 0 (log form)
-_AB_BETA_ZERO = 8  # beta = 0, alpha > 0 (log form)
-_AB_BOTH_ZERO = 9  # alpha = beta = 0 (log form)
-_AMARI = 10  # 0 < alpha < 1; the ends are forward/reverse KL
-_HELLINGER = 11
-_CHI2 = 12
-_CAUCHY_SCHWARZ = 13
-_BDKD = 14
-_KERNEL_IDS = tuple(range(15))
+_AB_GENERIC = 6  # alpha, beta >= 0.1: plain powers
+_AB_SMALL = 7  # alpha + beta > 0 with an exponent below 0.1 (0 included): the form without cancellation
+_AB_BOTH_ZERO = 8  # alpha = beta = 0 (log form)
+_AMARI = 9  # 0.1 <= alpha <= 0.9; nearer the ends _AB_SMALL, at the ends forward/reverse KL
+_HELLINGER = 10
+_CHI2 = 11
+_CAUCHY_SCHWARZ = 12
+_BDKD = 13
+_KERNEL_IDS = tuple(range(14))
 
-SUPPORTED_NAMES = (
-    "forward_kl",
-    "reverse_kl",
-    "js",
-    "tvd",
-    "skew_kl",
-    "skew_reverse_kl",
-    "alpha_beta",
-    "alpha",
-    "hellinger",
-    "chi2",
-    "cauchy_schwarz",
-    "bdkd",
-)
+# Exponents of the AB- and alpha-divergences below this go to _AB_SMALL (as in _math.alpha_beta).
+_PLAIN_POWERS_FROM = 0.1
 
 
 def triton_available() -> bool:
@@ -102,10 +99,12 @@ def triton_available() -> bool:
 def supports(name: str) -> bool:
     """Whether this module computes ``name`` (False for every name when Triton is absent).
 
-    ``sinkhorn`` couples all rows of a batch (a transport plan between them), so
-    it has no per-row kernel and is never supported here.
+    True for the registry entries with a ``triton_kernel``. ``sinkhorn`` couples all rows
+    of a batch (a transport plan between them), so it has no per-row kernel; a divergence
+    registered with ``dv.register_divergence`` has none either (the chunked torch path runs it).
     """
-    return triton is not None and name in SUPPORTED_NAMES
+    spec = REGISTRY.get(name) if isinstance(name, str) else None
+    return triton is not None and spec is not None and spec.triton_kernel in KERNEL_CONSTANTS
 
 
 if triton is not None:
@@ -148,6 +147,58 @@ if triton is not None:
         rescale = tl.exp(row_max - shift)
         weights = tl.exp(block - shift)
         return new_max, row_sum * rescale + tl.reduce(weights, 0, _add), rescale, weights
+
+    @triton.jit
+    def _psi_series(u):
+        # psi(u) = (e^u - 1 - u) / u^2 = sum_k u^k / (k+2)!, for |u| < 1/2 (relative error 2e-9)
+        out = 1.0 / 3628800.0
+        out = out * u + 1.0 / 362880.0
+        out = out * u + 1.0 / 40320.0
+        out = out * u + 1.0 / 5040.0
+        out = out * u + 1.0 / 720.0
+        out = out * u + 1.0 / 120.0
+        out = out * u + 1.0 / 24.0
+        out = out * u + 1.0 / 6.0
+        return out * u + 0.5
+
+    @triton.jit
+    def _weighted_phi(cross, log_top, c, z):
+        """e^A phi(c, z) = e^A (e^(cz) - 1 - cz) / c^2 with e^A = cross and e^(A + cz) = e^log_top.
+
+        |cz| < 1/2: e^A z^2 psi(cz) by the series; otherwise (e^(A + cz) - e^A (1 + cz)) / c^2, which
+        never exponentiates cz alone (A + cz <= 0). e^A = 0 against an infinite cz is the limit 0.
+        """
+        u = c * z
+        near = tl.abs(u) < 0.5
+        series = cross * z * z * _psi_series(tl.where(near, u, 0.0))
+        correction = tl.where(cross == 0.0, 0.0, cross * (1.0 + u))
+        far = (tl.exp(log_top) - correction) / (c * c)
+        return tl.where(near, series, far)
+
+    @triton.jit
+    def _ab_small_inputs(lp, lq, p_pos, q_pos, alpha, beta):
+        """log p and log q with shared zeros set to 0 (their terms are 0), d = log p - log q, p^a q^b."""
+        both_zero = (~p_pos) & (~q_pos)
+        lp0 = tl.where(both_zero, 0.0, lp)
+        lq0 = tl.where(both_zero, 0.0, lq)
+        # an exponent of 0 makes its factor 1, also where the probability is 0
+        log_cross = tl.where(alpha > 0.0, alpha * lp0, 0.0) + tl.where(beta > 0.0, beta * lq0, 0.0)
+        return lp0, lq0, lp0 - lq0, tl.exp(log_cross), both_zero
+
+    @triton.jit
+    def _ab_small_sensitivity(lq0, d, cross, q_pos, alpha, beta):
+        """a_k = q^b (q^a - p^a) / a = p^a q^b expm1(-a d) / a, and q^b (log q - log p) at a = 0.
+
+        expm1(u) / u = 1 + u psi(u): the series for |u| < 1/2, else the exponentials (A + u <= 0).
+        """
+        u = -alpha * d
+        near = tl.abs(u) < 0.5
+        un = tl.where(near, u, 0.0)
+        series = -cross * d * (1.0 + un * _psi_series(un))
+        far = (tl.exp((alpha + beta) * lq0) - cross) / alpha
+        general = tl.where(near, series, far)
+        at_zero = tl.where(q_pos, -cross * d, 0.0)
+        return tl.where(alpha > 0.0, general, at_zero)
 
     @triton.jit
     def _class_terms(lp, lq, p, q, param0, param1, param2, DIVERGENCE: tl.constexpr):
@@ -202,35 +253,34 @@ if triton is not None:
             acc0 = -(pa_qb - (param0 / s) * p_ab - (param1 / s) * q_ab) / (param0 * param1)
             acc1 = (q_ab - pa_qb) / param0
         elif DIVERGENCE == 7:
-            # AB-divergence, alpha = 0 (limit): D = 1/b^2 sum [q^b b (log q - log p) - q^b + p^b]
-            #   a_k = q^b (log q - log p);    param1 = beta
-            qb = tl.exp(param1 * lq)
-            log_ratio = tl.where(q_pos, qb * (lq - lp), zero)
-            acc0 = (param1 * log_ratio - qb + tl.exp(param1 * lp)) / (param1 * param1)
-            acc1 = log_ratio
+            # AB-divergence with an exponent below 0.1 (0 included), alpha + beta > 0, written
+            # without cancellation (see divergent.functional._math.alpha_beta):
+            #   D = sum p^a q^b [ (b/s) phi(b, d) + (a/s) phi(a, -d) ],  s = a + b,  d = log p - log q,
+            #   phi(c, z) = (e^(cz) - 1 - cz) / c^2 >= 0;   a_k = q^b (q^a - p^a) / a.
+            #   param0 = alpha, param1 = beta
+            lp0, lq0, d, cross, both_zero = _ab_small_inputs(lp, lq, p_pos, q_pos, param0, param1)
+            s = param0 + param1
+            toward_p = _weighted_phi(cross, s * lp0, param1, d)
+            toward_q = _weighted_phi(cross, s * lq0, param0, -d)
+            value = tl.where(param1 > 0.0, (param1 / s) * toward_p, 0.0)
+            value += tl.where(param0 > 0.0, (param0 / s) * toward_q, 0.0)
+            acc0 = tl.where(both_zero, zero, value)
+            acc1 = _ab_small_sensitivity(lq0, d, cross, q_pos, param0, param1)
         elif DIVERGENCE == 8:
-            # AB-divergence, beta = 0 (limit): D = 1/a^2 sum [p^a a (log p - log q) - p^a + q^a]
-            #   a_k = (q^a - p^a) / a;    param0 = alpha
-            pa = tl.exp(param0 * lp)
-            qa = tl.exp(param0 * lq)
-            log_ratio = tl.where(p_pos, pa * (lp - lq), zero)
-            acc0 = (param0 * log_ratio - pa + qa) / (param0 * param0)
-            acc1 = (qa - pa) / param0
-        elif DIVERGENCE == 9:
             # AB-divergence, alpha = beta = 0 (limit): D = 1/2 sum (log p - log q)^2; a_k = log q - log p
             diff = tl.where(p_pos | q_pos, lq - lp, zero)
             acc0 = 0.5 * diff * diff
             acc1 = diff
-        elif DIVERGENCE == 10:
-            # Amari alpha, 0 < alpha < 1: D = (1 - sum p^a q^(1-a)) / (a (1-a));
+        elif DIVERGENCE == 9:
+            # Amari alpha, 0.1 <= alpha <= 0.9: D = (1 - sum p^a q^(1-a)) / (a (1-a));
             # acc0 collects sum p^a q^(1-a); a_k = -p^a q^(1-a) / a.   param0 = alpha
             acc0 = tl.where(p_pos & q_pos, tl.exp(param0 * lp + (1.0 - param0) * lq), zero)
-        elif DIVERGENCE == 11:
+        elif DIVERGENCE == 10:
             # squared Hellinger = 1/2 sum (sqrt p - sqrt q)^2; a = (q - sqrt(p q)) / 2
             root_pq = tl.exp(0.5 * (lp + lq))
             acc0 = 0.5 * (p - 2.0 * root_pq + q)
             acc1 = 0.5 * (q - root_pq)
-        elif DIVERGENCE == 12:
+        elif DIVERGENCE == 11:
             # Pearson chi^2 = sum (p - q)^2 / q; a = q - p^2 / q. With d = log p - log q the term is
             # q (e^d - 1)^2 for d <= 0 and e^(log p + d) (1 - e^-d)^2 for d > 0: no overflow unless
             # the value itself overflows (q = 0 < p gives +inf).
@@ -242,11 +292,11 @@ if triton is not None:
             below = q * (tl.exp(d_neg) - 1.0) * (tl.exp(d_neg) - 1.0)
             acc0 = tl.where(both_zero, zero, tl.where(d > 0.0, above, below))
             acc1 = tl.where(both_zero, zero, q - tl.exp(2.0 * lp - lq))
-        elif DIVERGENCE == 13:
+        elif DIVERGENCE == 12:
             # Cauchy-Schwarz: sum p^2 and sum q^2 here; log sum p q is streamed in the kernel
             acc1 = p * p
             acc2 = q * q
-        elif DIVERGENCE == 14:
+        elif DIVERGENCE == 13:
             # BD-KD: forward KL, reverse KL, teacher entropy H(p), student entropy H(q)
             acc0 = tl.where(p_pos, p * (lp - lq), zero)
             acc1 = tl.where(q_pos, q * (lq - lp), zero)
@@ -282,25 +332,26 @@ if triton is not None:
             s = param0 + param1
             a = (tl.exp(s * lq) - tl.exp(param0 * lp + param1 * lq)) / param0
         elif DIVERGENCE == 7:
-            a = tl.where(q_pos, tl.exp(param1 * lq) * (lq - lp), zero)
+            lp0, lq0, d, cross, both_zero = _ab_small_inputs(lp, lq, p_pos, q_pos, param0, param1)
+            a = _ab_small_sensitivity(lq0, d, cross, q_pos, param0, param1)
         elif DIVERGENCE == 8:
-            a = (tl.exp(param0 * lq) - tl.exp(param0 * lp)) / param0
-        elif DIVERGENCE == 9:
             a = tl.where(p_pos | q_pos, lq - lp, zero)
-        elif DIVERGENCE == 10:
+        elif DIVERGENCE == 9:
             a = tl.where(p_pos & q_pos, -tl.exp(param0 * lp + (1.0 - param0) * lq) / param0, zero)
-        elif DIVERGENCE == 11:
+        elif DIVERGENCE == 10:
             a = 0.5 * (q - tl.exp(0.5 * (lp + lq)))
-        elif DIVERGENCE == 12:
+        elif DIVERGENCE == 11:
             a = tl.where(p_pos | q_pos, q - tl.exp(2.0 * lp - lq), zero)
-        elif DIVERGENCE == 13:
+        elif DIVERGENCE == 12:
             # D = -log sum pq + 1/2 log sum p^2 + 1/2 log sum q^2
             # a = -p q / sum pq + q^2 / sum q^2;   c0 = log sum pq, c1 = 1 / sum q^2
             a = -tl.exp(lp + lq - c0) + q * q * c1
-        elif DIVERGENCE == 14:
+        elif DIVERGENCE == 13:
             # D = w_f KL(p||q) + w_r KL(q||p) with the row weights fixed by the entropy gap
-            # (piecewise constant, so they carry no gradient); c0 = w_f, c1 = w_r
-            a = -c0 * p + c1 * tl.where(q_pos, q * (lq - lp + 1.0), zero)
+            # (piecewise constant, so they carry no gradient); c0 = w_f, c1 = w_r. A weight of 0
+            # drops its direction also where that KL's term is infinite (0 * inf would be NaN).
+            reverse = tl.where(q_pos, q * (lq - lp + 1.0), zero)
+            a = -c0 * p + tl.where(c1 == 0.0, zero, c1 * reverse)
         return a
 
     @triton.jit
@@ -377,7 +428,7 @@ if triton is not None:
                 acc1 += tl.where(in_vocab, d1, 0.0)
                 acc2 += tl.where(in_vocab, d2, 0.0)
                 acc3 += tl.where(in_vocab, d3, 0.0)
-                if DIVERGENCE == 13:
+                if DIVERGENCE == 12:
                     cross = lp + lq
                     new_max = tl.maximum(cross_max, cross)
                     shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -397,10 +448,10 @@ if triton is not None:
         elif DIVERGENCE == 1:
             value = kl_cross / s_sum + log_z_gap
             total_a = value + 1.0
-        elif DIVERGENCE == 10:
+        elif DIVERGENCE == 9:
             value = (1.0 - sum0) / (param0 * (1.0 - param0))
             total_a = -sum0 / param0
-        elif DIVERGENCE == 13:
+        elif DIVERGENCE == 12:
             top = tl.reduce(cross_max, 0, _larger)
             safe_top = tl.where(top == float("-inf"), 0.0, top)
             log_cross = safe_top + tl.log(tl.reduce(cross_sum * tl.exp(cross_max - safe_top), 0, _add))
@@ -409,14 +460,15 @@ if triton is not None:
             total_a = 0.0  # -sum pq / sum pq + sum q^2 / sum q^2
             c0 = log_cross
             c1 = 1.0 / sum2
-        elif DIVERGENCE == 14:
+        elif DIVERGENCE == 13:
             # The less confident side gets the large weight on the KL that pulls it:
             # student entropy above the teacher's -> reverse KL weighted high, else forward KL.
             student_less_confident = sum3 > sum2
             c0 = tl.where(student_less_confident, param1, param0)  # forward-KL weight
             c1 = tl.where(student_less_confident, param0, param1)  # reverse-KL weight
-            value = c0 * sum0 + c1 * sum1
-            total_a = -c0 + c1 * (sum1 + 1.0)
+            # a weight of 0 drops its direction, also where that KL is infinite (0 * inf would be NaN)
+            value = tl.where(c0 == 0.0, 0.0, c0 * sum0) + tl.where(c1 == 0.0, 0.0, c1 * sum1)
+            total_a = -c0 + tl.where(c1 == 0.0, 0.0, c1 * (sum1 + 1.0))
         else:
             value = sum0
             total_a = sum1
@@ -471,53 +523,63 @@ if triton is not None:
             tl.store(row_ptr + cols, value.to(raw.dtype), mask=in_vocab)
 
 
+def _alpha_beta_constants(alpha: float, beta: float) -> tuple[int, float, float, float]:
+    if alpha == 0.0 and beta == 0.0:
+        return _AB_BOTH_ZERO, 0.0, 0.0, 0.0
+    if min(alpha, beta) >= _PLAIN_POWERS_FROM:
+        return _AB_GENERIC, alpha, beta, 0.0
+    return _AB_SMALL, alpha, beta, 0.0
+
+
+def _amari_constants(params: Mapping[str, Any]) -> tuple[int, float, float, float]:
+    alpha = params["alpha"]
+    if alpha == 1.0:  # the alpha -> 1 limit is forward KL
+        return _FORWARD_KL, 0.0, 0.0, 0.0
+    if alpha == 0.0:  # the alpha -> 0 limit is reverse KL
+        return _REVERSE_KL, 0.0, 0.0, 0.0
+    if min(alpha, 1.0 - alpha) >= _PLAIN_POWERS_FROM:
+        return _AMARI, alpha, 0.0, 0.0
+    # Nearer the ends 1 - sum p^a q^(1-a) cancels: the AB form at (alpha, 1 - alpha) does not.
+    return _alpha_beta_constants(alpha, 1.0 - alpha)
+
+
+def _mixture_constants(kernel: int, plain: int, weight: float) -> tuple[int, float, float, float]:
+    if weight == 0.0:  # no smoothing: the plain KL of that direction
+        return plain, 0.0, 0.0, 0.0
+    return kernel, weight, math.log(weight), math.log1p(-weight)
+
+
+# The kernels, keyed by a registry entry's ``triton_kernel``: each maps the divergence's resolved
+# parameters to (kernel id, param0, param1, param2) of _fused_divergence_kernel.
+KERNEL_CONSTANTS: dict[str, Callable[[Mapping[str, Any]], tuple[int, float, float, float]]] = {
+    "forward_kl": lambda params: (_FORWARD_KL, 0.0, 0.0, 0.0),
+    "reverse_kl": lambda params: (_REVERSE_KL, 0.0, 0.0, 0.0),
+    "js": lambda params: (_JS, params["beta"], math.log(params["beta"]), math.log1p(-params["beta"])),
+    "tvd": lambda params: (_TVD, 0.0, 0.0, 0.0),
+    "skew_kl": lambda params: _mixture_constants(_SKEW_KL, _FORWARD_KL, params["alpha"]),
+    "skew_reverse_kl": lambda params: _mixture_constants(_SKEW_REVERSE_KL, _REVERSE_KL, params["alpha"]),
+    "alpha_beta": lambda params: _alpha_beta_constants(params["alpha"], params["beta"]),
+    "alpha": _amari_constants,
+    "hellinger": lambda params: (_HELLINGER, 0.0, 0.0, 0.0),
+    "chi2": lambda params: (_CHI2, 0.0, 0.0, 0.0),
+    "cauchy_schwarz": lambda params: (_CAUCHY_SCHWARZ, 0.0, 0.0, 0.0),
+    "bdkd": lambda params: (_BDKD, params["high_weight"], params["low_weight"], 0.0),
+}
+
+# Derived from the registry: the divergences whose entry names one of these kernels.
+SUPPORTED_NAMES = tuple(name for name, spec in REGISTRY.items() if spec.triton_kernel in KERNEL_CONSTANTS)
+
+
 def _kernel_constants(name: str, params: Mapping[str, Any] | None) -> tuple[int, float, float, float]:
     """Map a divergence and its parameters to (kernel id, param0, param1, param2).
 
     Parameters are filled and range-checked by the registry (``get_spec(name).resolve``),
     the one place their defaults and ranges are declared.
     """
-    from divergent.functional.registry import get_spec
-
-    resolved = get_spec(name).resolve(dict(params or {}))
-    fixed = {
-        "forward_kl": _FORWARD_KL,
-        "reverse_kl": _REVERSE_KL,
-        "tvd": _TVD,
-        "hellinger": _HELLINGER,
-        "chi2": _CHI2,
-        "cauchy_schwarz": _CAUCHY_SCHWARZ,
-    }
-    if name in fixed:
-        return fixed[name], 0.0, 0.0, 0.0
-    if name == "js":
-        beta = resolved["beta"]
-        return _JS, beta, math.log(beta), math.log1p(-beta)
-    if name in ("skew_kl", "skew_reverse_kl"):
-        alpha = resolved["alpha"]
-        if alpha == 0.0:  # no smoothing: the plain KL of that direction
-            return (_FORWARD_KL if name == "skew_kl" else _REVERSE_KL), 0.0, 0.0, 0.0
-        kernel = _SKEW_KL if name == "skew_kl" else _SKEW_REVERSE_KL
-        return kernel, alpha, math.log(alpha), math.log1p(-alpha)
-    if name == "alpha_beta":
-        alpha, beta = resolved["alpha"], resolved["beta"]
-        if alpha > 0 and beta > 0:
-            return _AB_GENERIC, alpha, beta, 0.0
-        if beta > 0:
-            return _AB_ALPHA_ZERO, 0.0, beta, 0.0
-        if alpha > 0:
-            return _AB_BETA_ZERO, alpha, 0.0, 0.0
-        return _AB_BOTH_ZERO, 0.0, 0.0, 0.0
-    if name == "alpha":
-        alpha = resolved["alpha"]
-        if alpha == 1.0:  # the alpha -> 1 limit is forward KL
-            return _FORWARD_KL, 0.0, 0.0, 0.0
-        if alpha == 0.0:  # the alpha -> 0 limit is reverse KL
-            return _REVERSE_KL, 0.0, 0.0, 0.0
-        return _AMARI, alpha, 0.0, 0.0
-    if name == "bdkd":
-        return _BDKD, resolved["high_weight"], resolved["low_weight"], 0.0
-    raise ValueError(f"name {name!r} has no fused kernel; supported: {', '.join(SUPPORTED_NAMES)}")
+    spec = get_spec(name)
+    if spec.triton_kernel not in KERNEL_CONSTANTS:
+        raise ValueError(f"name {name!r} has no fused kernel; supported: {', '.join(SUPPORTED_NAMES)}")
+    return KERNEL_CONSTANTS[spec.triton_kernel](spec.resolve(dict(params or {})))
 
 
 def _default_block_size(vocab_size: int) -> int:

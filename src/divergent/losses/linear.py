@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from divergent.functional.fused_linear import fused_linear_distillation
+from divergent.functional.fused_linear import check_options, fused_linear_distillation
 
 __all__ = ["LinearDistillationLoss"]
 
@@ -45,6 +45,11 @@ class LinearDistillationLoss(nn.Module):
     accumulators (None: float32 on CPU, the weight's dtype on GPUs; see
     :func:`divergent.functional.fused_linear.fused_linear_distillation`).
 
+    Every argument is checked when the module is made (divergence name and parameters,
+    weights, temperature, ``t2_scale``, ``ignore_index``) and again, with the tensors, on
+    each call. A trainable dense teacher (``teacher_input`` or ``teacher_weight`` requiring
+    grad) receives its gradient; a ``dv.TopK`` teacher is data and may not require grad.
+
     Vocabulary: student and teacher output layers must have the same number of
     rows, or pass ``vocab_size=`` when the difference is only padding rows (both
     layers are then cut to the first ``vocab_size`` rows; the padding rows get
@@ -74,23 +79,24 @@ class LinearDistillationLoss(nn.Module):
         **params: Any,
     ) -> None:
         super().__init__()
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-        for argument, value in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{argument} must be a number >= 0, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        # The same checks as every call of fused_linear_distillation, made once here so that a
+        # wrong setting fails when the loss is made, not at the first batch.
+        _, options = check_options(
+            name, temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, t2_scale=t2_scale,
+            ignore_index=ignore_index, chunk_size=chunk_size, accumulation_dtype=accumulation_dtype, params=params,
+        )
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
         self.name = name
         self.chunk_size = chunk_size
-        self.hard_weight = float(hard_weight)
-        self.soft_weight = float(soft_weight)
-        self.temperature = float(temperature)
-        self.t2_scale = bool(t2_scale)
+        self.hard_weight = options["hard_weight"]
+        self.soft_weight = options["soft_weight"]
+        self.temperature = options["temperature"]
+        self.t2_scale = t2_scale
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
         self.accumulation_dtype = accumulation_dtype
-        self.params = dict(params)
+        self.params = options["params"]
 
     def forward(
         self,

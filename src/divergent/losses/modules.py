@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -17,20 +16,14 @@ from divergent.functional.topk import TopK
 __all__ = ["DivergenceLoss", "DistillationLoss"]
 
 
-def _check_weight(value: Any, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument} must be a number ≥ 0, got {type(value).__name__} {value!r}")
-    if not value >= 0:
-        raise ValueError(f"{argument} must be ≥ 0, got {value}")
-    return float(value)
-
-
 class DivergenceLoss(nn.Module):
     """``T² · divergence(name, student_logits, teacher_logits)`` as a module.
 
     With ``t2_scale=True`` (default, Hinton's convention) the divergence of the
     tempered distributions is multiplied by T², which keeps gradient magnitudes
-    comparable across temperatures. Parameters are checked at construction.
+    comparable across temperatures. Parameters are checked at construction. Like
+    :func:`divergent.divergence`, the gradient reaches the teacher too when its logits
+    require grad (detach them for a fixed teacher).
 
     >>> import torch, divergent as dv
     >>> loss = dv.DivergenceLoss("js", temperature=2.0, beta=0.5)
@@ -87,8 +80,8 @@ class DistillationLoss(nn.Module):
     def __init__(self, name: str, hard_weight: float = 0.5, soft_weight: float = 0.5, temperature: float = 1.0,
                  t2_scale: bool = True, ignore_index: int = -100, **params: Any) -> None:
         super().__init__()
-        self.hard_weight = _check_weight(hard_weight, "hard_weight")
-        self.soft_weight = _check_weight(soft_weight, "soft_weight")
+        self.hard_weight = v.check_weight(hard_weight, "hard_weight")
+        self.soft_weight = v.check_weight(soft_weight, "soft_weight")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
