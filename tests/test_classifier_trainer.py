@@ -88,6 +88,48 @@ def test_mcmi_teacher_finetuning_runs_on_the_model_itself(small_data):
     assert not _same_weights(model, before)
 
 
+def test_mcmi_centroid_modes_once_epoch_and_batch(small_data):
+    """``once``: training-set centroids of the model before fine-tuning, kept (the official code);
+    ``epoch``: recomputed after every epoch from the current weights; ``batch``: none kept."""
+    from divergent.methods import class_centroids
+    from divergent.train.classifier import _build_objective, predict_logits
+
+    def centroids_of(model):
+        return class_centroids(*predict_logits(model, small_data.train), 10)
+
+    for mode in ("once", "epoch", "batch"):
+        model = _mlp(3)
+        config = _config("mcmi-teacher", params={"centroids": mode})
+        objective = _build_objective(config)
+        objective.setup(model, None, small_data, torch.device("cpu"), config)
+        initial = centroids_of(model)
+        if mode == "batch":
+            assert objective.centroids.numel() == 0
+            continue
+        torch.testing.assert_close(objective.centroids, initial)
+        with torch.no_grad():
+            next(model.parameters()).mul_(3.0)  # the model moves during an epoch
+        objective.end_epoch()
+        torch.testing.assert_close(objective.centroids, initial if mode == "once" else centroids_of(model))
+        assert not torch.allclose(initial, centroids_of(model))
+    with pytest.raises(ValueError, match="parameter centroids must be one of 'once', 'epoch', 'batch', got 'step'"):
+        _build_objective(_config("mcmi-teacher", params={"centroids": "step"}))
+
+
+@pytest.mark.parametrize("mode", ["once", "epoch"])
+def test_mcmi_resume_keeps_the_saved_centroids(mode, small_data, tmp_path):
+    """Stopped mid-epoch and resumed, the run goes on with the centroids it had, and ends as an uninterrupted one."""
+    config = dict(epochs=3, params={"centroids": mode})
+    full = train_classifier(_mlp(3), small_data, _config("mcmi-teacher", **config))
+    stopped = train_classifier(_mlp(3), small_data, _config("mcmi-teacher", stop_after_steps=9, **config), run_dir=tmp_path)
+    assert stopped.status == "stopped"
+    resumed = train_classifier(_mlp(5), small_data, _config("mcmi-teacher", **config), run_dir=tmp_path, resume=True)
+    assert _same_weights(resumed.student, full.student)
+    # Fine-tuning with batch centroids is a different run.
+    batch = train_classifier(_mlp(3), small_data, _config("mcmi-teacher", epochs=3, params={"centroids": "batch"}))
+    assert not _same_weights(batch.student, full.student)
+
+
 @pytest.mark.parametrize("method", ["forward_kl", "pskd", "ofa", "dml", "dkd"])
 def test_resume_after_interruption_equals_an_uninterrupted_run(method, small_data, tmp_path):
     """Stop mid-epoch after 9 steps (6 steps per epoch), resume from the checkpoint, compare."""
@@ -153,7 +195,8 @@ def test_nan_loss_stops_naming_step_and_divergence_and_keeps_last_good_checkpoin
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "kl"}, "unknown method 'kl'; valid: a divergence"),
+        ({"method": "kl"}, "unknown method 'kl'.*; valid: a divergence"),
+        ({"method": "nkd", "params": {"gama": 1.0}}, r"unknown parameter\(s\) \['gama'\] for method 'nkd'.*did you mean 'gamma'"),
         ({"method": "dkd", "params": {"gama": 1.0}}, r"unknown parameter\(s\) \['gama'\] for method 'dkd'"),
         ({"method": "js", "params": {"alpha": 1.0}}, r"unknown parameter\(s\) \['alpha'\] for divergence 'js'; valid: \['beta'\]"),
         ({"epochs": 0}, "epochs must be >= 1"),

@@ -4,7 +4,7 @@ One entry per method, written once here; everything else is derived from it: the
 ``train_classifier`` and ``divergent compare`` accept, the defaults (read from the loss
 function's own keyword defaults with :func:`inspect.signature`, plus a few declared
 objective-level knobs), the "did you mean" of an unknown name, and the table in
-``docs/methods.md`` (``python -m divergent.methods.registry`` prints it; a test fails when
+``docs/methods.md`` (``python -m divergent.methods`` prints it; a test fails when
 the two differ). A registered divergence name (``divergent.available()``) is a method too:
 offline KD with that divergence.
 
@@ -447,6 +447,3 @@ def render_markdown() -> str:
         lines.append(f"| {names} | {spec.kind} | {params} | {spec.formula} | {spec.source} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    print(render_markdown(), end="")

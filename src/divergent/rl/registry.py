@@ -10,7 +10,7 @@ value from the step's tensors, and the coefficient that multiplies it:
 ``GRPOTrainer`` dispatches through it; ``GRPOConfig``'s list of names, its defaults for
 the built-in parameters (which are ``GRPOConfig`` fields of the same names) and their
 validation are read from here; ``docs/methods.md`` carries the table this module prints
-(``python -m divergent.rl.registry``; a test fails when the two differ).
+(``python -m divergent.rl``; a test fails when the two differ).
 
 >>> from divergent.rl import get_regulariser
 >>> spec = get_regulariser("reverse_kl")
@@ -401,6 +401,3 @@ def render_markdown() -> str:
         lines.append(f"| `{spec.name}` | {needs} | {params} | {spec.formula} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    print(render_markdown(), end="")
