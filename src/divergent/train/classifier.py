@@ -170,8 +170,6 @@ class ClassifierTrainConfig:
             raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
         if self.lr_schedule not in ("cosine", "constant", "multistep"):
             raise ValueError(f"lr_schedule must be 'cosine', 'constant' or 'multistep', got {self.lr_schedule!r}")
-        if not isinstance(self.params, dict):
-            raise TypeError(f"params must be a mapping, got {type(self.params).__name__}")
 
 
 @dataclass
