@@ -31,15 +31,21 @@ CASES = [
     ("alpha_beta", {"alpha": 1.5, "beta": 0.0}),
     ("alpha_beta", {"alpha": 0.0, "beta": 0.0}),
     ("alpha_beta", {"alpha": 1.0, "beta": 0.0}),
+    ("alpha_beta", {"alpha": 1e-6, "beta": 1e-6}),  # exponents near 0: the form without cancellation
+    ("alpha_beta", {"alpha": 0.05, "beta": 2.0}),
+    ("alpha_beta", {"alpha": 0.01, "beta": 0.0}),
     ("alpha", {}),
     ("alpha", {"alpha": 0.2}),
     ("alpha", {"alpha": 1.0}),
     ("alpha", {"alpha": 0.0}),
+    ("alpha", {"alpha": 1e-6}),
+    ("alpha", {"alpha": 0.97}),
     ("hellinger", {}),
     ("chi2", {}),
     ("cauchy_schwarz", {}),
     ("bdkd", {}),
     ("bdkd", {"high_weight": 2.0, "low_weight": 0.5}),
+    ("bdkd", {"high_weight": 0.0, "low_weight": 1.0}),  # a zero weight where that direction is infinite
 ]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in CASES]
 

@@ -298,6 +298,35 @@ def test_supports_every_per_row_divergence(interpreted):
         assert interpreted.supports(name) == dv.get_spec(name).per_row, name
 
 
+def test_support_list_is_derived_from_the_registry():
+    """Every built-in's ``triton_kernel`` names a kernel; the support list is exactly those entries."""
+    from divergent.functional import triton_divergence as module
+
+    kernels = {name: spec.triton_kernel for name, spec in dv.functional.registry.REGISTRY.items() if spec.builtin}
+    assert {k for k in kernels.values() if k} <= set(module.KERNEL_CONSTANTS)
+    assert module.SUPPORTED_NAMES == tuple(name for name, kernel in kernels.items() if kernel)
+    ids = {module.KERNEL_CONSTANTS[kernel](dv.get_spec(name).resolve({}))[0] for name, kernel in kernels.items() if kernel}
+    assert ids <= set(module._KERNEL_IDS)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("name", "params", "zero_side"),
+    [("alpha_beta", {"alpha": 1e-20, "beta": 1e-20}, None), ("alpha", {"alpha": 1e-20}, "student"),
+     ("alpha", {"alpha": 1 - 1e-9}, "teacher"), ("alpha_beta", {"alpha": 0.0, "beta": 1e-20}, None)],
+)
+def test_exponents_next_to_zero_give_the_limit(interpreted, name, params, zero_side):
+    """α = β = 1e-20 is ½ Σ (log p − log q)², not 0; Amari α → 0 is reverse KL, finite where q = 0 < p."""
+    student = random_logits(5, VOCAB)
+    teacher = random_logits(5, VOCAB)
+    if zero_side == "student":
+        student[:, 7:19] = float("-inf")
+    elif zero_side == "teacher":
+        teacher[:, 7:19] = float("-inf")
+    rows, _ = check_against_reference(interpreted, name, params, student, teacher, 1.3, 1e-4, 1e-6, 1e-4)
+    assert torch.isfinite(rows).all() and (rows[ROW_SCALE != 0] > 0.1).all()
+
+
 # Compiles the kernel ahead of time for an H100 (sm_90): needs Triton's bundled toolchain, no GPU.
 # In a subprocess, because the interpreter fixture above swaps this module's kernels.
 COMPILE_FOR_H100 = """

@@ -330,13 +330,15 @@ def sinkhorn_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, *, epsilon
     log_k = -w / epsilon
     # One host read decides the iteration (detached: it is a number, not part of the graph).
     lowest = float(log_k.detach().min())
-    if not math.isfinite(lowest):
-        largest = float(w.detach().max())
+    largest = float(w.detach().max()) if not math.isfinite(lowest) else 0.0
+    if math.isfinite(largest) and not math.isfinite(lowest):
         raise ValueError(
             f"sinkhorn: epsilon={epsilon:g} is too small for {w.dtype}: cost / epsilon overflows (largest "
             f"cost {largest:.3g}, so epsilon must exceed {largest / torch.finfo(w.dtype).max:.3g}); "
             f"use a larger epsilon (SinKD uses 0.1) or float64 logits"
         )
+    # (A cost that is not finite comes from logits that are not: the value turns NaN, and
+    # dv.divergence names the argument.)
     if lowest > -_PLAIN_SINKHORN_LIMIT:
         # K = exp(−W/ε) has no entry near underflow: plain scaling u = a/(Kv), v = b/(Kᵀu)
         # (two matrix-vector products per iteration) gives the same plan as the log domain.

@@ -159,6 +159,7 @@ def _check_magnitude(tensor: Tensor, argument: str, temperature: float) -> None:
     squares, exponents of differences) overflow well before that: a spread within one row
     beyond the square root of that number (1.8e19 in float32) is reported as the cause.
     """
+    tensor = tensor.detach()
     finite = torch.isfinite(tensor)
     if not finite.any():
         return

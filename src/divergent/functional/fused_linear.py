@@ -133,6 +133,20 @@ def _counted_rows(spec: DivergenceSpec, student: torch.Tensor, teacher: Any, tem
 _KERNEL_DEVICE_TYPES = ("cuda",)
 
 
+def _soft_term(name, student_logits, teacher_chunk, temperature, params, row_scale, teacher_grad, acc):
+    """One chunk's Σ row_scale_i · D_i and its gradients (the teacher's only when it trains)."""
+    if not teacher_grad:
+        rows, grad_s = _student_rows_and_grad(name, student_logits, teacher_chunk, temperature, params, row_scale)
+        return (rows.to(acc) * row_scale).sum(), grad_s, None
+    # Trainable teacher (online distillation): both logits need gradients.
+    with torch.enable_grad():
+        s_leaf = student_logits.detach().requires_grad_(True)
+        t_leaf = teacher_chunk.detach().requires_grad_(True)
+        rows = _counted_rows(get_spec(name), s_leaf, t_leaf, temperature, params, row_scale != 0)
+        grad_s, grad_t = torch.autograd.grad((rows.to(acc) * row_scale).sum(), [s_leaf, t_leaf])
+    return (rows.detach().to(acc) * row_scale).sum(), grad_s.to(acc), grad_t.to(acc)
+
+
 def _student_rows_and_grad(name, student_logits, teacher_logits, temperature, params, row_scale):
     """Dispatch to the Triton kernels on CUDA when they exist and support ``name``.
 
@@ -296,20 +310,17 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 ce_grad.scatter_add_(1, safe_labels[:, None], -torch.ones_like(picked)[:, None])
                 ce_grad *= (hard_scale * chunk_counted.to(acc))[:, None]
 
-            if teacher_grad:
-                # Trainable teacher (online distillation): both logits need gradients.
-                with torch.enable_grad():
-                    s_leaf = student_logits.detach().requires_grad_(True)
-                    t_leaf = teacher_chunk.detach().requires_grad_(True)
-                    rows = _counted_rows(get_spec(name), s_leaf, t_leaf, temperature, params, row_scale != 0)
-                    grad_s, grad_t = torch.autograd.grad((rows.to(acc) * row_scale).sum(), [s_leaf, t_leaf])
-                soft_sum = (rows.detach().to(acc) * row_scale).sum()
-                grad_s, grad_t = grad_s.to(acc), grad_t.to(acc)
-            else:
-                rows, grad_s = _student_rows_and_grad(
-                    name, student_logits, teacher_chunk, temperature, params, row_scale
+            try:
+                soft_sum, grad_s, grad_t = _soft_term(
+                    name, student_logits, teacher_chunk, temperature, params, row_scale, teacher_grad, acc
                 )
-                soft_sum = (rows.to(acc) * row_scale).sum()
+            except ValueError as exc:
+                # Say what the logits the message names are: nobody passed them in.
+                teacher = "" if teacher_topk is not None else ", teacher_logits = teacher_input @ teacher_weight.T"
+                raise ValueError(
+                    f"{exc} (in the fused loss: student_logits = student_input @ student_weight.T{teacher}, "
+                    f"tokens {start} to {end - 1})"
+                ) from None
             total = total + soft_sum
             if ce_grad is not None:
                 # The kernel's gradient may be bf16: add the CE part at full precision.
