@@ -13,7 +13,7 @@ import divergent as dv
 from references import REFERENCES, probs
 
 PER_ROW = [n for n in dv.available() if dv.get_spec(n).per_row]
-SYMMETRIC = ["tvd", "hellinger", "cauchy_schwarz"]
+SYMMETRIC = [n for n in dv.available() if dv.get_spec(n).symmetric == "yes"]
 
 
 def _pair(shape=(6, 11), scale=2.0, dtype=torch.float64, seed=0):

@@ -293,9 +293,10 @@ def test_bad_input_raises_clear_errors(interpreted):
 
 
 @needs_triton
-def test_supports_every_per_row_divergence(interpreted):
+def test_supports_every_divergence_with_a_kernel(interpreted):
     for name in dv.available():
-        assert interpreted.supports(name) == dv.get_spec(name).per_row, name
+        assert interpreted.supports(name) == (dv.get_spec(name).triton_kernel is not None), name
+    assert not interpreted.supports("sinkhorn") and not interpreted.supports(3)
 
 
 def test_support_list_is_derived_from_the_registry():
