@@ -34,12 +34,18 @@ __all__ = [
 ]
 
 
+_registered_functions: dict[str, tuple[DivergenceSpec, object]] = {}
+
+
 def __getattr__(attribute: str):
-    """``divergent.functional.<name>`` for a divergence registered after import."""
+    """``divergent.functional.<name>`` for a divergence registered after import (made once per entry)."""
     spec = registry.REGISTRY.get(attribute)
     if spec is None:
         raise AttributeError(f"module 'divergent.functional' has no attribute {attribute!r}")
-    return api.named_function(spec)
+    made = _registered_functions.get(attribute)
+    if made is None or made[0] is not spec:
+        made = _registered_functions[attribute] = (spec, api.named_function(spec))
+    return made[1]
 
 
 def __dir__() -> list[str]:

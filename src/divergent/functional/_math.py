@@ -189,6 +189,11 @@ def cauchy_schwarz(lp, lq, zeros, want_weights):
     return rows, (2.0 * lq - log_c).exp() - cross, (2.0 * lp - log_b).exp() - cross
 
 
+# Exponents from which the AB-divergence's value is summed from plain powers (here and in the
+# Triton kernel); below, the form without cancellation.
+PLAIN_POWERS_FROM = 0.1
+
+
 def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
     """AB-divergence (Cichocki, Cruces & Amari 2011) for α, β ≥ 0.
 
@@ -221,7 +226,7 @@ def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
         d = lp - lq
         return 0.5 * d.square().sum(-1), -d, d
     s = alpha + beta
-    if min(alpha, beta) >= 0.1:
+    if min(alpha, beta) >= PLAIN_POWERS_FROM:
         cross = (alpha * lp + beta * lq).exp()
         w = ((s * lq).exp() - cross) / alpha
         v = ((s * lp).exp() - cross) / beta
@@ -317,9 +322,7 @@ def sinkhorn_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, *, epsilon
     through both P and W (by autograd: this is a registry ``fn``, not a row kernel).
     """
     lq, lp = student_logprobs, teacher_logprobs
-    n = lp.shape[0]
-    if n == 0:
-        return (lp.sum(-1) + lq.sum(-1)) * 0.0  # empty, but attached to the graph
+    n = lp.shape[0]  # ≥ 1: dv.divergence does not call a registry fn without rows
     p, q = lp.exp(), lq.exp()
     if cost == "l1":
         w = torch.cdist(q, p, p=1.0)

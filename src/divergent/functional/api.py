@@ -150,6 +150,8 @@ def _wanted(student: Tensor, teacher: Tensor) -> tuple[bool, bool]:
 
 def _call_fn(spec: DivergenceSpec, lq: Tensor, lp: Tensor, params: dict[str, Any]) -> Tensor:
     """``spec.fn(lq, lp, **params)`` with its result checked: a floating tensor ``[n]`` attached to the graph."""
+    if lq.shape[0] == 0:  # nothing counts (all masked): no call, an empty result attached to the graph
+        return (lq.sum(-1) + lp.sum(-1)) * 0.0
     rows = spec.fn(lq, lp, **params)
     where = f"divergence {spec.name!r} (fn {spec.function_name})"
     n = lq.shape[0]

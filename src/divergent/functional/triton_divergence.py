@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from divergent.functional._math import PLAIN_POWERS_FROM  # exponents below it go to _AB_SMALL
 from divergent.functional.registry import REGISTRY, get_spec
 
 try:  # Triton is optional: CPU-only installs and CI have none.
@@ -87,8 +88,6 @@ _CAUCHY_SCHWARZ = 12
 _BDKD = 13
 _KERNEL_IDS = tuple(range(14))
 
-# Exponents of the AB- and alpha-divergences below this go to _AB_SMALL (as in _math.alpha_beta).
-_PLAIN_POWERS_FROM = 0.1
 
 
 def triton_available() -> bool:
@@ -526,7 +525,7 @@ if triton is not None:
 def _alpha_beta_constants(alpha: float, beta: float) -> tuple[int, float, float, float]:
     if alpha == 0.0 and beta == 0.0:
         return _AB_BOTH_ZERO, 0.0, 0.0, 0.0
-    if min(alpha, beta) >= _PLAIN_POWERS_FROM:
+    if min(alpha, beta) >= PLAIN_POWERS_FROM:
         return _AB_GENERIC, alpha, beta, 0.0
     return _AB_SMALL, alpha, beta, 0.0
 
@@ -537,7 +536,7 @@ def _amari_constants(params: Mapping[str, Any]) -> tuple[int, float, float, floa
         return _FORWARD_KL, 0.0, 0.0, 0.0
     if alpha == 0.0:  # the alpha -> 0 limit is reverse KL
         return _REVERSE_KL, 0.0, 0.0, 0.0
-    if min(alpha, 1.0 - alpha) >= _PLAIN_POWERS_FROM:
+    if min(alpha, 1.0 - alpha) >= PLAIN_POWERS_FROM:
         return _AMARI, alpha, 0.0, 0.0
     # Nearer the ends 1 - sum p^a q^(1-a) cancels: the AB form at (alpha, 1 - alpha) does not.
     return _alpha_beta_constants(alpha, 1.0 - alpha)
