@@ -167,11 +167,38 @@ class TinyGPT(nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
 
+    @staticmethod
+    def _check_right_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}"
+            )
+        mask = attention_mask.bool()
+        # Right padding: once a row's mask is 0 it stays 0.
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError(
+                "attention_mask has padding before a real token (left padding); TinyGPT supports right "
+                "padding only (pad at the end of each row)"
+            )
+
     def forward(
-        self, input_ids: torch.Tensor, return_hidden: bool = False
+        self,
+        input_ids: torch.Tensor,
+        return_hidden: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits ``[B, T, V]`` (and the final hidden state if asked)."""
+        """Next-token logits ``[B, T, V]`` (and the final hidden state if asked).
+
+        ``attention_mask`` (``[B, T]``, 1 = real token, 0 = padding) is accepted so that a
+        TinyGPT is called like a Hugging Face model. Only right padding is supported: under
+        the causal mask a real token never attends to the padding after it, so the mask
+        changes nothing for real tokens. A mask with padding before a real token (left
+        padding) raises, since positions would then be shifted.
+        """
         self._check_input_ids(input_ids)
+        if attention_mask is not None:
+            self._check_right_padding(attention_mask, input_ids)
         input_ids = input_ids.long()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
@@ -243,14 +270,19 @@ class TinyGPT(nn.Module):
             self.train(was_training)
         return ids
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+
+        ``state_dict``: the weights to write instead of this module's own (e.g. the full state
+        gathered from FSDP shards), as Hugging Face's ``save_pretrained`` takes it.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / _CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         save_file(state, str(directory / _WEIGHTS_FILE))
         return directory
 
@@ -267,7 +299,19 @@ class TinyGPT(nn.Module):
                     f"TinyGPT.from_pretrained: expected {path.name} in {directory}, not found "
                     "(write one with TinyGPT.save_pretrained)"
                 )
-        config = GPTConfig(**json.loads(config_path.read_text()))
+        try:
+            config = GPTConfig(**json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise ValueError(f"TinyGPT.from_pretrained: {config_path} is not a TinyGPT config ({exc})") from None
         model = cls(config)
-        model.load_state_dict(load_file(str(weights_path), device=map_location))
+        try:
+            state = load_file(str(weights_path), device=map_location)
+        except Exception as exc:  # safetensors raises its own error types on damaged files
+            raise ValueError(f"TinyGPT.from_pretrained: cannot read {weights_path} (damaged or not safetensors: "
+                             f"{str(exc).splitlines()[0][:200]})") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"TinyGPT.from_pretrained: {weights_path} does not match {config_path} "
+                             f"({str(exc).splitlines()[0][:200]})") from None
         return model.to(map_location)

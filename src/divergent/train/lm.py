@@ -1,63 +1,79 @@
 """Token-level distillation of a causal language model, readable top to bottom.
 
-One optimisation step:
+Labels follow Hugging Face's convention everywhere: ``labels[t]`` is the token at
+position ``t`` (not shifted) or -100 where it does not count; the prediction at
+position ``t`` is scored against ``labels[t + 1]``, and the shift happens in one
+place, :class:`LMObjective`.
 
-1. Draw the step's batch (``batch_size x grad_accum x world_size`` sequences)
-   from the data source; with probability ``on_policy_fraction`` it is
-   replaced by sequences the *student* generates from the batch's prompts
-   (GKD's on-policy data), with probability ``seq_kd_fraction`` by sequences the
-   *teacher* generates (sequence-level KD). Generated prompts are masked (-100)
-   so only generated tokens count. Every random choice is seeded by
-   ``(seed, step)``, so a resumed run repeats an uninterrupted one.
-2. Count the tokens whose label is not -100 over the whole step (all
-   micro-batches, all ranks): ``n``. Each micro-batch's loss is a *sum* over its
-   tokens divided by ``n``, so the accumulated gradient is the gradient of the
-   mean over the step's tokens, whatever the split into micro-batches or ranks.
-3. Per micro-batch: student hidden states, teacher hidden states (no grad) or
-   cached top-k teacher log-probs, and the loss
+One optimisation step of :class:`LMTrainer`:
 
-       hard_weight * CE(student, labels) + soft_weight * T^2 * D(p_T || q_T)
+1. Draw the step's batch (``batch_size x grad_accum x world_size`` examples) from
+   the data source, deterministically in ``(seed, step)``. With probability
+   ``on_policy_fraction`` it is replaced by continuations the *student* samples
+   from the examples' prompts (GKD's on-policy data), with probability
+   ``seq_kd_fraction`` by the *teacher's* (sequence-level KD); only generated
+   tokens count. Every random choice is seeded by ``(seed, step)``.
+2. Count the tokens the loss counts over the whole step (all micro-batches, all
+   ranks): ``n``. Each micro-batch's loss is a *sum* over its tokens divided by
+   ``n``, so the accumulated gradient is the gradient of the mean over the
+   step's tokens, whatever the split into micro-batches or ranks.
+3. Per micro-batch, :class:`LMObjective` — the one definition of the loss, also
+   run by :class:`divergent.hf.DistillationTrainer` —
 
-   computed by ``LinearDistillationLoss`` (output layer fused, chunked over
-   tokens; default) or ``DistillationLoss`` on full logits (``fused=False``).
-4. Clip, AdamW step, linear-warmup cosine learning rate.
+       sum over counted tokens of  hard_weight * CE(student, label)
+                                  + soft_weight * T^2 * D(p_T || q_T)      / n
 
-Checkpoints (student, optimiser, schedule, step, history) are written
-atomically every ``checkpoint_every`` steps and on Ctrl-C; with ``resume`` the
-run continues from the latest one. Under ``torchrun`` the student is wrapped
-in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU), or sharded with
-``FullyShardedDataParallel`` (``fsdp=True``, with the unfused loss).
+   computed *inside* the student's forward (:func:`divergent.models.hf.replace_output`)
+   from the output layer's input and weight, by ``LinearDistillationLoss`` (output
+   layer fused, chunked over tokens; default) or ``DistillationLoss`` on full logits
+   (``fused=False``). The teacher side is the teacher's output-layer input and
+   weight (no grad) or a cached top-k teacher (``dv.TopK``).
+4. Stop with :class:`~divergent.train.run.NonFiniteLossError` (before any update)
+   on a non-finite loss or gradient; clip; AdamW/SGD step; linear warm-up then
+   cosine (or constant) learning rate.
+
+:func:`divergent.train.run.drive` runs the trainer: Ctrl-C between steps,
+checksummed checkpoints with everything an exact resume needs (weights,
+optimiser, step, history, RNG states). Under ``torchrun``/``accelerate launch``
+the student is wrapped in ``DistributedDataParallel`` or, with ``fsdp=True``,
+``FullyShardedDataParallel`` — with the fused loss too, since the loss is
+computed within the wrapped forward, where FSDP has gathered the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import resource
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from divergent.train import distributed
-from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
+from divergent.data.lm_data import Example, collate
 from divergent.functional import divergence
+from divergent.functional.topk import TopK
 from divergent.losses.linear import LinearDistillationLoss
 from divergent.losses.modules import DistillationLoss
-from divergent.models.hf import hidden_and_logits, is_hf_model, output_weight
-from divergent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from divergent.models.hf import check_plain_output_layer, is_hf_model, output_layer_input, replace_output
+from divergent.train import distributed
+from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
+from divergent.train.run import NonFiniteLossError, check_finite
 
 __all__ = [
     "LMDistillConfig",
-    "LMTrainResult",
     "Batch",
-    "corpus_sampler",
-    "cache_sampler",
+    "ExampleSource",
+    "LMObjective",
+    "LMTrainer",
+    "LMTrainResult",
+    "count_targets",
+    "generated_batch",
     "train_lm_distillation",
     "evaluate_lm",
     "peak_memory_mb",
@@ -67,9 +83,9 @@ __all__ = [
 
 @dataclass
 class LMDistillConfig:
-    """Every knob of LM distillation; each field is documented once, here.
+    """Every knob of the LM trainer; each field is documented once, here.
 
-    divergence: registered divergence name (``dv.available()``); see METHODS.md.
+    divergence: registered divergence name (``dv.available()``); see docs/divergences.md.
     divergence_params: its parameters, e.g. ``{"beta": 0.5}`` for ``js``.
     temperature: T; both distributions are softmax(logits / T).
     hard_weight: weight of the cross-entropy on the data labels (untempered).
@@ -77,27 +93,29 @@ class LMDistillConfig:
     t2_scale: multiply the divergence by T^2 (Hinton's convention).
     fused: compute the loss with the output layer fused and chunked over tokens
         (``LinearDistillationLoss``); False materialises the [tokens, vocab] logits.
-    chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits,
-        ``divergent.functional.fused_linear.default_chunk_size``).
-    vocab_size: compare only the first ``vocab_size`` entries (padding-only
-        vocabulary differences; see ``resolve_vocab_size``). None = equal sizes.
+    chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits).
+    vocab_size: compare only the first ``vocab_size`` entries (output layers padded beyond
+        the tokenizer's vocabulary); None = both output layers have the same size.
     steps: optimisation steps.
-    batch_size: sequences per micro-batch on each process.
+    batch_size: examples per micro-batch on each process.
     grad_accum: micro-batches per step (the step's batch is batch_size * grad_accum per process).
-    seq_len: tokens per training sequence.
     optimizer: "adamw" or "sgd" (plain SGD makes gradient-scale errors visible in tests).
-    lr, weight_decay, warmup_steps, grad_clip: learning rate, weight decay, linear warmup
-        then cosine decay to 10% of ``lr``, gradient-norm clipping (0 = off).
-    on_policy_fraction: λ, probability that a step trains on student-generated sequences (GKD).
-    seq_kd_fraction: probability that a step trains on teacher-generated sequences (seq-KD).
-    prompt_len: tokens of real data kept as the prompt of generated sequences.
-    generation_temperature: sampling temperature of generated sequences.
-    seed: seeds initial data order, generation and on-policy draws (per step).
-    log_every: steps between history entries (loss, learning rate).
-    checkpoint_every: steps between checkpoints (0 = only at the end and on Ctrl-C).
-    resume: continue from the latest checkpoint in the run folder if there is one.
-    fsdp: under torchrun, shard the student with FullyShardedDataParallel instead of
-        DistributedDataParallel (needs ``fused=False``).
+    lr: peak learning rate.
+    weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+    warmup_steps: steps of linear warm-up to ``lr``.
+    lr_schedule: "cosine" (after warm-up, cosine decay to 10% of ``lr``) or "constant".
+    grad_clip: gradient-norm clipping (0 = off; the norm is checked for NaN/inf either way).
+    on_policy_fraction: λ, probability that a step trains on student-generated continuations (GKD).
+    seq_kd_fraction: probability that a step trains on teacher-generated continuations (seq-KD).
+    max_new_tokens: tokens generated per continuation (on-policy and seq-KD steps).
+    prompt_len: prompt tokens of examples that count from their first token (``text`` rows);
+        other examples are prompted with everything before their first counted token.
+    generation_temperature: sampling temperature of generated continuations (0 = greedy).
+    seed: seeds the data order, generation and on-policy draws (per step).
+    log_every: steps between history entries (loss, learning rate, tokens).
+    eval_every: steps between evaluations recorded in the history (0 = only at the end).
+    fsdp: under torchrun/accelerate, shard the student with FullyShardedDataParallel
+        instead of replicating it with DistributedDataParallel.
     """
 
     divergence: str = "forward_kl"
@@ -112,30 +130,35 @@ class LMDistillConfig:
     steps: int = 200
     batch_size: int = 16
     grad_accum: int = 1
-    seq_len: int = 128
     optimizer: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     on_policy_fraction: float = 0.0
     seq_kd_fraction: float = 0.0
+    max_new_tokens: int = 32
     prompt_len: int = 16
     generation_temperature: float = 1.0
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0
-    resume: bool = True
+    eval_every: int = 0
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "chunk_size", "log_every")
-        for name in positive:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "max_new_tokens", "prompt_len"):
             value = getattr(self, name)
-            if name == "chunk_size" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LMDistillConfig.{name} must be a positive int, got {value!r}")
+        for name in ("chunk_size", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LMDistillConfig.{name} must be a positive int or None, got {value!r}")
+        for name in ("warmup_steps", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LMDistillConfig.{name} must be an int >= 0, got {value!r}")
         for name in ("on_policy_fraction", "seq_kd_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -145,132 +168,336 @@ class LMDistillConfig:
                 "on_policy_fraction + seq_kd_fraction must be <= 1, got "
                 f"{self.on_policy_fraction} + {self.seq_kd_fraction}"
             )
-        generates = self.on_policy_fraction + self.seq_kd_fraction > 0
-        if generates and not 1 <= self.prompt_len < self.seq_len:
-            raise ValueError(f"prompt_len must be in [1, seq_len={self.seq_len}), got {self.prompt_len}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"LMDistillConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"LMDistillConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay, grad_clip >= 0; got lr={self.lr}, "
+                             f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip}")
         if self.hard_weight < 0 or self.soft_weight < 0 or self.hard_weight + self.soft_weight == 0:
             raise ValueError(
                 f"hard_weight and soft_weight must be >= 0 and not both 0, got "
                 f"{self.hard_weight}, {self.soft_weight}"
             )
+        # Builds the loss once so that an unknown divergence or parameter fails here, naming itself.
+        LMObjective.from_config(self)
+
+
+# ----------------------------------------------------------------------------- batches
 
 
 @dataclass
 class Batch:
-    """``input_ids``/``labels`` ``[B, T]`` (labels -100 = not counted) and an optional cached teacher."""
+    """``input_ids``/``attention_mask``/``labels`` ``[B, T]`` (HF convention) and an optional cached teacher.
+
+    ``teacher_indices``/``teacher_logprobs`` ``[B, T, k]``: a cached top-k teacher at every
+    position (what the teacher predicts for the next token).
+    """
 
     input_ids: torch.Tensor
+    attention_mask: torch.Tensor
     labels: torch.Tensor
-    teacher_topk: Any = None
+    teacher_indices: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
 
     def rows(self, start: int, end: int) -> Batch:
-        topk = self.teacher_topk[start:end] if self.teacher_topk is not None else None
-        return Batch(self.input_ids[start:end], self.labels[start:end], topk)
+        def cut(t):
+            return None if t is None else t[start:end]
+
+        return Batch(self.input_ids[start:end], self.attention_mask[start:end], self.labels[start:end],
+                     cut(self.teacher_indices), cut(self.teacher_logprobs))
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Batch(*(move(getattr(self, name)) for name in
+                       ("input_ids", "attention_mask", "labels", "teacher_indices", "teacher_logprobs")))
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
+        cached = "teacher_indices" in examples[0]
+        data = collate(examples, pad_token_id, extra=("teacher_indices", "teacher_logprobs") if cached else ())
+        return cls(data["input_ids"], data["attention_mask"], data["labels"],
+                   data.get("teacher_indices"), data.get("teacher_logprobs"))
 
 
-@dataclass
-class LMTrainResult:
-    """``student`` is the trained module (under FSDP its parameters are this rank's shards);
-    ``state_dict`` is its full, unsharded state on every rank."""
-
-    student: nn.Module
-    state_dict: dict
-    steps_done: int
-    history: list[dict]
-    train_seconds: float
-    tokens_seen: int
-    tokens_per_second: float
-    peak_memory_mb: float
-    run_dir: Path | None
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens the loss counts: predicted positions whose (shifted) label is not -100."""
+    return (labels[..., 1:] != -100).sum()
 
 
 def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
 
 
-def corpus_sampler(data: torch.Tensor, seq_len: int, seed: int = 0) -> Callable[[int, int], Batch]:
-    """``sample(step, n) -> Batch`` of ``n`` random windows of a token stream, seeded by ``(seed, step)``."""
-    from divergent.data.text import random_windows
+class ExampleSource:
+    """Batches of examples for a step, deterministic in ``(seed, step)``: no state to save for a resume.
 
-    def sample(step: int, n: int) -> Batch:
-        inputs, labels = random_windows(data, n, seq_len, _step_generator(seed, step))
-        return Batch(inputs, labels)
+    Epoch ``e`` visits the examples in a permutation seeded by ``(seed, e)`` (in order when
+    ``shuffle=False``); step ``s`` with ``n`` examples per step takes positions
+    ``s * n ... s * n + n - 1`` of the concatenated epochs.
+    """
 
-    return sample
+    def __init__(self, examples: Sequence[Example], *, seed: int = 0, shuffle: bool = True, pad_token_id: int = 0) -> None:
+        if not examples:
+            raise ValueError("ExampleSource needs at least one example")
+        self.examples = examples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.pad_token_id = pad_token_id
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.pop(next(iter(self._orders)))
+            n = len(self.examples)
+            self._orders[epoch] = (torch.randperm(n, generator=_step_generator(self.seed, epoch, 3)).tolist()
+                                   if self.shuffle else list(range(n)))
+        return self._orders[epoch]
+
+    def batch(self, step: int, n: int) -> Batch:
+        size = len(self.examples)
+        picks = [self._order(position // size)[position % size] for position in range(step * n, step * n + n)]
+        return Batch.from_examples([self.examples[i] for i in picks], self.pad_token_id)
 
 
-def cache_sampler(cache, seed: int = 0) -> Callable[[int, int], Batch]:
-    """``sample(step, n) -> Batch`` of ``n`` random cached sequences with their top-k teacher."""
-
-    def sample(step: int, n: int) -> Batch:
-        picks = torch.randint(0, len(cache), (n,), generator=_step_generator(seed, step))
-        input_ids, labels, topk = cache.get(picks.tolist())
-        return Batch(input_ids, labels, topk)
-
-    return sample
+# ----------------------------------------------------------------------------- the loss
 
 
-class _HiddenStates(nn.Module):
-    """Wraps a TinyGPT or HF causal LM so that DDP sees one forward returning hidden states."""
+def _call(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    return model(input_ids=input_ids, attention_mask=attention_mask)
 
-    def __init__(self, model: nn.Module, compute_logits: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.compute_logits = compute_logits
 
-    def forward(self, input_ids: torch.Tensor):
-        return hidden_and_logits(self.model, input_ids, compute_logits=self.compute_logits)
+def _check_finite_states(hidden: torch.Tensor, side: str) -> None:
+    """NonFiniteLossError when a model's final hidden states hold NaN/inf (its weights diverged)."""
+    if hidden.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(hidden.detach()))).all()):
+        raise NonFiniteLossError(f"non-finite {side} hidden states (the output layer's input)")
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")
+
+
+class LMObjective:
+    """The LM distillation loss of one micro-batch; the only place where it is defined.
+
+    ``objective(model, student, batch, teacher=None, normalizer=n)`` runs the student's
+    forward through ``model`` (the student itself, or its DDP/FSDP wrapper) and returns
+
+        sum over counted tokens t of [ hard_weight * CE(s_t, y_{t+1}) + soft_weight * T^2 * D_t ] / n
+
+    with ``s_t`` the student's logits at position ``t``, ``y_{t+1} = labels[t + 1]`` (tokens
+    whose label is -100 do not count) and ``D_t`` the divergence between the tempered
+    teacher and student distributions at ``t``. The teacher is ``teacher`` (a causal LM,
+    run without grad) or the batch's cached top-k. ``n`` is ``normalizer`` — the step's
+    global count of counted tokens under accumulation and data parallelism — or the batch's
+    own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
+    in chunks so the logits are never whole).
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        divergence_params: dict | None = None,
+        *,
+        temperature: float = 1.0,
+        hard_weight: float = 0.0,
+        soft_weight: float = 1.0,
+        t2_scale: bool = True,
+        fused: bool = True,
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        params = dict(divergence_params or {})
+        self.divergence = divergence
+        self.hard_weight, self.soft_weight = float(hard_weight), float(soft_weight)
+        self.fused = bool(fused)
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+        common = dict(hard_weight=hard_weight, soft_weight=soft_weight, temperature=temperature, t2_scale=t2_scale)
+        # Both modules validate the name and parameters; the one that is used depends on `fused`.
+        self.unfused_loss = DistillationLoss(divergence, **common, **params)
+        self.fused_loss = LinearDistillationLoss(divergence, chunk_size=chunk_size, vocab_size=vocab_size,
+                                                 **common, **params)
+
+    @classmethod
+    def from_config(cls, config: Any) -> LMObjective:
+        """From any config with the loss fields of :class:`LMDistillConfig` (also ``DistillationConfig``)."""
+        return cls(config.divergence, config.divergence_params, temperature=config.temperature,
+                   hard_weight=config.hard_weight, soft_weight=config.soft_weight,
+                   t2_scale=getattr(config, "t2_scale", True), fused=config.fused, chunk_size=config.chunk_size,
+                   vocab_size=config.vocab_size)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.soft_weight > 0
+
+    def __call__(
+        self,
+        model: nn.Module,
+        student: nn.Module,
+        batch: Batch,
+        *,
+        teacher: nn.Module | None = None,
+        normalizer: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        labels = batch.labels[:, 1:]  # the one shift: position t is scored against the token at t + 1
+        if normalizer is None:
+            normalizer = max(int(count_targets(batch.labels)), 1)
+        elif isinstance(normalizer, torch.Tensor):
+            normalizer = float(normalizer.detach())
+        teacher_input = teacher_weight = None
+        if self.needs_teacher:
+            if batch.teacher_indices is not None:
+                k = batch.teacher_indices.shape[-1]
+                teacher_weight = TopK(batch.teacher_indices[:, :-1].reshape(-1, k),
+                                      batch.teacher_logprobs[:, :-1].reshape(-1, k).float())
+            elif teacher is not None:
+                with torch.no_grad():
+                    hidden, teacher_weight = output_layer_input(teacher, batch.input_ids, batch.attention_mask)
+                teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                teacher_weight = teacher_weight.detach()
+            else:
+                raise ValueError(
+                    f"soft_weight={self.soft_weight} needs a teacher: pass a teacher model or batches with a "
+                    f"cached teacher (divergent cache-teacher); soft_weight=0 trains on the labels alone"
+                )
+
+        if teacher_input is not None:
+            _check_finite_states(teacher_input, "teacher")
+
+        def at_output_layer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            _check_finite_states(hidden, "student")
+            student_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            flat_labels = labels.reshape(-1)
+            if not self.needs_teacher:
+                return self.hard_weight * self._chunked_ce(student_input, weight, flat_labels) / normalizer
+            if self.fused:
+                return self.fused_loss(student_input, weight, teacher_input, teacher_weight, flat_labels,
+                                       normalizer=normalizer)
+            vocab = self.vocab_size or weight.shape[0]
+            student_logits = (student_input @ weight.T)[:, :vocab]
+            if isinstance(teacher_weight, TopK):
+                teacher_logits = teacher_weight
+            else:
+                teacher_logits = (teacher_input @ teacher_weight.T)[:, :vocab]
+                if teacher_logits.shape[-1] != student_logits.shape[-1]:
+                    raise ValueError(
+                        f"student vocabulary ({student_logits.shape[-1]}) and teacher vocabulary "
+                        f"({teacher_logits.shape[-1]}) differ; set vocab_size when it is only padding — "
+                        f"different tokenizers are not supported"
+                    )
+            return self.unfused_loss(student_logits, teacher_logits, flat_labels, normalizer=normalizer)
+
+        with replace_output(student, at_output_layer):
+            return _call(model, batch.input_ids, batch.attention_mask)
+
+    def _chunked_ce(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        vocab = self.vocab_size or weight.shape[0]
+        weight = weight[:vocab]
+        rows = self.chunk_size or max(1, 2**27 // vocab)
+        if hidden.shape[0] <= rows:
+            return _ce_sum(hidden, weight, labels)
+        # Each chunk's logits are recomputed in the backward pass instead of kept.
+        return sum(checkpoint(_ce_sum, hidden[i : i + rows], weight, labels[i : i + rows], use_reentrant=False)
+                   for i in range(0, hidden.shape[0], rows))
+
+
+# ----------------------------------------------------------------------------- generated continuations
 
 
 @torch.no_grad()
-def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, temperature: float, generator) -> torch.Tensor:
+def _sample(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+            generator: torch.Generator, pad_token_id: int, eos_token_id: int | None, device) -> list[list[int]]:
+    """``max_new_tokens`` sampled tokens after each prompt (cut after the first EOS)."""
     was_training = model.training
     model.eval()
+    out: list[list[int] | None] = [None] * len(prompts)
     try:
         if is_hf_model(model):
+            # Left padding: the continuation starts at the same column for every row.
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(prompts):
+                ids[row, width - len(prompt):] = torch.tensor(prompt)
+                mask[row, width - len(prompt):] = 1
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_k=0,
-                pad_token_id=model.config.eos_token_id or 0,
-            )
+            sampled = model.generate(
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_k=0, top_p=1.0, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+            )[:, width:].cpu().tolist()
+            for row, tokens in enumerate(sampled):
+                out[row] = tokens
         else:
-            out = model.generate(prompt, new_tokens, temperature=temperature, generator=generator)
+            by_length: dict[int, list[int]] = {}
+            for row, prompt in enumerate(prompts):
+                by_length.setdefault(len(prompt), []).append(row)
+            for length, rows in sorted(by_length.items()):
+                ids = torch.tensor([prompts[r] for r in rows], dtype=torch.long, device=device)
+                sampled = model.generate(ids, max_new_tokens, temperature=temperature, generator=generator,
+                                         eos_id=eos_token_id)[:, length:].cpu().tolist()
+                for row, tokens in zip(rows, sampled):
+                    out[row] = tokens
     finally:
         model.train(was_training)
-    return out
+    result = []
+    for tokens in out:
+        if eos_token_id is not None and eos_token_id in tokens:
+            tokens = tokens[: tokens.index(eos_token_id) + 1]
+        result.append(tokens)
+    return result
 
 
-def _generated_batch(model: nn.Module, batch: Batch, config: LMDistillConfig, generator) -> Batch:
-    """Replace a batch by ``model``'s continuations of its first ``prompt_len`` tokens.
+def _prompt(ids: list[int], labels: list[int], prompt_len: int) -> list[int]:
+    """Everything before the first counted token; ``prompt_len`` tokens when the first token counts."""
+    first = next((t for t in range(1, len(labels)) if labels[t] != -100), len(labels))
+    if first <= 1:
+        return ids[: max(1, min(prompt_len, len(ids) - 1))]
+    return ids[:first]
 
-    The sequence is prompt + generated tokens (``seq_len + 1`` tokens); inputs
-    and labels are it shifted by one, labels of prompt positions masked so
-    only generated tokens are trained on.
+
+def generated_batch(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    max_new_tokens: int,
+    prompt_len: int,
+    temperature: float,
+    generator: torch.Generator,
+    pad_token_id: int = 0,
+    eos_token_id: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Batch:
+    """``batch`` with each example replaced by its prompt and ``model``'s sampled continuation.
+
+    The prompt is everything before an example's first counted token (the prompt of a
+    prompt/completion or chat row), or its first ``prompt_len`` tokens when every token
+    counts. Only the generated tokens count (prompt labels -100); generation stops at EOS.
     """
-    prompt = batch.input_ids[:, : config.prompt_len]
-    device = next(model.parameters()).device
-    full = _generate(
-        model, prompt.to(device), config.seq_len + 1 - config.prompt_len,
-        config.generation_temperature, generator,
-    ).cpu()
-    labels = full[:, 1:].clone()
-    labels[:, : config.prompt_len - 1] = -100
-    return Batch(full[:, :-1], labels)
+    examples = []
+    prompts = []
+    lengths = batch.attention_mask.sum(1).tolist()
+    for row, length in enumerate(lengths):
+        ids = batch.input_ids[row, :length].tolist()
+        labels = batch.labels[row, :length].tolist()
+        prompts.append(_prompt(ids, labels, prompt_len))
+    continuations = _sample(model, prompts, max_new_tokens, temperature, generator, pad_token_id, eos_token_id, device)
+    for prompt, tokens in zip(prompts, continuations):
+        examples.append({"input_ids": prompt + tokens, "labels": [-100] * len(prompt) + tokens})
+    return Batch.from_examples(examples, pad_token_id)
 
 
-def _learning_rate(config: LMDistillConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+# ----------------------------------------------------------------------------- memory
 
 
 def reset_peak_memory(device: str | torch.device = "cpu") -> None:
@@ -301,294 +528,364 @@ def peak_memory_mb(device: str | torch.device = "cpu") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class LMTrainResult:
+    """``student``: the trained module (unwrapped); ``state_dict``: its full state (gathered under FSDP)."""
+
+    student: nn.Module
+    state_dict: dict
+    steps_done: int
+    history: list[dict]
+    train_seconds: float
+    tokens_seen: int
+    tokens_per_second: float
+    peak_memory_mb: float
+
+
+def _learning_rate(config: LMDistillConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class LMTrainer:
+    """Distil ``teacher`` into ``student`` on ``source``'s batches, one :meth:`step` at a time.
+
+    Run it with :func:`divergent.train.run.drive` (Ctrl-C, checkpoints, resume). ``teacher``
+    may be None when the examples carry a cached top-k teacher (and nothing is generated)
+    or when ``soft_weight == 0``. ``evaluate(student) -> dict`` is called every
+    ``config.eval_every`` steps and after the last; its numbers go into the history.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        source: ExampleSource,
+        config: LMDistillConfig,
+        *,
+        device: str | torch.device = "cpu",
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        pad_token_id: int = 0,
+        eos_token_id: int | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.source = source
+        self.evaluate = evaluate
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.objective = LMObjective.from_config(config)
+        check_plain_output_layer(student)
+        if teacher is None and config.on_policy_fraction + config.seq_kd_fraction > 0:
+            raise ValueError(
+                "on_policy_fraction and seq_kd_fraction need a teacher model: the teacher scores generated "
+                "continuations, which a cache does not hold"
+            )
+        self.student = student.to(self.device).train()
+        self.teacher = None
+        if teacher is not None and (self.objective.needs_teacher or config.seq_kd_fraction > 0):
+            check_plain_output_layer(teacher)
+            self.teacher = teacher.to(self.device).eval()
+            for parameter in self.teacher.parameters():
+                parameter.requires_grad_(False)
+
+        self.fsdp = self.world > 1 and config.fsdp
+        self.model: nn.Module = self.student
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            self.model = FSDP(self.student, use_orig_params=True, device_id=self.device)
+        elif self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.student)
+        # Built after wrapping: FSDP replaces the parameters it shards.
+        optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
+        self.optimizer = optimizer_class(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+        self.step_index = 0
+        self.total_steps = config.steps
+        self.history: list[dict[str, Any]] = []
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self._full_state: dict[str, torch.Tensor] | None = None
+        reset_peak_memory(self.device)
+
+    # -- one step ---------------------------------------------------------------------
+
+    def _gathered(self):
+        """Full (unsharded) weights for generation and evaluation under FSDP."""
+        if not self.fsdp:
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(self.model, writeback=False)
+
+    def _draw_batch(self, step: int) -> Batch:
+        config = self.config
+        per_rank = config.batch_size * config.grad_accum
+        batch = self.source.batch(step, per_rank * self.world)
+        # On-policy / seq-KD: one draw per step, identical on every rank; the whole step's
+        # batch is generated on every rank (the same sequences), then each takes its rows.
+        draw = random.Random(config.seed * 1_000_003 + step).random()
+        generator = None
+        if draw < config.on_policy_fraction:
+            model, context, generator = self.student, self._gathered(), _step_generator(config.seed, step, 1)
+        elif draw < config.on_policy_fraction + config.seq_kd_fraction:
+            model, context, generator = self.teacher, contextlib.nullcontext(), _step_generator(config.seed, step, 2)
+        if generator is not None:
+            with context:
+                batch = generated_batch(
+                    model, batch, max_new_tokens=config.max_new_tokens, prompt_len=config.prompt_len,
+                    temperature=config.generation_temperature, generator=generator,
+                    pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, device=self.device)
+        return batch.rows(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def step(self) -> dict[str, Any]:
+        config = self.config
+        step = self.step_index
+        began = time.perf_counter()
+        local = self._draw_batch(step)
+        counted = count_targets(local.labels).to(torch.float64)
+        if self.world > 1:
+            counted = counted.to(distributed.collective_device())
+            dist.all_reduce(counted)
+        n_counted = max(float(counted), 1.0)
+
+        lr = _learning_rate(config, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for micro_index in range(config.grad_accum):
+            micro = local.rows(micro_index * config.batch_size, (micro_index + 1) * config.batch_size).to(self.device)
+            last = micro_index == config.grad_accum - 1
+            sync = contextlib.nullcontext() if (self.world == 1 or last) else self.model.no_sync()
+            with sync:
+                try:
+                    loss = self.objective(self.model, self.student, micro, teacher=self.teacher, normalizer=n_counted)
+                except NonFiniteLossError as exc:
+                    raise NonFiniteLossError(f"{exc} at step {step + 1}; stopped without updating the weights. "
+                                             f"Try a lower learning rate or gradient clipping") from None
+                # DDP/FSDP average gradients over ranks; the loss is already a share of the
+                # global sum, so undo the average.
+                (loss * self.world).backward()
+            step_loss += loss.detach().double().cpu()
+        if self.world > 1:
+            step_loss = step_loss.to(distributed.collective_device())
+            dist.all_reduce(step_loss)
+        context = f"divergence {config.divergence!r}" if self.objective.needs_teacher else "cross-entropy"
+        check_finite(step_loss, "loss", step=step + 1, context=context)
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        if self.fsdp:
+            grad_norm = self.model.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+        check_finite(grad_norm, "gradient norm", step=step + 1, context=context)
+        self.optimizer.step()
+        self.step_index = step + 1
+        self.train_seconds += time.perf_counter() - began
+        self.tokens_seen += int(counted)
+        record: dict[str, Any] = {"step": self.step_index, "loss": float(step_loss), "lr": lr, "tokens": int(counted),
+                                  "grad_norm": float(grad_norm)}
+        final = self.step_index == self.total_steps
+        evaluate_now = self.evaluate is not None and (
+            final or (config.eval_every and self.step_index % config.eval_every == 0))
+        if evaluate_now:
+            with self._gathered():
+                record.update({f"eval_{k}": v for k, v in self.evaluate(self.student).items()})
+        if evaluate_now or final or self.step_index % config.log_every == 0:
+            self.history.append(record)
+        return record
+
+    # -- state --------------------------------------------------------------------------
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The student's full state (a collective call under FSDP; every rank must call it)."""
+        if not self.fsdp:
+            return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT):
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state = self.full_model_state()
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT):
+                optimizer_state = FSDP.optim_state_dict(self.model, self.optimizer)
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        self._full_state = model_state
+        return {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "step": self.step_index,
+            "history": [dict(h) for h in self.history],
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "python_rng": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+            "config": {k: v for k, v in asdict(self.config).items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("config", {})
+        for key in ("divergence", "steps", "batch_size", "grad_accum", "seed"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"the checkpoint was written with {key}={saved[key]!r}, this run has {key}="
+                    f"{getattr(self.config, key)!r}; resume with the run's own settings"
+                )
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT):
+                self.model.load_state_dict(state["model"])
+                optimizer_state = FSDP.optim_state_dict_to_load(self.model, self.optimizer, state["optimizer"])
+            self.optimizer.load_state_dict(optimizer_state)
+        else:
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.history = [dict(h) for h in state["history"]]
+        self.tokens_seen = int(state["tokens_seen"])
+        self.train_seconds = float(state["train_seconds"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        python = state["python_rng"]
+        random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+
+    @property
+    def exported_state(self) -> dict[str, torch.Tensor]:
+        """The full student state of the latest :meth:`state_dict` call (what a checkpoint holds)."""
+        return self._full_state if self._full_state is not None else self.full_model_state()
+
+    def result(self) -> LMTrainResult:
+        return LMTrainResult(
+            student=self.student,
+            state_dict=self.full_model_state(),
+            steps_done=self.step_index,
+            history=self.history,
+            train_seconds=self.train_seconds,
+            tokens_seen=self.tokens_seen,
+            tokens_per_second=self.tokens_seen / self.train_seconds if self.train_seconds > 0 else float("nan"),
+            peak_memory_mb=peak_memory_mb(self.device),
+        )
+
+
 def train_lm_distillation(
     student: nn.Module,
     teacher: nn.Module | None,
-    sample: Callable[[int, int], Batch],
+    source: ExampleSource,
     config: LMDistillConfig,
     *,
-    run_dir: str | Path | None = None,
+    checkpoints: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
     device: str | torch.device = "cpu",
-    show_progress: bool = True,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    show_progress: bool = False,
     description: str = "distilling",
+    pad_token_id: int = 0,
+    eos_token_id: int | None = None,
 ) -> LMTrainResult:
-    """Distil ``teacher`` into ``student`` on batches from ``sample(step, n)``.
+    """Build an :class:`LMTrainer` and :func:`~divergent.train.run.drive` it to the end.
 
-    ``teacher`` may be None when the batches carry a cached top-k teacher or
-    when ``soft_weight == 0`` (training on labels only). Returns the trained
-    student (unwrapped), the history and throughput figures.
+    ``checkpoints``: folder of checksummed ``step_N.ckpt`` files (None: no checkpoints);
+    with ``resume`` the run continues from the newest one.
     """
-    device = torch.device(device)
-    rank, world = distributed.rank(), distributed.world_size()
-    reset_peak_memory(device)
-    student.to(device).train()
-    if teacher is not None:
-        teacher.to(device).eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
-    use_teacher_model = teacher is not None and config.soft_weight > 0
-    if teacher is None and config.on_policy_fraction + config.seq_kd_fraction > 0:
-        raise ValueError(
-            "on_policy_fraction and seq_kd_fraction need a teacher model: generated sequences "
-            "have no cached teacher log-probs"
-        )
+    from divergent.train.run import Checkpointer, drive, progress
 
-    loss_kwargs = dict(
-        hard_weight=config.hard_weight, soft_weight=config.soft_weight,
-        temperature=config.temperature, t2_scale=config.t2_scale, **config.divergence_params,
-    )
-    if config.fused:
-        loss_fn = LinearDistillationLoss(
-            config.divergence, chunk_size=config.chunk_size, vocab_size=config.vocab_size, **loss_kwargs
-        )
-    else:
-        loss_fn = DistillationLoss(config.divergence, **loss_kwargs)
-
-    run_dir = Path(run_dir) if run_dir is not None else None
-    start_step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
-    state = None
-    if run_dir is not None and config.resume:
-        checkpoint_path = latest_checkpoint(run_dir)
-        if checkpoint_path is not None:
-            state = load_checkpoint(checkpoint_path, map_location=str(device))
-            student.load_state_dict(state["student"])
-            start_step, history = state["step"], state["history"]
-            tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
-
-    fsdp = world > 1 and config.fsdp
-    wrapped: nn.Module = _HiddenStates(student, compute_logits=not config.fused)
-    if fsdp:
-        if config.fused:
-            raise ValueError(
-                "fsdp=True needs fused=False: FSDP shards the output layer, which the fused loss "
-                "reads outside the forward pass"
-            )
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        wrapped = FSDP(wrapped, use_orig_params=True, device_id=device)
-    elif world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(wrapped)
-    # Built after wrapping: FSDP replaces the parameters it shards.
-    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.SGD
-    optimizer = optimizer_class(wrapped.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    if state is not None:
-        optimizer_state = state["optimizer"]
-        if fsdp:
-            optimizer_state = FSDP.optim_state_dict_to_load(wrapped, optimizer, optimizer_state)
-        optimizer.load_state_dict(optimizer_state)
-
-    def full_states(with_optimizer: bool = True):
-        """Unsharded student (and optimiser) state; a collective call under FSDP."""
-        if not fsdp:
-            return student.state_dict(), optimizer.state_dict() if with_optimizer else None
-        from torch.distributed.fsdp import StateDictType
-
-        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
-            model_state = {key.removeprefix("model."): value for key, value in wrapped.state_dict().items()}
-            optimizer_state = FSDP.optim_state_dict(wrapped, optimizer) if with_optimizer else None
-        return model_state, optimizer_state
-
-    def save(step: int) -> None:
-        if run_dir is None:
-            return
-        model_state, optimizer_state = full_states()
-        if rank != 0:
-            return
-        save_checkpoint(
-            run_dir / f"step_{step}.pt",
-            {
-                "student": model_state,
-                "optimizer": optimizer_state,
-                "step": step,
-                "history": history,
-                "tokens_seen": tokens_seen,
-                "train_seconds": train_seconds,
-                "config": dict(vars(config)),
-            },
-        )
-
-    def teacher_for(micro: Batch, ids: torch.Tensor):
-        """Teacher side of the loss: a cached TopK, else the teacher's (hidden, weight)
-        (fused) or logits (unfused); None when training on labels only."""
-        if micro.teacher_topk is not None:
-            topk = micro.teacher_topk.to(device)
-            return (None, topk) if config.fused else topk
-        if not use_teacher_model:
-            if config.soft_weight > 0:
-                raise ValueError(
-                    "soft_weight > 0 needs a teacher: pass a teacher model or batches with a cached "
-                    "teacher (cache_sampler)"
-                )
-            return None
-        with torch.no_grad():
-            hidden, logits = hidden_and_logits(teacher, ids, compute_logits=not config.fused)
-        if config.fused:
-            return hidden.reshape(-1, hidden.shape[-1]), output_weight(teacher).detach()
-        return logits
-
-    from divergent.train.run import progress
-
-    step = start_step
-    sequences_per_rank = config.batch_size * config.grad_accum
-    try:
-        with progress(transient=True) as bar:
-            task = bar.add_task(description, total=config.steps, completed=start_step, visible=show_progress and rank == 0)
-            while step < config.steps:
-                began = time.perf_counter()
-                global_batch = sample(step, sequences_per_rank * world)
-                # On-policy / seq-KD: one draw per step, identical on every rank.
-                draw = random.Random(config.seed * 1_000_003 + step).random()
-                if draw < config.on_policy_fraction:
-                    # Under FSDP the student generates with its gathered (unsharded) weights.
-                    gather = FSDP.summon_full_params(wrapped, writeback=False) if fsdp else _null_context()
-                    with gather:
-                        global_batch = _generated_batch(
-                            student, global_batch, config, _step_generator(config.seed, step, 1)
-                        )
-                elif draw < config.on_policy_fraction + config.seq_kd_fraction:
-                    global_batch = _generated_batch(teacher, global_batch, config, _step_generator(config.seed, step, 2))
-                local = global_batch.rows(rank * sequences_per_rank, (rank + 1) * sequences_per_rank)
-                counted = (local.labels != -100).sum().to(torch.float64)
-                if world > 1:
-                    dist.all_reduce(counted)
-                n_counted = max(float(counted), 1.0)
-
-                for group in optimizer.param_groups:
-                    group["lr"] = _learning_rate(config, step)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro_index in range(config.grad_accum):
-                    micro = local.rows(micro_index * config.batch_size, (micro_index + 1) * config.batch_size)
-                    ids, labels = micro.input_ids.to(device), micro.labels.to(device)
-                    sync = micro_index == config.grad_accum - 1 or world == 1
-                    context = wrapped.no_sync() if (world > 1 and not sync) else _null_context()
-                    with context:
-                        hidden, logits = wrapped(ids)
-                        teacher_side = teacher_for(micro, ids)
-                        if teacher_side is None:
-                            loss = _ce_only(hidden, student, labels, n_counted, config, logits=logits)
-                        elif config.fused:
-                            teacher_input, teacher_weight = teacher_side
-                            loss = loss_fn(
-                                hidden.reshape(-1, hidden.shape[-1]), output_weight(student),
-                                teacher_input, teacher_weight, labels.reshape(-1), normalizer=n_counted,
-                            )
-                        else:
-                            loss = loss_fn(logits, teacher_side, labels, normalizer=n_counted)
-                        # DDP averages gradients over ranks; the loss is already a share of the
-                        # global sum, so undo the average.
-                        (loss * world).backward()
-                    step_loss += float(loss.detach())
-                if world > 1:
-                    step_loss_tensor = torch.tensor(step_loss, dtype=torch.float64)
-                    dist.all_reduce(step_loss_tensor)
-                    step_loss = float(step_loss_tensor)
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"non-finite loss {step_loss} at step {step}")
-                if config.grad_clip > 0:
-                    if fsdp:
-                        wrapped.clip_grad_norm_(config.grad_clip)
-                    else:
-                        nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-                optimizer.step()
-                step += 1
-                train_seconds += time.perf_counter() - began
-                tokens_seen += int(counted)
-                if step % config.log_every == 0 or step == config.steps:
-                    history.append({"step": step, "loss": step_loss, "lr": _learning_rate(config, step - 1)})
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save(step)
-                bar.advance(task)
-    except KeyboardInterrupt:
-        save(step)
-        raise
-    if run_dir is not None and (not config.checkpoint_every or step % config.checkpoint_every):
-        save(step)
-    return LMTrainResult(
-        student=student,
-        state_dict=full_states(with_optimizer=False)[0],
-        steps_done=step,
-        history=history,
-        train_seconds=train_seconds,
-        tokens_seen=tokens_seen,
-        tokens_per_second=tokens_seen / train_seconds if train_seconds > 0 else float("nan"),
-        peak_memory_mb=peak_memory_mb(device),
-        run_dir=run_dir,
-    )
+    trainer = LMTrainer(student, teacher, source, config, device=device, evaluate=evaluate,
+                        pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    checkpointer = Checkpointer(checkpoints) if checkpoints is not None else None
+    with progress(transient=True) as bar:
+        task = bar.add_task(description, total=config.steps, visible=show_progress and trainer.rank == 0)
+        drive(trainer, checkpointer=checkpointer, checkpoint_every=checkpoint_every, resume=resume,
+              on_step=lambda record: bar.update(task, completed=record["step"]))
+    return trainer.result()
 
 
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _ce_only(hidden, student, labels, n_counted, config, logits=None) -> torch.Tensor:
-    """hard_weight * sum of token CE / n (no teacher: training from labels only)."""
-    if logits is None:
-        logits = hidden @ output_weight(student).T
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    ce = nn.functional.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="sum")
-    return config.hard_weight * ce / n_counted
+# ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def evaluate_lm(
-    student: nn.Module,
-    teacher: nn.Module | None,
-    data: torch.Tensor,
+    model: nn.Module,
+    examples: Sequence[Example],
     *,
-    seq_len: int,
+    teacher: nn.Module | None = None,
     batch_size: int = 16,
-    max_windows: int | None = 64,
     device: str | torch.device = "cpu",
-    tokens_per_byte: float = 1.0,
+    pad_token_id: int = 0,
+    vocab_size: int | None = None,
+    byte_level: bool = False,
 ) -> dict[str, float]:
-    """Validation metrics over non-overlapping windows of a token stream.
+    """Metrics of ``model`` on ``examples`` (HF label convention), per counted token.
 
-    ``student_bpb``/``teacher_bpb``: bits per byte = mean token cross-entropy (nats) / ln 2
-    x ``tokens_per_byte`` (1 for byte-level models; tokens / UTF-8 bytes of the text otherwise);
-    ``kl_teacher_student``: mean over tokens of KL(p_teacher || q_student) at T = 1;
-    ``top1_agreement``: fraction of tokens where both models' most likely next token agree.
+    ``loss``: mean cross-entropy in nats; ``perplexity``: exp(loss); ``bits_per_byte``:
+    loss / ln 2 when the tokens are bytes. With a ``teacher`` (a causal LM, or examples that
+    carry a cached top-k teacher): ``kl_teacher`` = mean KL(p_teacher ‖ q_model) at T = 1
+    (over the cached top-k buckets for a cache: a lower bound of the full KL),
+    ``top1_agreement`` = fraction of tokens where both predict the same next token, and
+    ``teacher_loss`` = the teacher's own cross-entropy. ``vocab_size``: compare the first
+    entries only (padded output layers).
     """
-    from divergent.data.text import sequential_windows
-
-    inputs, labels = sequential_windows(data, seq_len, max_windows)
-    sums = {"student_nll": 0.0, "teacher_nll": 0.0, "kl": 0.0, "agree": 0.0}
+    device = torch.device(device)
+    sums = {"nll": 0.0, "kl": 0.0, "agree": 0.0, "teacher_nll": 0.0}
     count = 0
-    was_training = student.training
-    student.eval()
-    if teacher is not None:
-        teacher.eval()
+    cached = bool(examples) and "teacher_indices" in examples[0]
+    was_training = model.training
+    model.eval()
     try:
-        for start in range(0, len(inputs), batch_size):
-            ids = inputs[start : start + batch_size].to(device)
-            target = labels[start : start + batch_size].to(device).reshape(-1)
-            _, student_logits = hidden_and_logits(student, ids)
-            student_logits = student_logits.reshape(-1, student_logits.shape[-1]).float()
-            sums["student_nll"] += float(nn.functional.cross_entropy(student_logits, target, reduction="sum"))
+        for start in range(0, len(examples), batch_size):
+            batch = Batch.from_examples(examples[start : start + batch_size], pad_token_id).to(device)
+            targets = batch.labels[:, 1:]
+            counted = targets != -100
+            teacher_logits = None
             if teacher is not None:
-                _, teacher_logits = hidden_and_logits(teacher, ids)
-                teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
-                vocab = min(teacher_logits.shape[-1], student_logits.shape[-1])
-                sums["teacher_nll"] += float(nn.functional.cross_entropy(teacher_logits, target, reduction="sum"))
-                sums["kl"] += float(
-                    divergence("forward_kl", student_logits[:, :vocab], teacher_logits[:, :vocab], reduction="sum")
-                )
-                sums["agree"] += float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
-            count += target.numel()
+                hidden, weight = output_layer_input(teacher, batch.input_ids, batch.attention_mask)
+                teacher_logits = (hidden[:, :-1][counted] @ weight.T).float()
+            model_hidden, model_weight = output_layer_input(model, batch.input_ids, batch.attention_mask)
+            logits = (model_hidden[:, :-1][counted] @ model_weight.T).float()
+            vocab = vocab_size or logits.shape[-1]
+            logits = logits[:, :vocab]
+            y = targets[counted]
+            sums["nll"] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            if teacher_logits is not None:
+                teacher_logits = teacher_logits[:, :vocab]
+                sums["teacher_nll"] += float(nn.functional.cross_entropy(teacher_logits, y, reduction="sum"))
+                sums["kl"] += float(divergence("forward_kl", logits, teacher_logits, reduction="sum"))
+                sums["agree"] += float((logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
+            elif cached:
+                indices = batch.teacher_indices[:, :-1][counted]
+                logprobs = batch.teacher_logprobs[:, :-1][counted].float()
+                sparse = TopK(indices, logprobs)
+                sums["kl"] += float(divergence("forward_kl", logits, sparse, reduction="sum"))
+                sums["agree"] += float((logits.argmax(-1) == indices[:, 0]).sum())
+                next_logprob = collate(examples[start : start + batch_size], pad_token_id,
+                                       extra=("teacher_next_logprob",))["teacher_next_logprob"][:, :-1].to(device)
+                sums["teacher_nll"] -= float(next_logprob[counted].sum())
+            count += int(counted.sum())
     finally:
-        student.train(was_training)
-    bits = tokens_per_byte / count / math.log(2)
-    metrics = {"student_bpb": sums["student_nll"] * bits}
-    if teacher is not None:
-        metrics.update(
-            teacher_bpb=sums["teacher_nll"] * bits,
-            kl_teacher_student=sums["kl"] / count,
-            top1_agreement=sums["agree"] / count,
-        )
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate_lm: the examples have no counted token")
+    loss = sums["nll"] / count
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    if byte_level:
+        metrics["bits_per_byte"] = loss / math.log(2)
+    if teacher is not None or cached:
+        metrics.update(kl_teacher=sums["kl"] / count, top1_agreement=sums["agree"] / count,
+                       teacher_loss=sums["teacher_nll"] / count)
     return metrics
-
-

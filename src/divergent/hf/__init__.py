@@ -1,0 +1,39 @@
+"""divergent inside the Hugging Face engine (``transformers.Trainer``, TRL, ``accelerate``).
+
+- :class:`DistillationConfig` / :class:`DistillationTrainer`: LLM distillation with any
+  registered divergence, as a ``transformers.Trainer`` (``accelerate launch`` for DDP,
+  FSDP, DeepSpeed); the loss of a batch is :class:`divergent.train.lm.LMObjective`, the
+  same code ``divergent distill-lm`` runs.
+- :func:`gkd_loss`: a drop-in for TRL's ``GKDTrainer.generalized_jsd_loss`` with any
+  divergence (``trainer.generalized_jsd_loss = gkd_loss("reverse_kl")``).
+
+Names are imported on first use, so ``from divergent.hf import gkd_loss`` works without
+``transformers`` installed (extra ``llm``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> module that defines it. Each trainer family has its own module in this package.
+_EXPORTS = {
+    "DistillationConfig": "divergent.hf.distillation",
+    "DistillationTrainer": "divergent.hf.distillation",
+    "gkd_loss": "divergent.hf.gkd",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'divergent.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,303 @@
+"""``DistillationTrainer``: LLM distillation with any divergence as a ``transformers.Trainer``.
+
+::
+
+    from divergent.hf import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(output_dir="out", divergence="skew_kl", divergence_params={"alpha": 0.1},
+                              per_device_train_batch_size=8, max_steps=1000)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+
+Rows as TRL's SFT takes them (``messages``, ``prompt`` + ``completion``, ``text``: a
+``datasets.Dataset`` or a list of dicts) are tokenized for the user
+(:mod:`divergent.data.lm_data`); rows that already hold ``input_ids`` (and ``labels``,
+else every token counts) are used as they are. Labels follow Hugging Face's convention
+(not shifted, -100 = not counted); the loss shifts them.
+
+The loss of a batch is :class:`divergent.train.lm.LMObjective` — the code that
+``divergent distill-lm`` runs — computed inside the student's forward (so under FSDP
+the output layer's weight is gathered when the fused loss reads it). The Trainer's
+``num_items_in_batch`` (tokens counted over the step's micro-batches, summed over
+processes) is the normaliser: batch 8 × 1 and 2 × 4 gradient accumulation, or two
+processes, give the same update. Launch with ``accelerate launch`` for DDP, FSDP or
+DeepSpeed as any ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from divergent.data.lm_data import collate, pack_examples, tokenize_rows
+from divergent.models.hf import check_same_tokenizer, load_causal_lm, load_tokenizer
+from divergent.train.lm import Batch, LMObjective, count_targets, generated_batch
+
+__all__ = ["DistillationConfig", "DistillationTrainer", "DistillationCollator"]
+
+
+@dataclass
+class DistillationConfig(transformers.TrainingArguments):
+    """``transformers.TrainingArguments`` plus the distillation settings below (each documented once).
+
+    ``remove_unused_columns`` defaults to False here: the collator needs the rows' own columns.
+    """
+
+    divergence: str = field(default="forward_kl", metadata={
+        "help": "Registered divergence (divergent.available()): forward_kl = KL(teacher || student), reverse_kl, js, ..."})
+    divergence_params: dict | None = field(default=None, metadata={
+        "help": "Parameters of the divergence, e.g. {'beta': 0.5} for js or {'alpha': 0.1} for skew_kl."})
+    temperature: float = field(default=1.0, metadata={"help": "T: both distributions are softmax(logits / T)."})
+    hard_weight: float = field(default=0.0, metadata={"help": "Weight of the cross-entropy on the labels."})
+    soft_weight: float = field(default=1.0, metadata={"help": "Weight of T^2 x divergence (0: labels only, no teacher)."})
+    t2_scale: bool = field(default=True, metadata={"help": "Multiply the divergence by T^2 (Hinton's convention)."})
+    fused: bool = field(default=True, metadata={
+        "help": "Fuse the loss with the output layer, chunked over tokens: [tokens, vocab] logits are never formed."})
+    chunk_size: int | None = field(default=None, metadata={
+        "help": "Tokens per chunk of the fused loss (None: as many as fit 2^27 logits)."})
+    vocab_size: int | None = field(default=None, metadata={
+        "help": "Compare the first vocab_size entries only, when the output layers are padded beyond the tokenizer."})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "Folder written by `divergent cache-teacher`: train on its rows and cached top-k teacher, no teacher model."})
+    on_policy_fraction: float = field(default=0.0, metadata={
+        "help": "GKD's lambda: probability that a micro-batch is replaced by the student's own continuations."})
+    seq_kd_fraction: float = field(default=0.0, metadata={
+        "help": "Probability that a micro-batch is replaced by the teacher's continuations (sequence-level KD)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per continuation."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of continuations (0 = greedy)."})
+    prompt_len: int = field(default=16, metadata={
+        "help": "Prompt tokens of rows that count from their first token (text rows) when generating."})
+    max_length: int = field(default=1024, metadata={"help": "Rows are cut to this many tokens (and counted as truncated)."})
+    packing: bool = field(default=False, metadata={"help": "Concatenate training rows into blocks of max_length tokens."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads the rows' columns."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.divergence_params is None:
+            self.divergence_params = {}
+        for name in ("on_policy_fraction", "seq_kd_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"DistillationConfig.{name} must be in [0, 1], got {value!r}")
+        if self.on_policy_fraction + self.seq_kd_fraction > 1.0:
+            raise ValueError(f"on_policy_fraction + seq_kd_fraction must be <= 1, got "
+                             f"{self.on_policy_fraction} + {self.seq_kd_fraction}")
+        for name in ("max_new_tokens", "prompt_len", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DistillationConfig.{name} must be a positive int, got {value!r}")
+        if self.hard_weight < 0 or self.soft_weight < 0 or self.hard_weight + self.soft_weight == 0:
+            raise ValueError(f"hard_weight and soft_weight must be >= 0 and not both 0, got "
+                             f"{self.hard_weight}, {self.soft_weight}")
+        LMObjective.from_config(self)  # an unknown divergence or parameter fails here, naming itself
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+class DistillationCollator:
+    """Right-pads examples into ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)
+    and, for cached rows, ``teacher_indices``/``teacher_logprobs``."""
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        extra = ("teacher_indices", "teacher_logprobs") if "teacher_indices" in examples[0] else ()
+        return collate(examples, self.pad_token_id, extra=extra)
+
+
+def _rows(dataset: Any) -> list[dict[str, Any]] | None:
+    if isinstance(dataset, list):
+        return dataset
+    if hasattr(dataset, "to_list") and hasattr(dataset, "column_names"):
+        return dataset.to_list()
+    return None
+
+
+def _prepare(dataset: Any, tokenizer: Any, args: DistillationConfig, name: str, train: bool):
+    """Tokenized examples (and their :class:`DataStats`) from rows; other datasets are used as they are."""
+    if dataset is None:
+        return None, None
+    rows = _rows(dataset)
+    if rows is None:
+        return dataset, None  # a torch Dataset of ready examples
+    if not rows:
+        raise ValueError(f"{name} is empty")
+    if "input_ids" in rows[0]:
+        examples = [{**row, "labels": list(row.get("labels") or row["input_ids"])} for row in rows]
+        return _Examples(examples), None
+    if tokenizer is None:
+        raise ValueError(f"{name} holds raw rows (columns {sorted(rows[0])}); pass processing_class=<the tokenizer> "
+                         f"so they can be tokenized")
+    examples, stats = tokenize_rows(rows, tokenizer, max_length=2**62 if (train and args.packing) else args.max_length,
+                                    source=name)
+    if not examples:
+        raise ValueError(f"{name}: none of its {stats.rows} rows has anything to learn "
+                         f"({stats.skipped_nothing_to_learn} skipped)")
+    if train and args.packing:
+        examples = pack_examples(examples, args.max_length)
+    return _Examples(examples), stats
+
+
+class DistillationTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model`` with any divergence.
+
+    ``model``/``teacher_model``: causal LMs or local folders (loaded without download);
+    the teacher is kept as ``trainer.teacher_model`` (eval mode, no grad, on the training
+    device, whole on every process). ``args``: a :class:`DistillationConfig`.
+    ``train_dataset``/``eval_dataset``: rows (see the module docstring) or ready examples;
+    with ``args.teacher_cache`` they default to the cache's ``train``/``eval`` splits and no
+    teacher model is needed. ``teacher_processing_class``: the teacher's tokenizer, checked
+    to be the student's (cross-tokenizer distillation is not supported yet).
+    ``data_stats``: what became of the rows (truncated, skipped with nothing to learn).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        data_collator: Any = None,
+        teacher_processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationConfig(output_dir="distillation-output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
+        if model is None:
+            raise ValueError("model (the student) is required: a causal LM or a local folder")
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            path = model
+            model = load_causal_lm(path, what="model")
+            processing_class = processing_class if processing_class is not None else load_tokenizer(path, "model")
+        if isinstance(teacher_model, (str, bytes)) or hasattr(teacher_model, "__fspath__"):
+            path = teacher_model
+            teacher_model = load_causal_lm(path, what="teacher_model")
+            if teacher_processing_class is None:
+                teacher_processing_class = load_tokenizer(path, "teacher_model")
+        check_same_tokenizer(processing_class, teacher_processing_class)
+        self.objective = LMObjective.from_config(args)
+        generates = args.on_policy_fraction + args.seq_kd_fraction > 0
+
+        cache = None
+        if args.teacher_cache is not None:
+            from divergent.data.teacher_cache import TeacherCache
+            from divergent.models.hf import tokenizer_fingerprint
+
+            if train_dataset is not None:
+                raise ValueError("args.teacher_cache holds the training rows; pass no train_dataset with it")
+            cache = TeacherCache(args.teacher_cache)
+            cache.verify_all()
+            if processing_class is not None and cache.tokenizer and cache.tokenizer != tokenizer_fingerprint(processing_class):
+                raise ValueError(f"the teacher cache {args.teacher_cache} was written with another tokenizer than the "
+                                 f"student's (cross-tokenizer distillation is not supported yet)")
+            train_dataset = _Examples(cache.examples())
+            if eval_dataset is None and "eval" in cache.index.get("splits", {}):
+                eval_dataset = _Examples(TeacherCache(args.teacher_cache, "eval").examples())
+        if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None)):
+            raise ValueError(
+                "teacher_model is required: soft_weight > 0 needs a teacher (or args.teacher_cache), and "
+                "on_policy_fraction / seq_kd_fraction need one to score generated continuations"
+            )
+        self.data_stats: dict[str, Any] = {}
+        train_dataset, self.data_stats["train"] = _prepare(train_dataset, processing_class, args, "train_dataset", True)
+        eval_dataset, self.data_stats["eval"] = _prepare(eval_dataset, processing_class, args, "eval_dataset", False)
+        self.pad_token_id = int(getattr(processing_class, "pad_token_id", None)
+                                if getattr(processing_class, "pad_token_id", None) is not None
+                                else getattr(processing_class, "eos_token_id", None) or 0)
+        self.eos_token_id = getattr(processing_class, "eos_token_id", None)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator or DistillationCollator(self.pad_token_id),
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )
+        # The Trainer counts num_items_in_batch (over labels[..., 1:], all micro-batches of a step,
+        # summed over processes) only for models that take loss kwargs; this loss does.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.teacher_model = None
+        if teacher_model is not None:
+            self.teacher_model = teacher_model.to(self.args.device).eval()
+            for parameter in self.teacher_model.parameters():
+                parameter.requires_grad_(False)
+        self._micro = (-1, 0)  # (global step, micro-batches drawn in it): seeds the on-policy draws
+
+    # -- the loss ---------------------------------------------------------------------
+
+    def _batch(self, inputs: dict[str, torch.Tensor]) -> Batch:
+        return Batch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student = self.accelerator.unwrap_model(model)
+        normalizer = num_items_in_batch if num_items_in_batch is not None else \
+            max(int(count_targets(inputs["labels"])), 1)
+        loss = self.objective(model, student, self._batch(inputs), teacher=self.teacher_model, normalizer=normalizer)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and \
+                self.accelerator.num_processes > 1:
+            # num_items_in_batch is the count over all processes, whose gradients DDP/FSDP average.
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the distillation loss per counted token of the batch (``eval_loss``)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- on-policy and sequence-level KD ---------------------------------------------
+
+    def _generation_context(self, model):
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        except ImportError:  # pragma: no cover
+            FSDP = None
+        if FSDP is not None and isinstance(model, FSDP):
+            return FSDP.summon_full_params(model, writeback=False)
+        return contextlib.nullcontext()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        args = self.args
+        if args.on_policy_fraction + args.seq_kd_fraction > 0:
+            step = self.state.global_step
+            self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+            # The same draw on every process, and again when a run resumes at this step.
+            seed = (args.seed * 1_000_003 + step) * 131 + self._micro[1]
+            draw = random.Random(seed).random()
+            generator = torch.Generator().manual_seed(seed)
+            source = None
+            if draw < args.on_policy_fraction:
+                source, context = self.accelerator.unwrap_model(model), self._generation_context(model)
+            elif draw < args.on_policy_fraction + args.seq_kd_fraction:
+                source, context = self.teacher_model, contextlib.nullcontext()
+            if source is not None:
+                with context:
+                    batch = generated_batch(
+                        source, self._batch(inputs), max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
+                        temperature=args.generation_temperature, generator=generator, pad_token_id=self.pad_token_id,
+                        eos_token_id=self.eos_token_id, device=args.device)
+                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+                # The step's token count was taken before generation: this micro-batch is
+                # normalised by its own count (and the Trainer divides by the accumulation steps).
+                num_items_in_batch = None
+        return super().training_step(model, inputs, num_items_in_batch)

@@ -1,0 +1,94 @@
+"""Tiny Hugging Face models, a locally trained tokenizer with a chat template, and data files.
+
+Everything is built from configs and local text: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+CORPUS = [
+    "the cat sat on the mat and the dog sat on the log",
+    "what is two plus two? two plus two is four.",
+    "a quick brown fox jumps over the lazy dog again and again",
+    "hello, how are you today? i am fine, thank you very much.",
+    "python is a programming language; it reads like plain english.",
+    "numbers: one two three four five six seven eight nine ten",
+] * 4
+
+
+def tokenizer(vocab_size: int = 300, *, template: bool = True):
+    """A byte-level BPE tokenizer trained on CORPUS, with <s>, </s>, <pad> and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|user|>",
+                                                                        "<|assistant|>", "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def llama(vocab: int, hidden: int = 32, layers: int = 2, seed: int = 0, tie: bool = False):
+    """A tiny Llama (2 layers, hidden 32 by default)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def save_pair(tmp_path: Path, vocab_size: int = 300):
+    """``(teacher_dir, student_dir, tokenizer)``: a hidden-48 teacher and a hidden-32 student, each with the tokenizer."""
+    tok = tokenizer(vocab_size)
+    teacher, student = llama(len(tok), 48, 2, seed=1), llama(len(tok), 32, 1, seed=0)
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    teacher.save_pretrained(teacher_dir)
+    student.save_pretrained(student_dir)
+    tok.save_pretrained(teacher_dir)
+    tok.save_pretrained(student_dir)
+    return teacher_dir, student_dir, tok
+
+
+def chat_rows(n: int = 12):
+    rows = []
+    for i in range(n):
+        a, b = i % 5, (i * 3) % 7
+        rows.append({"messages": [
+            {"role": "system", "content": "answer briefly"},
+            {"role": "user", "content": f"what is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            {"role": "user", "content": "thank you"},
+            {"role": "assistant", "content": "you are welcome"},
+        ]})
+    return rows
+
+
+def prompt_completion_rows(n: int = 12):
+    return [{"prompt": f"the number {i} is", "completion": f" {'even' if i % 2 == 0 else 'odd'}."} for i in range(n)]
+
+
+def text_rows(n: int = 12):
+    return [{"text": CORPUS[i % len(CORPUS)]} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
