@@ -107,3 +107,24 @@ def test_training_step_reduces_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_attention_mask_right_padding_changes_nothing_and_left_padding_is_refused():
+    model = _tiny()
+    ids = torch.randint(0, 32, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    torch.testing.assert_close(model(ids, attention_mask=mask)[1, :3], model(ids[1:, :3])[0])
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
+    with pytest.raises(ValueError, match="attention_mask must be a tensor of the shape"):
+        model(ids, attention_mask=mask[:, :3])
+
+
+def test_save_pretrained_writes_a_given_state_dict_and_damage_is_a_clear_error(tmp_path):
+    model, other = _tiny(), _tiny()
+    model.save_pretrained(tmp_path / "gpt", state_dict=other.state_dict())
+    loaded = TinyGPT.from_pretrained(tmp_path / "gpt")
+    torch.testing.assert_close(loaded.lm_head.weight, other.lm_head.weight)
+    (tmp_path / "gpt" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read .*model.safetensors"):
+        TinyGPT.from_pretrained(tmp_path / "gpt")

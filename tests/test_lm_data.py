@@ -128,3 +128,168 @@ def test_llama_style_model_hidden_times_output_weight_is_logits(tmp_path):
     hidden, logits = hidden_and_logits(model, ids)
     torch.testing.assert_close(logits, model(ids).logits)
     torch.testing.assert_close(hidden @ output_weight(model).T, logits)
+
+
+# ----------------------------------------------------------------------------- the user's data files (lm_data)
+
+import csv as _csv  # noqa: E402
+import json as _json  # noqa: E402
+
+from divergent.data import lm_data  # noqa: E402
+
+
+def _counted_text(tokenizer, example):
+    """The text of the tokens the loss counts (labels[1:] != -100), decoded."""
+    return tokenizer.decode([t for t, label in zip(example["input_ids"][1:], example["labels"][1:]) if label != -100])
+
+
+def test_chat_rows_count_exactly_the_assistant_turns():
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+
+    tokenizer = H.tokenizer()
+    rows = H.chat_rows(4)
+    examples, stats = lm_data.tokenize_rows(rows, tokenizer, max_length=500, source="chat")
+    assert stats.format == "messages" and stats.used == 4 and stats.truncated == 0
+    for row, example in zip(rows, examples):
+        assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        replies = "".join(m["content"] + "</s>" for m in row["messages"] if m["role"] == "assistant")
+        assert _counted_text(tokenizer, example) == replies
+        assert len(example["labels"]) == len(example["input_ids"])
+
+
+def test_prompt_completion_and_text_rows_count_the_completion_and_everything():
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+
+    tokenizer = H.tokenizer()
+    examples, stats = lm_data.tokenize_rows(H.prompt_completion_rows(3), tokenizer, max_length=100)
+    assert stats.format == "prompt_completion"
+    assert [_counted_text(tokenizer, e) for e in examples] == [" even.</s>", " odd.</s>", " even.</s>"]
+    examples, stats = lm_data.tokenize_rows(H.text_rows(2), tokenizer, max_length=100)
+    assert stats.format == "text"
+    assert _counted_text(tokenizer, examples[0]) == tokenizer.decode(examples[0]["input_ids"][1:])
+    assert tokenizer.decode(examples[0]["input_ids"]) == H.CORPUS[0] + "</s>"
+    # Conversational prompt/completion: the prompt rendered with the generation prompt, loss on the reply.
+    conversational = [{"prompt": [{"role": "user", "content": "hello"}],
+                       "completion": [{"role": "assistant", "content": "hi there"}]}]
+    examples, _ = lm_data.tokenize_rows(conversational, tokenizer, max_length=100)
+    assert _counted_text(tokenizer, examples[0]) == "hi there</s>"
+
+
+def test_truncated_and_nothing_to_learn_rows_are_counted():
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+
+    tokenizer = H.tokenizer()
+    rows = H.prompt_completion_rows(3) + [{"prompt": "only a prompt", "completion": ""},
+                                          {"prompt": "a long prompt " * 20, "completion": " cut off"},
+                                          {"prompt": "x", "completion": None}]
+    examples, stats = lm_data.tokenize_rows(rows, tokenizer, max_length=40)
+    # The long row is cut before its completion: truncated, and then it has nothing to learn.
+    assert (stats.rows, stats.used, stats.skipped_nothing_to_learn, stats.truncated) == (6, 3, 3, 1)
+    assert all(len(e["input_ids"]) <= 40 for e in examples)
+    assert stats.counted_tokens == sum(sum(1 for label in e["labels"][1:] if label != -100) for e in examples)
+
+
+def test_every_file_format_reads_the_same_rows(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows) + "\n")
+    (tmp_path / "a.json").write_text(_json.dumps(rows))
+    (tmp_path / "columns.json").write_text(_json.dumps({"prompt": [r["prompt"] for r in rows],
+                                                        "completion": [r["completion"] for r in rows]}))
+    with open(tmp_path / "a.csv", "w", newline="") as handle:
+        writer = _csv.DictWriter(handle, ["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(rows)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for name in ("a.jsonl", "a.json", "columns.json", "a.csv", "a.parquet", "saved"):
+        assert lm_data.read_rows(tmp_path / name) == {"train": rows}, name
+    (tmp_path / "lines.txt").write_text("first line\n\nsecond line\n")
+    assert lm_data.read_rows(tmp_path / "lines.txt") == {"train": [{"text": "first line"}, {"text": "second line"}]}
+    # A conversation stored in a CSV cell is JSON text.
+    with open(tmp_path / "chat.csv", "w", newline="") as handle:
+        writer = _csv.DictWriter(handle, ["messages"])
+        writer.writeheader()
+        writer.writerow({"messages": _json.dumps([{"role": "user", "content": "a, b"}])})
+    assert lm_data.read_rows(tmp_path / "chat.csv")["train"][0]["messages"] == [{"role": "user", "content": "a, b"}]
+
+
+def test_bad_files_name_the_file_the_columns_and_the_formats(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data: .*missing.jsonl not found; expected files .jsonl"):
+        lm_data.read_rows(tmp_path / "missing.jsonl")
+    (tmp_path / "a.xlsx").write_text("x")
+    with pytest.raises(ValueError, match="suffix '.xlsx'"):
+        lm_data.read_rows(tmp_path / "a.xlsx")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2 is a JSON list; expected an object"):
+        lm_data.read_rows(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.json").write_text('{"text": [')
+    with pytest.raises(ValueError, match=r"broken.json is not valid JSON \(line 1"):
+        lm_data.read_rows(tmp_path / "broken.json")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl holds no rows"):
+        lm_data.read_rows(tmp_path / "empty.jsonl")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not one written by datasets' save_to_disk"):
+        lm_data.read_rows(tmp_path / "folder")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        lm_data.read_rows(tmp_path / "latin1.txt")
+    with pytest.raises(ValueError, match=r"rows.jsonl: no column .*'prompt' and 'completion' must both be present\); "
+                                         r"found columns \['question', 'prompt'\]; accepted row formats"):
+        lm_data.detect_format(["question", "prompt"], "rows.jsonl")
+
+
+def test_chat_rows_need_a_template_and_a_prefix_consistent_one():
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+
+    with pytest.raises(ValueError, match="need a chat template, and the tokenizer .* has none"):
+        lm_data.tokenize_rows(H.chat_rows(1), H.tokenizer(template=False), max_length=100)
+    with pytest.raises(ValueError, match="need a chat template, and the byte-level model"):
+        lm_data.tokenize_rows(H.chat_rows(1), lm_data.ByteTokenizer(), max_length=100)
+    tokenizer = H.tokenizer()
+    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="row 0: the chat template does not render the conversation's beginning"):
+        lm_data.tokenize_rows(H.chat_rows(1), tokenizer, max_length=100)
+    with pytest.raises(ValueError, match="row 0: every message of 'messages' needs 'role' and 'content'"):
+        lm_data.tokenize_rows([{"messages": [{"text": "hi"}]}], H.tokenizer(), max_length=100)
+
+
+def test_byte_tokenizer_packing_split_and_collate():
+    tokenizer = lm_data.ByteTokenizer()
+    examples, stats = lm_data.tokenize_rows([{"text": "héllo"}, {"text": "ab"}], tokenizer, max_length=100)
+    assert examples[0]["input_ids"] == list("héllo".encode()) and stats.counted_tokens == 5 + 1
+    blocks = lm_data.pack_examples(examples, 4)
+    assert [len(b["input_ids"]) for b in blocks] == [4, 4]
+    assert [t for b in blocks for t in b["input_ids"]] == examples[0]["input_ids"] + examples[1]["input_ids"]
+    rows = [{"text": str(i)} for i in range(20)]
+    train, held = lm_data.split_rows(rows, 0.25, seed=3, source="s")
+    assert len(held) == 5 and sorted(map(str, train + held)) == sorted(map(str, rows))
+    assert lm_data.split_rows(rows, 0.25, seed=3, source="s") == (train, held)
+    with pytest.raises(ValueError, match="1 row cannot be split"):
+        lm_data.split_rows(rows[:1], 0.5, seed=0, source="s")
+    batch = lm_data.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+                            pad_token_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_load_lm_data_splits_tokenizes_and_uses_a_saved_test_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": f"row number {i}"} for i in range(20)]
+    (tmp_path / "rows.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    data = lm_data.load_lm_data(tmp_path / "rows.jsonl", lm_data.ByteTokenizer(), eval_fraction=0.1, max_length=8)
+    assert (data.train_stats.rows, data.eval_stats.rows) == (18, 2) and data.byte_level
+    assert data.train_stats.truncated == 18 and all(len(e["input_ids"]) == 8 for e in data.train)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:15]),
+                          "validation": datasets.Dataset.from_list(rows[15:])}).save_to_disk(str(tmp_path / "saved"))
+    data = lm_data.load_lm_data(tmp_path / "saved", lm_data.ByteTokenizer(), max_length=64)
+    assert (data.train_stats.rows, data.eval_stats.rows) == (15, 5)
+    data = lm_data.load_lm_data(tmp_path / "saved", lm_data.ByteTokenizer(), max_length=64,
+                                eval_data=tmp_path / "rows.jsonl", max_eval_examples=3)
+    assert data.eval_stats.rows == 20 and len(data.eval) == 3
