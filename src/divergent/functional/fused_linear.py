@@ -458,6 +458,13 @@ def fused_linear_distillation(
     ``T^2`` is applied when ``t2_scale``. The value and gradients equal those
     of computing the full logits and calling ``dv.divergence`` on them.
 
+    Gradients: to the student's input and weight; to the teacher's too when
+    ``teacher_input`` or ``teacher_weight`` requires grad (online distillation). A
+    ``dv.TopK`` teacher is stored data: its ``logprobs`` may not require grad here.
+    Every tensor is checked once per call (dtypes and devices of each input/weight pair,
+    finite values, weights with values, not on ``meta``), the settings as in
+    :func:`check_options`.
+
     ``vocab_size``: see :func:`resolve_vocab_size`; padding rows of either
     output layer beyond it are ignored and get zero gradient.
 
