@@ -222,10 +222,9 @@ class DistillationTrainer(transformers.Trainer):
         self.data_stats: dict[str, Any] = {}
         train_dataset, self.data_stats["train"] = _prepare(train_dataset, processing_class, args, "train_dataset", True)
         eval_dataset, self.data_stats["eval"] = _prepare(eval_dataset, processing_class, args, "eval_dataset", False)
-        self.pad_token_id = int(getattr(processing_class, "pad_token_id", None)
-                                if getattr(processing_class, "pad_token_id", None) is not None
-                                else getattr(processing_class, "eos_token_id", None) or 0)
         self.eos_token_id = getattr(processing_class, "eos_token_id", None)
+        pad = getattr(processing_class, "pad_token_id", None)
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
         super().__init__(
             model=model, args=args, data_collator=data_collator or DistillationCollator(self.pad_token_id),
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
