@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from divergent.cli import app
@@ -246,3 +247,38 @@ def test_distill_lm_refuses_to_run_once_per_rank(monkeypatch, tmp_path):
     result = _run(["distill-lm", "--out-dir", str(tmp_path)])
     assert result.exit_code == 2 and "runs in one process" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_cache_teacher_resumes_to_the_same_cache(tmp_path, monkeypatch):
+    from divergent.data import teacher_cache
+
+    teacher, _, _ = H.save_pair(tmp_path)
+    data = H.write_jsonl(tmp_path / "rows.jsonl", H.text_rows(20))
+    args = ["--teacher", str(teacher), "--data", str(data), "--k", "4", "--batch-size", "2",
+            "--sequences-per-shard", "4", "--max-length", "16"]
+    whole = _run(["cache-teacher", *args, "-o", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    real, calls = teacher_cache.teacher_topk, []
+
+    def ctrl_c_on_the_fifth_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(teacher_cache, "teacher_topk", ctrl_c_on_the_fifth_batch)
+    cut = _run(["cache-teacher", *args, "-o", str(tmp_path / "cut")])
+    assert cut.exit_code == 130 and f"divergent cache-teacher --resume {tmp_path / 'cut'}" in " ".join(cut.output.split())
+    assert not (tmp_path / "cut" / "index.json").exists()
+    monkeypatch.setattr(teacher_cache, "teacher_topk", real)
+    again = _run(["cache-teacher", *args, "-o", str(tmp_path / "cut")])
+    assert again.exit_code == 2 and "--resume" in again.output  # not silently restarted over the kept shards
+    resumed = _run(["cache-teacher", "--resume", str(tmp_path / "cut")])
+    assert resumed.exit_code == 0, resumed.output
+    from divergent.data.teacher_cache import TeacherCache
+
+    for split in ("train", "eval"):
+        a, b = TeacherCache(tmp_path / "whole", split), TeacherCache(tmp_path / "cut", split)
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            assert torch.equal(a.example(i)["teacher_indices"], b.example(i)["teacher_indices"])

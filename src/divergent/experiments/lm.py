@@ -844,17 +844,28 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
             save_config(config, out / "config.yaml")
         total = len(train) + len(evaluation)
         started = time.perf_counter()
-        with report.progress(console=console, transient=True) as bar:
-            task = bar.add_task("caching the teacher", total=total)
-            index = write_teacher_cache(
-                teacher, {"train": train, "eval": evaluation}, out, k=min(config.k, vocab), vocab_size=vocab,
-                tokenizer_fingerprint=tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer),
-                batch_size=config.batch_size, pad_token_id=_pad_id(tokenizer), logprob_dtype=config.logprob_dtype,
-                sequences_per_shard=config.sequences_per_shard, device=device, resume=resume,
-                metadata={"teacher": config.teacher or "default", "default_teacher": not config.teacher,
-                          "data": description, "stats": stats, "max_length": config.length()},
-                progress_callback=lambda done: bar.update(task, completed=done),
-            )
+        done = [0]
+        try:
+            with report.progress(console=console, transient=True) as bar:
+                task = bar.add_task("caching the teacher", total=total)
+
+                def advance(count: int) -> None:
+                    done[0] = count
+                    bar.update(task, completed=count)
+
+                index = write_teacher_cache(
+                    teacher, {"train": train, "eval": evaluation}, out, k=min(config.k, vocab), vocab_size=vocab,
+                    tokenizer_fingerprint=tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer),
+                    batch_size=config.batch_size, pad_token_id=_pad_id(tokenizer), logprob_dtype=config.logprob_dtype,
+                    sequences_per_shard=config.sequences_per_shard, device=device, resume=resume,
+                    metadata={"teacher": config.teacher or "default", "default_teacher": not config.teacher,
+                              "data": description, "stats": stats, "max_length": config.length()},
+                    progress_callback=advance,
+                )
+        except KeyboardInterrupt:
+            # Shards are written atomically and listed in progress.json as they finish.
+            raise RunInterrupted(done[0], None, f"interrupted after {done[0]} of {total} examples; the finished shards "
+                                               f"are kept: resume with: divergent cache-teacher --resume {out}") from None
         row = {"train_sequences": index["total_sequences"]["train"], "eval_sequences": index["total_sequences"]["eval"],
                "tokens": index["total_tokens"], "k": index["k"], "megabytes": round(index["total_bytes"] / 1e6, 3),
                "bytes_per_token": round(index["bytes_per_token"], 1), "seconds": round(time.perf_counter() - started, 1)}
