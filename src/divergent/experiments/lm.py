@@ -25,6 +25,7 @@ Python API::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from rich.console import Console
 from divergent.config import config_to_dict, load_run_config, save_config
 from divergent.experiments import report
 from divergent.io import read_json, write_json
+from divergent.train.lm import LMTrainingSettings
 from divergent.train.run import Checkpointer, NonFiniteLossError, RunInterrupted, drive
 
 __all__ = [
@@ -132,9 +134,12 @@ class LMDataSettings:
 
 
 @dataclass
-class DistillLMConfig(LMDataSettings):
+class DistillLMConfig(LMDataSettings, LMTrainingSettings):
     """Settings of ``divergent distill-lm`` (every key can be set in YAML or with ``--set``):
-    the models and data of :class:`LMDataSettings`, and
+    the models and data of :class:`LMDataSettings`, how each student is trained
+    (:class:`divergent.train.lm.LMTrainingSettings`; ``hard_weight``, ``soft_weight`` and the
+    generation settings apply to the distilled students, the scratch student trains on the
+    data alone), and
 
     student: local folder of the student's initial weights (with its tokenizer); "" = a new
         byte-level GPT student (only with the default teacher or its cache).
@@ -143,27 +148,6 @@ class DistillLMConfig(LMDataSettings):
     divergences: one distilled student per registered divergence (divergent.available()).
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
-    temperature: T of the divergence.
-    hard_weight: weight of the cross-entropy on the data in distilled runs.
-    soft_weight: weight of T^2 x divergence in distilled runs.
-    on_policy_fraction: GKD's lambda: fraction of steps on the student's own continuations.
-    seq_kd_fraction: fraction of steps on the teacher's continuations (sequence-level KD).
-    max_new_tokens: tokens per generated continuation.
-    prompt_len: prompt tokens for rows that count from their first token (text rows).
-    generation_temperature: sampling temperature of continuations.
-    fused: fused, chunked output-layer loss: the [tokens, vocab] logits are never formed.
-    chunk_size: tokens per chunk of the fused loss (null: as many as fit 2^27 logits).
-    vocab_size: compare only the first vocab_size entries (output layers padded beyond the
-        tokenizer); null = the tokenizer's size when the output layers differ, else theirs.
-    steps: optimisation steps per student.
-    batch_size: examples per micro-batch.
-    grad_accum: micro-batches per step.
-    optimizer: adamw or sgd.
-    lr: peak learning rate (linear warm-up, then cosine to 10% or constant).
-    weight_decay: weight decay.
-    warmup_steps: steps of linear warm-up.
-    lr_schedule: cosine or constant.
-    grad_clip: gradient-norm clipping (0 = off).
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
     eval_batch_size: examples per evaluation batch.
     checkpoint_every: steps between checkpoints (and save_pretrained exports) of each student.
@@ -176,26 +160,6 @@ class DistillLMConfig(LMDataSettings):
     divergences: list[str] = field(default_factory=lambda: ["forward_kl"])
     divergence_params: dict = field(default_factory=dict)
     include_scratch: bool = True
-    temperature: float = 1.0
-    hard_weight: float = 0.0
-    soft_weight: float = 1.0
-    on_policy_fraction: float = 0.0
-    seq_kd_fraction: float = 0.0
-    max_new_tokens: int = 32
-    prompt_len: int = 16
-    generation_temperature: float = 1.0
-    fused: bool = True
-    chunk_size: int | None = None
-    vocab_size: int | None = None
-    steps: int = 150
-    batch_size: int = 16
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    lr_schedule: str = "cosine"
-    grad_clip: float = 1.0
     evaluations: int = 5
     eval_batch_size: int = 16
     checkpoint_every: int = 50
@@ -229,20 +193,15 @@ class DistillLMConfig(LMDataSettings):
         """The LMDistillConfig of one row (``divergence=None``: the scratch row, labels only)."""
         from divergent.train.lm import LMDistillConfig
 
-        common = dict(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                      optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-                      warmup_steps=min(self.warmup_steps, self.steps), lr_schedule=self.lr_schedule,
-                      grad_clip=self.grad_clip, seed=self.seed, fused=self.fused, chunk_size=self.chunk_size,
-                      vocab_size=vocab_size if vocab_size is not None else self.vocab_size,
-                      eval_every=max(1, self.steps // self.evaluations), log_every=max(1, self.steps // 50))
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(LMTrainingSettings)}
+        settings.update(warmup_steps=min(self.warmup_steps, self.steps), seed=self.seed,
+                        vocab_size=vocab_size if vocab_size is not None else self.vocab_size,
+                        eval_every=max(1, self.steps // self.evaluations), log_every=max(1, self.steps // 50))
         if divergence is None:
-            return LMDistillConfig(hard_weight=1.0, soft_weight=0.0, **common)
-        return LMDistillConfig(
-            divergence=divergence, divergence_params=dict(self.divergence_params.get(divergence, {})),
-            temperature=self.temperature, hard_weight=self.hard_weight, soft_weight=self.soft_weight,
-            on_policy_fraction=self.on_policy_fraction, seq_kd_fraction=self.seq_kd_fraction,
-            max_new_tokens=self.max_new_tokens, prompt_len=self.prompt_len,
-            generation_temperature=self.generation_temperature, **common)
+            settings.update(hard_weight=1.0, soft_weight=0.0, on_policy_fraction=0.0, seq_kd_fraction=0.0)
+            return LMDistillConfig(**settings)
+        return LMDistillConfig(divergence=divergence, divergence_params=dict(self.divergence_params.get(divergence, {})),
+                               **settings)
 
 
 # ----------------------------------------------------------------------------- models and data

@@ -66,6 +66,7 @@ from divergent.train.distributed import init_distributed_from_env  # noqa: F401 
 from divergent.train.run import NonFiniteLossError, check_finite
 
 __all__ = [
+    "LMTrainingSettings",
     "LMDistillConfig",
     "Batch",
     "ExampleSource",
@@ -82,17 +83,18 @@ __all__ = [
 
 
 @dataclass
-class LMDistillConfig:
-    """Every knob of the LM trainer; each field is documented once, here.
+class LMTrainingSettings:
+    """How a student is trained: the loss's hyperparameters, the optimiser, the data it sees.
 
-    divergence: registered divergence name (``dv.available()``); see docs/divergences.md.
-    divergence_params: its parameters, e.g. ``{"beta": 0.5}`` for ``js``.
+    Shared by :class:`LMDistillConfig` (one run) and the ``distill-lm`` command's config;
+    each field is documented once, here.
+
     temperature: T; both distributions are softmax(logits / T).
     hard_weight: weight of the cross-entropy on the data labels (untempered).
     soft_weight: weight of T^2 * divergence (0 = train on labels only, no teacher).
     t2_scale: multiply the divergence by T^2 (Hinton's convention).
     fused: compute the loss with the output layer fused and chunked over tokens
-        (``LinearDistillationLoss``); False materialises the [tokens, vocab] logits.
+        (``LinearDistillationLoss``): the [tokens, vocab] logits are never formed.
     chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits).
     vocab_size: compare only the first ``vocab_size`` entries (output layers padded beyond
         the tokenizer's vocabulary); None = both output layers have the same size.
@@ -105,21 +107,14 @@ class LMDistillConfig:
     warmup_steps: steps of linear warm-up to ``lr``.
     lr_schedule: "cosine" (after warm-up, cosine decay to 10% of ``lr``) or "constant".
     grad_clip: gradient-norm clipping (0 = off; the norm is checked for NaN/inf either way).
-    on_policy_fraction: λ, probability that a step trains on student-generated continuations (GKD).
+    on_policy_fraction: GKD's λ: probability that a step trains on student-generated continuations.
     seq_kd_fraction: probability that a step trains on teacher-generated continuations (seq-KD).
     max_new_tokens: tokens generated per continuation (on-policy and seq-KD steps).
     prompt_len: prompt tokens of examples that count from their first token (``text`` rows);
         other examples are prompted with everything before their first counted token.
     generation_temperature: sampling temperature of generated continuations (0 = greedy).
-    seed: seeds the data order, generation and on-policy draws (per step).
-    log_every: steps between history entries (loss, learning rate, tokens).
-    eval_every: steps between evaluations recorded in the history (0 = only at the end).
-    fsdp: under torchrun/accelerate, shard the student with FullyShardedDataParallel
-        instead of replicating it with DistributedDataParallel.
     """
 
-    divergence: str = "forward_kl"
-    divergence_params: dict = field(default_factory=dict)
     temperature: float = 1.0
     hard_weight: float = 0.0
     soft_weight: float = 1.0
@@ -127,11 +122,11 @@ class LMDistillConfig:
     fused: bool = True
     chunk_size: int | None = None
     vocab_size: int | None = None
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 16
     grad_accum: int = 1
     optimizer: str = "adamw"
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     lr_schedule: str = "cosine"
@@ -141,6 +136,23 @@ class LMDistillConfig:
     max_new_tokens: int = 32
     prompt_len: int = 16
     generation_temperature: float = 1.0
+
+
+@dataclass
+class LMDistillConfig(LMTrainingSettings):
+    """One LM distillation run: the :class:`LMTrainingSettings`, and
+
+    divergence: registered divergence name (``dv.available()``); see docs/divergences.md.
+    divergence_params: its parameters, e.g. ``{"beta": 0.5}`` for ``js``.
+    seed: seeds the data order, generation and on-policy draws (per step).
+    log_every: steps between history entries (loss, learning rate, tokens).
+    eval_every: steps between evaluations recorded in the history (0 = only at the end).
+    fsdp: under torchrun/accelerate, shard the student with FullyShardedDataParallel
+        instead of replicating it with DistributedDataParallel.
+    """
+
+    divergence: str = "forward_kl"
+    divergence_params: dict = field(default_factory=dict)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
