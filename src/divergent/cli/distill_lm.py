@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         loss and perplexity (bits per byte for byte-level models), KL to the teacher, top-1
         agreement, tokens/s and peak memory. Writes results.csv/json, report.md and
         curves.png, and each student with save_pretrained (runs/<model>/model). With no
-        options: Python stdlib source as bytes and a cached tiny teacher, a few minutes on
+        options: Python stdlib source as bytes and a cached tiny teacher, under a minute on
         two CPU cores.
         """
 

@@ -11,7 +11,7 @@ at the end.
 
 With no teacher, student or data it runs on embedded data: the Python standard
 library's own source as bytes, a small GPT teacher trained once and cached, and a
-smaller GPT student (a few minutes on two CPU cores). With ``teacher``, ``student``
+smaller GPT student (under a minute on two CPU cores, the teacher training included). With ``teacher``, ``student``
 (local Hugging Face or TinyGPT folders) and ``data`` (the user's files, see
 :mod:`divergent.data.lm_data`) it runs on those. With ``teacher_cache`` (written by
 ``cache-teacher``) it trains with no teacher in memory.
@@ -58,8 +58,8 @@ __all__ = [
     "STUDENT_CONFIG",
 ]
 
-# The default models: the teacher trains in about a minute and a half and each student
-# run takes well under a minute on two CPU cores.
+# The default models: on two CPU cores the teacher trains in about 10 s and each student in
+# a few seconds (measured in docs/llm.md).
 TEACHER_CONFIG = dict(vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_seq_len=128)
 STUDENT_CONFIG = dict(vocab_size=256, d_model=64, n_layers=1, n_heads=2, max_seq_len=128)
 _TEACHER_RECIPE_VERSION = 2  # bump when the default teacher's training changes
@@ -330,6 +330,7 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _
     train, evaluation, description, stats = _load_examples(config, tokenizer)
     if teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
+    teacher = teacher.to(device).eval()  # evaluated before any student trains
     vocab = _resolve_vocab(config.vocab_size, student, _model_vocab(teacher), tokenizer)
     if vocab is not None and not byte_level:
         console.print(f"vocabulary: comparing the first {vocab} entries (the tokenizer's size)")
@@ -366,7 +367,7 @@ def _setup_from_cache(config: DistillLMConfig, console: Console) -> _Setup:
         if not config.teacher:
             raise ValueError("on_policy_fraction / seq_kd_fraction score generated continuations with the teacher, "
                              "which a cache does not hold; give --teacher PATH too, or set them to 0")
-        teacher = load_causal_lm(config.teacher, what="--teacher")
+        teacher = load_causal_lm(config.teacher, what="--teacher").to(config.torch_device()).eval()
     train = cache.examples()
     splits = cache.index.get("splits", {})
     if "eval" not in splits or not splits["eval"]:
@@ -415,7 +416,7 @@ def default_teacher(
         task = bar.add_task("training the default teacher", total=steps)
         drive(trainer, checkpointer=Checkpointer(work, keep=1), checkpoint_every=50, resume=True,
               on_step=lambda record: bar.update(task, completed=record["step"]))
-    save_pretrained(teacher.cpu(), folder)
+    save_pretrained(teacher, folder)
     write_json(recipe, folder / "recipe.json")
     shutil.rmtree(work, ignore_errors=True)
     return teacher.eval(), folder
