@@ -324,3 +324,17 @@ def test_config_loads_from_yaml_with_overrides(tmp_path):
     assert load_config(LMDistillConfig, save_config(config, tmp_path / "again.yaml")) == config
     with pytest.raises(ValueError, match="unknown config key 'lamda'"):
         load_config(LMDistillConfig, overrides={"lamda": 0.5})
+
+
+def test_under_autocast_mixed_dtypes_follow_the_autocast_dtype():
+    """Mixed precision: a bf16 output layer under float32 hidden states is computed as autocast would (bf16)."""
+    student, teacher = _model(0), _model(1, 48, 2)
+    batch = Batch.from_examples(_examples(4))
+    objective = LMObjective("js", hard_weight=0.2)
+    reference = objective(student, student, batch, teacher=teacher)
+    student.lm_head.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = objective(student, student, batch, teacher=teacher)
+    mixed.backward()
+    assert student.lm_head.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, reference, rtol=2e-2, atol=2e-2)

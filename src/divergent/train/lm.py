@@ -292,6 +292,14 @@ def _check_finite_states(hidden: torch.Tensor, side: str) -> None:
         raise NonFiniteLossError(f"non-finite {side} hidden states (the output layer's input)")
 
 
+def _as_autocast(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under autocast (mixed precision), both in the autocast dtype, as the output layer's matmul would be."""
+    if hidden.dtype != weight.dtype and torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
 def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")
 
@@ -372,7 +380,8 @@ class LMObjective:
                                       batch.teacher_logprobs[:, :-1].reshape(-1, k).float())
             elif teacher is not None:
                 with torch.no_grad():
-                    hidden, teacher_weight = output_layer_input(teacher, batch.input_ids, batch.attention_mask)
+                    hidden, teacher_weight = _as_autocast(*output_layer_input(teacher, batch.input_ids,
+                                                                              batch.attention_mask))
                 teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
                 teacher_weight = teacher_weight.detach()
             else:
@@ -386,6 +395,7 @@ class LMObjective:
 
         def at_output_layer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             _check_finite_states(hidden, "student")
+            hidden, weight = _as_autocast(hidden, weight)
             student_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             flat_labels = labels.reshape(-1)
             if not self.needs_teacher:
