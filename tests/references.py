@@ -1,6 +1,6 @@
 """Independent float64 references on probability vectors (numpy/scipy), one per divergence.
 
-These are written from the formulas in METHODS.md directly on probabilities, with no
+These are written from the formulas in docs/methods.md and docs/divergences.md directly on probabilities, with no
 code shared with divergent's log-space implementation.
 """
 

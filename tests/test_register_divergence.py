@@ -308,6 +308,37 @@ def test_names_overwrite_and_unregister(cleanup):
         dv.register_divergence("mine", fn, overwrite="yes")
 
 
+def test_classifier_method_names_and_aliases_are_refused(cleanup):
+    """A compare row or ClassifierTrainConfig(method=) names a divergence or a method: never both."""
+    import subprocess
+    import sys
+
+    from divergent.methods import registry as methods
+
+    fn = lambda lq, lp: (lp.exp() * (lp - lq)).sum(-1)  # noqa: E731
+    for taken, holder in (("dkd", "a classifier method"), ("ce", "a classifier method"),
+                          ("kd", "an alias of the classifier method 'hinton'")):
+        with pytest.raises(ValueError, match=f"'{taken}' is already {holder}"):
+            dv.register_divergence(taken, fn)
+        assert taken not in dv.available()
+    # A user's method reserves its name until it is unregistered.
+    methods.register_method("mymethod", lambda s, t, y: F.cross_entropy(s, y))
+    try:
+        with pytest.raises(ValueError, match="'mymethod' is already a classifier method"):
+            dv.register_divergence("mymethod", fn)
+    finally:
+        methods.unregister_method("mymethod")
+    dv.register_divergence("mymethod", fn)
+    registry.unregister_divergence("mymethod")
+    # Also before divergent.methods was ever imported (a plugin registering at start-up).
+    code = ("import sys, divergent as dv\n"
+            "assert 'divergent.methods' not in sys.modules\n"
+            "try:\n    dv.register_divergence('nkd', lambda a, b: (a - b).sum(-1))\n"
+            "except ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'nkd' is already a classifier method" in out
+
+
 def test_metadata_keys_and_types(cleanup):
     fn = lambda lq, lp: (lp.exp() * (lp - lq)).sum(-1)  # noqa: E731
     with pytest.raises(TypeError, match="unknown metadata symetric \\(did you mean 'symmetric'\\?\\); valid keys: "

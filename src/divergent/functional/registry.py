@@ -20,6 +20,7 @@ everywhere a built-in does.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import math
 import numbers
@@ -40,6 +41,8 @@ __all__ = [
     "REGISTRY",
     "METADATA_KEYS",
     "RESERVED_PARAMETER_NAMES",
+    "reserve_name",
+    "release_name",
 ]
 
 _KINDS = {bool: "True or False", str: "a string"}
@@ -170,6 +173,21 @@ def _did_you_mean(name: str, valid) -> str:
 
 
 REGISTRY: dict[str, DivergenceSpec] = {}
+
+# Names other registries hold in the same namespace (a ``compare`` row or a trainer's
+# ``method`` is a divergence or a classifier method): name -> what holds it. Filled by
+# :func:`reserve_name` (the method registry calls it), checked by :func:`register_divergence`.
+_RESERVED: dict[str, str] = {}
+
+
+def reserve_name(name: str, holder: str) -> None:
+    """Keep ``name`` from being registered as a divergence; ``holder`` says what it is (for the error)."""
+    _RESERVED[name] = holder
+
+
+def release_name(name: str) -> None:
+    """Undo :func:`reserve_name` (when that method is unregistered)."""
+    _RESERVED.pop(name, None)
 
 # Keyword arguments that the functions and loss modules take next to a divergence's
 # parameters; a parameter of that name could never be passed.
@@ -452,6 +470,14 @@ def register_divergence(
         )
     if not isinstance(overwrite, bool):
         raise TypeError(f"register_divergence({name!r}): overwrite must be True or False, got {overwrite!r}")
+    # The classifier methods share this namespace; importing their registry (at call time: it
+    # sits above this layer) reserves their names, also when divergent.methods was not imported yet.
+    importlib.import_module("divergent.methods.registry")
+    if name in _RESERVED:
+        raise ValueError(
+            f"{name!r} is already {_RESERVED[name]}; a divergence of that name would make compare rows and "
+            f"ClassifierTrainConfig(method=...) ambiguous — register yours under another name"
+        )
     existing = REGISTRY.get(name)
     if existing is not None and existing.builtin:
         raise ValueError(f"{name!r} is a built-in divergence and cannot be replaced; register yours under another name")

@@ -43,6 +43,7 @@ from typing import Any
 
 from divergent.functional import available as available_divergences
 from divergent.functional import get_spec as get_divergence_spec
+from divergent.functional.registry import release_name, reserve_name
 from divergent.methods import dkd, kd, mcmi, nd, nkd, ofa, online, self_kd
 
 __all__ = [
@@ -236,8 +237,10 @@ def _add(spec: MethodSpec) -> None:
             raise ValueError(f"{new!r} is a registered divergence (offline KD with it is already a method); "
                              "choose another name")
     _REGISTRY[spec.name] = spec
+    reserve_name(spec.name, f"a classifier method ({spec.kind})")
     for alias in spec.aliases:
         _ALIASES[alias] = spec.name
+        reserve_name(alias, f"an alias of the classifier method {spec.name!r}")
 
 
 def register_method(
@@ -284,8 +287,10 @@ def unregister_method(name: str) -> None:
     if spec.builtin:
         raise ValueError(f"{name!r} is a built-in method and cannot be unregistered")
     del _REGISTRY[name]
+    release_name(name)
     for alias in spec.aliases:
         _ALIASES.pop(alias, None)
+        release_name(alias)
 
 
 def available_methods(*, aliases: bool = False) -> tuple[str, ...]:
