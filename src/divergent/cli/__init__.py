@@ -52,6 +52,7 @@ _COMMAND_MODULES = [
     "divergent.cli.rl",
     "divergent.cli.distill_lm",
     "divergent.cli.compare",
+    "divergent.cli.dpo",
 ]
 
 for _module in _COMMAND_MODULES:
