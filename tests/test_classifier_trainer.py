@@ -1,6 +1,7 @@
 """The classifier trainer: every method trains, resume equals an uninterrupted run, Ctrl-C saves, NaN stops."""
 
 import copy
+import re
 import signal
 
 import pytest
@@ -17,6 +18,7 @@ from divergent.train.classifier import (
     NonFiniteLossError,
     train_classifier,
 )
+from divergent.train.run import NonFiniteLossError as RunLayerNonFinite
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -156,10 +158,15 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(method, small_dat
     )
 
 
-def test_checkpoint_every_writes_a_loadable_checkpoint(small_data, tmp_path):
-    train_classifier(_mlp(0), small_data, _config("ce", epochs=1, checkpoint_every=2, stop_after_steps=4), run_dir=tmp_path)
-    saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["state"]["step"] == 4 and saved["status"] == "stopped"
+def test_checkpoint_every_writes_checksummed_checkpoints_and_epoch_ends(small_data, tmp_path):
+    """6 steps per epoch, checkpoint_every=4: saves at steps 4 and 6 (epoch end) and 8 (stop); the newest two are kept."""
+    result = train_classifier(_mlp(0), small_data, _config("ce", epochs=2, checkpoint_every=4, stop_after_steps=8),
+                              run_dir=tmp_path)
+    assert result.status == "stopped" and result.checkpoint == tmp_path / "checkpoints" / "step_8.ckpt"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_6.ckpt", "step_8.ckpt"]
+    saved = load_checkpoint(tmp_path / "checkpoints" / "step_6.ckpt")
+    assert saved["step"] == 6 and [h["epoch"] for h in saved["history"]] == [1]
+    assert load_checkpoint(result.checkpoint)["step"] == 8
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes(small_data, tmp_path):
@@ -177,19 +184,22 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(small_data, tmp_path):
     interrupted = train_classifier(_mlp(0), small_data, _config("forward_kl"), teacher=teacher, run_dir=tmp_path,
                                    progress=InterruptAtStep(4), progress_task=0)
     assert interrupted.status == "interrupted" and interrupted.steps == 4
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["status"] == "interrupted"
+    assert load_checkpoint(tmp_path / "checkpoints" / "step_4.ckpt")["step"] == 4
     resumed = train_classifier(_mlp(9), small_data, _config("forward_kl"), teacher=teacher, run_dir=tmp_path, resume=True)
     assert _same_weights(resumed.student, full.student)
 
 
 def test_nan_loss_stops_naming_step_and_divergence_and_keeps_last_good_checkpoint(small_data, tmp_path):
     config = ClassifierTrainConfig(method="reverse_kl", epochs=3, batch_size=32, optimizer="sgd", lr=1e12, momentum=0.0, checkpoint_every=1)
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch \d+\) with method 'reverse_kl'") as info:
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+) \(epoch \d+\) with method 'reverse_kl'") as info:
         train_classifier(_mlp(0), small_data, config, teacher=_mlp(1), run_dir=tmp_path)
-    assert str(tmp_path / "checkpoint.pt") in str(info.value)
-    saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["status"] == "failed"
+    failed_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    last = tmp_path / "checkpoints" / f"step_{failed_step - 1}.ckpt"
+    assert f"the last good checkpoint is {last}" in str(info.value)
+    saved = load_checkpoint(last)
+    assert saved["step"] == failed_step - 1
     assert all(torch.isfinite(w).all() for w in saved["student"].values())  # the kept weights are good ones
+    assert NonFiniteLossError is RunLayerNonFinite  # one error class for every trainer
 
 
 @pytest.mark.parametrize(

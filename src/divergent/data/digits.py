@@ -6,6 +6,8 @@ so the default comparison runs on any machine with no download.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch.utils.data import TensorDataset
 
@@ -36,6 +38,8 @@ def load_digits_data(*, split_seed: int = 0, fractions: tuple[float, float, floa
         idx = torch.from_numpy(idx)
         return TensorDataset(images[idx], labels[idx])
 
+    fingerprint = hashlib.sha256(bunch.images.tobytes() + bunch.target.tobytes()
+                                 + f"|{split_seed}|{list(fractions)}".encode()).hexdigest()[:16]
     return ClassificationData(
         name="digits",
         train=subset(train_idx),
@@ -43,4 +47,6 @@ def load_digits_data(*, split_seed: int = 0, fractions: tuple[float, float, floa
         test=subset(test_idx),
         num_classes=10,
         input_shape=(1, 8, 8),
+        class_names=tuple(str(d) for d in range(10)),
+        fingerprint=fingerprint,
     )

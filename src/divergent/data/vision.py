@@ -8,6 +8,7 @@ trainers through :class:`ClassificationData`.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,9 @@ class ClassificationData:
 
     ``train``, ``val`` and ``test`` are any ``Dataset`` yielding ``(input, label)``;
     ``num_classes`` is the number of labels; ``input_shape`` is one input's shape
-    (e.g. ``(1, 8, 8)`` for digits, ``(3, 32, 32)`` for CIFAR).
+    (e.g. ``(1, 8, 8)`` for digits, ``(3, 32, 32)`` for CIFAR, ``(d,)`` for feature vectors).
+    ``class_names`` names label 0, 1, ... when known (the user's files); ``fingerprint`` is a
+    hash of the data and of how it was read, for cache keys ("" when unknown).
     """
 
     name: str
@@ -49,6 +52,8 @@ class ClassificationData:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]
+    class_names: tuple[str, ...] | None = None
+    fingerprint: str = ""
 
 
 class AugmentedImageDataset(Dataset):
@@ -222,6 +227,9 @@ def load_cifar(
     parts = stratified_split(train_y, [1.0 - val_fraction, val_fraction], seed=split_seed)
     train_idx, val_idx = parts
     num_classes = 10 if name == "cifar10" else 100
+    digest = hashlib.sha256(f"{name}|{val_fraction}|{split_seed}|{augment}".encode())
+    for array in (train_x, train_y, test_x, test_y):
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return ClassificationData(
         name=name,
         train=AugmentedImageDataset(to_tensor(train_x[train_idx]), torch.from_numpy(train_y[train_idx]), augment=augment),
@@ -229,4 +237,5 @@ def load_cifar(
         test=TensorDataset(to_tensor(test_x), torch.from_numpy(test_y)),
         num_classes=num_classes,
         input_shape=(3, 32, 32),
+        fingerprint=digest.hexdigest()[:16],
     )

@@ -21,11 +21,13 @@ Python API::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +40,21 @@ from rich.console import Console
 from divergent.train.distributed import init_distributed_from_env, rank
 from divergent.experiments import report
 from divergent.config import config_to_dict, load_run_config, save_config
-from divergent.io import read_json
+from divergent.io import CorruptFileError, read_json
 from divergent.train.run import RunInterrupted
 from divergent.data.vision import ClassificationData
 from divergent.metrics.classification import classification_metrics, reliability_bins
 from divergent.experiments.plots import plot_accuracy_vs_ece, plot_reliability, plot_training_curves
 from divergent.models.classifiers import build_model
+from divergent.methods import get_method
+from divergent.models.user_models import check_fits, is_factory_spec, load_user_model, model_fingerprint, model_source
 from divergent.train.checkpoint import load_checkpoint, save_checkpoint
 from divergent.train.classifier import (
+    CHECKPOINT_FOLDER,
     ClassifierTrainConfig,
     NonFiniteLossError,
     method_kind,
+    needs_teacher_features,
     predict_logits,
     train_classifier,
 )
@@ -58,7 +64,8 @@ __all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset",
 DEFAULT_ENTRIES = ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta", "bdkd", "sinkhorn-with-KD"]
 NO_TEACHER = "student alone (CE)"
 # Bump when a change makes cached teachers incompatible (e.g. a different data pipeline).
-_CACHE_VERSION = 1
+# 2: the key holds a fingerprint of the data and the MCMI teacher's resolved parameters (centroid mode).
+_CACHE_VERSION = 2
 
 
 @dataclass
@@ -67,6 +74,17 @@ class CompareConfig:
 
     dataset: ``"digits"`` (bundled with scikit-learn), ``"cifar10"`` or ``"cifar100"`` (read from ``data_dir``).
     data_dir: folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/`` (CIFAR only; nothing is downloaded).
+    data: your own data instead of ``dataset``: a ``.npz`` file (``X``, ``y``; optional ``X_test``/``y_test`` or a
+        ``split`` array), a ``.csv`` file (with ``label_column``) or a folder with one sub-folder of images per
+        class (ImageFolder layout); see :mod:`divergent.data.user_data` and docs/compare.md.
+    label_column: the label column of a ``.csv`` ``data`` file; every other column is a numeric feature.
+    image_size: side of the square images an ImageFolder ``data`` folder is resized to (0: its most common size).
+    normalize: standardise ``data``'s features / normalise its image channels with training-split statistics;
+        false feeds the values as read (features as stored, images in [0, 1]) — for a teacher trained on those.
+    teacher: your own trained teacher, used frozen as given instead of training ``teacher_model``: a TorchScript
+        file (``torch.jit.save``), a ``torch.export`` file (``.pt2``) or ``module:factory`` (with ``teacher_weights``).
+    teacher_weights: a state_dict (``torch.save``, read with ``weights_only=True``, or ``.safetensors``) loaded
+        into ``teacher``.
     divergences: the rows to compare: registered divergences (offline KD with each) or method names
         (``hinton``, ``dkd``, ``nkd``, ``abkd``, ``sinkhorn-with-KD``, ``nd``, ``ofa``, ``mcmi``,
         ``dml``, ``bdkd-online``, ``pskd``, ``uskd``).
@@ -103,6 +121,12 @@ class CompareConfig:
 
     dataset: str = "digits"
     data_dir: str = ""
+    data: str = ""
+    label_column: str = ""
+    image_size: int = 0
+    normalize: bool = True
+    teacher: str = ""
+    teacher_weights: str = ""
     divergences: list[str] = field(default_factory=lambda: list(DEFAULT_ENTRIES))
     methods: list[str] = field(default_factory=list)
     baseline: str = "forward_kl"
@@ -149,6 +173,7 @@ class CompareConfig:
             _entry_method(entry)  # raises, listing the valid names
         if self.baseline not in entries:
             raise ValueError(f"baseline {self.baseline!r} must be one of the compared rows: {entries}")
+        _check_data_and_teacher(self)
         for name in ("epochs", "teacher_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -178,8 +203,53 @@ def _entry_method(entry: str) -> str:
     return entry
 
 
+def _check_data_and_teacher(config: CompareConfig) -> None:
+    """Settings of the data and teacher that contradict each other (checked when the config is built)."""
+    if config.data and config.dataset != "digits":
+        raise ValueError(f"give either dataset ({config.dataset!r}) or data ({config.data!r}), not both")
+    if config.data_dir and (config.data or config.dataset == "digits"):
+        raise ValueError(f"data_dir {config.data_dir!r} is read only for dataset cifar10 or cifar100 (dataset is "
+                         f"{config.dataset!r}); for your own files give their path with --data")
+    if config.label_column and not config.data:
+        raise ValueError(f"label_column {config.label_column!r} is read only with data (--data FILE.csv)")
+    if config.image_size < 0:
+        raise ValueError(f"image_size must be >= 0 (0: the most common size), got {config.image_size}")
+    if config.teacher_weights and not config.teacher:
+        raise ValueError("teacher_weights (--teacher-weights) needs teacher (--teacher module:factory or a model file)")
+    if not config.teacher:
+        return
+    source = model_source(config.teacher)
+    for entry in config.entries():
+        method = _entry_method(entry)
+        if source != "factory" and method_kind(method) == "online":
+            raise ValueError(
+                f"row {entry!r} trains a fresh teacher network alongside the student; a teacher given as a file "
+                f"({config.teacher}) has no code to build a fresh one: give --teacher module:factory, or drop the row")
+        if source != "factory" and needs_teacher_features(method, _row_params(config, entry)):
+            raise ValueError(
+                f"row {entry!r} reads the teacher's penultimate features through hooks, which a "
+                f"{'TorchScript' if source == 'torchscript' else 'torch.export'} teacher ({config.teacher}) does not "
+                f"support: give --teacher module:factory (a model with a 'classifier' head), or drop the row")
+        if source == "export" and entry == "mcmi":
+            raise ValueError(f"row 'mcmi' fine-tunes a copy of the teacher; a torch.export file ({config.teacher}) is "
+                             f"an inference graph: give a TorchScript file or module:factory, or drop the row")
+
+
+def data_name(config: CompareConfig) -> str:
+    """What the run is on: the dataset name, or the file/folder name of the user's data."""
+    return Path(config.data).name if config.data else config.dataset
+
+
 def load_dataset(config: CompareConfig) -> ClassificationData:
-    """The dataset a comparison runs on (digits embedded; CIFAR from ``config.data_dir``)."""
+    """The dataset a comparison runs on (digits embedded; CIFAR from ``config.data_dir``; the user's ``config.data``)."""
+    if config.data_dir and not Path(config.data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"data_dir {config.data_dir} does not exist or is not a folder; expected the folder "
+                                f"holding cifar-10-batches-py/ or cifar-100-python/")
+    if config.data:
+        from divergent.data.user_data import load_user_data
+
+        return load_user_data(config.data, label_column=config.label_column, split_seed=config.split_seed,
+                              image_size=config.image_size, normalize=config.normalize)
     if config.dataset == "digits":
         from divergent.data.digits import load_digits_data
 
@@ -191,39 +261,103 @@ def load_dataset(config: CompareConfig) -> ClassificationData:
     return load_cifar(config.data_dir, config.dataset, split_seed=config.split_seed)
 
 
+def model_name(name: str, data: ClassificationData) -> str:
+    """The built-in architecture ``name`` for ``data``: on feature vectors a ``cnn-<w>`` becomes ``mlp-<8w>x<4w>``.
+
+    A convolutional network needs images; on feature vectors (``input_shape`` of length 1)
+    the small CNN of width w is replaced by the MLP of hidden widths 8w and 4w (``cnn-32`` →
+    ``mlp-256x128``), so that the default teacher works on any data. A ResNet on feature
+    vectors is an error.
+    """
+    if len(data.input_shape) != 1 or is_factory_spec(name):
+        return name
+    if name.startswith("cnn-") and name[4:].isdigit():
+        width = int(name[4:])
+        return f"mlp-{8 * width}x{4 * width}"
+    if not name.startswith("mlp-"):
+        raise ValueError(f"model {name!r} needs images, but the data {data.name} are feature vectors of width "
+                         f"{data.input_shape[0]}; use an MLP (e.g. mlp-256x128) or module:factory")
+    return name
+
+
+def _build(name: str, data: ClassificationData, what: str) -> torch.nn.Module:
+    """A fresh model for ``data``: a built-in name (see :func:`model_name`) or ``module:factory``."""
+    if is_factory_spec(name):
+        model = load_user_model(name, input_shape=data.input_shape, num_classes=data.num_classes, what=what)
+        check_fits(model, data, what, name)
+        return model
+    if Path(name).expanduser().is_file():
+        raise ValueError(f"{what} {name!r} is a file; a {what.split('_')[0]} is built fresh: give a built-in name "
+                         f"(mlp-32, cnn-16, resnet8x4, ...) or module:factory")
+    return build_model(model_name(name, data), data.input_shape, data.num_classes)
+
+
+def _user_teacher(config: CompareConfig, data: ClassificationData, console: Console) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The user's teacher, frozen as given; its test metrics computed here."""
+    teacher = load_user_model(config.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
+                              weights=config.teacher_weights or None, what="teacher")
+    check_fits(teacher, data, "teacher", config.teacher)
+    teacher.eval()
+    logits, labels = predict_logits(teacher, data.test, device=config.device)
+    info = {"name": config.teacher, "source": model_source(config.teacher), "weights": config.teacher_weights,
+            "test": classification_metrics(logits, labels), "seconds": 0.0, "cached": False, "path": config.teacher}
+    console.print(f"teacher {config.teacher}: given (frozen), test accuracy {info['test']['accuracy']:.4f}")
+    return teacher, info
+
+
 def _hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _teacher_settings(config: CompareConfig) -> dict[str, Any]:
+def _teacher_settings(config: CompareConfig, data: ClassificationData) -> dict[str, Any]:
     return {
-        "version": _CACHE_VERSION, "dataset": config.dataset, "split_seed": config.split_seed,
-        "model": config.teacher_model, "epochs": config.teacher_epochs, "lr": config.teacher_lr,
-        "seed": config.teacher_seed, "batch_size": config.batch_size, "optimizer": config.optimizer,
+        "version": _CACHE_VERSION, "dataset": data_name(config), "data": data.fingerprint or config.dataset,
+        "split_seed": config.split_seed, "model": model_name(config.teacher_model, data), "epochs": config.teacher_epochs,
+        "lr": config.teacher_lr, "seed": config.teacher_seed, "batch_size": config.batch_size, "optimizer": config.optimizer,
         "weight_decay": config.weight_decay, "lr_schedule": config.lr_schedule, "lr_milestones": list(config.lr_milestones),
     }
+
+
+def _mcmi_params(config: CompareConfig) -> dict[str, Any]:
+    """The MCMI fine-tuning's parameters, every default resolved (centroid mode included): part of the cache key."""
+    params = {"weight": config.mcmi_weight, **config.method_params.get("mcmi-teacher", {})}
+    return get_method("mcmi-teacher").resolve(params)
 
 
 def get_teacher(
     config: CompareConfig, data: ClassificationData, *, console: Console | None = None, mcmi: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained teacher for these settings: loaded from the cache, or trained and cached.
+    """The teacher for these settings: the user's (``config.teacher``), or trained and cached.
 
-    The cache key is a hash of everything that determines the teacher (dataset, split,
-    architecture, epochs, optimiser settings, seed); the file lives under
-    ``divergent.experiments.report.cache_dir()/teachers/``. With ``mcmi=True``, a copy fine-tuned with
-    the MCMI objective (also cached). Returns the model (eval mode) and its info dict.
+    A trained teacher's cache key is a hash of everything that determines it (a fingerprint
+    of the data, split, architecture, epochs, optimiser settings, seed); the file lives under
+    ``divergent.experiments.report.cache_dir()/teachers/`` and is loaded after checking its
+    checksum, never unpickled (a damaged file is an error naming it). With ``mcmi=True``, a copy
+    of the teacher (the user's too) fine-tuned with the MCMI objective, cached under a key that
+    also holds the user teacher's weights and the MCMI parameters (``method_params['mcmi-teacher']``,
+    e.g. ``centroids``). Returns the model (eval mode) and its info dict.
     """
     console = console or Console()
-    settings = _teacher_settings(config)
+    if config.teacher and not mcmi:
+        return _user_teacher(config, data, console)
+    base = None
+    settings = _teacher_settings(config, data)
+    if config.teacher:
+        base, _ = _user_teacher(config, data, console)
+        settings = {**settings, "model": f"user:{model_fingerprint(base)}", "epochs": 0}
     if mcmi:
-        settings = {**settings, "mcmi_epochs": config.mcmi_epochs, "mcmi_weight": config.mcmi_weight}
+        settings = {**settings, "mcmi_epochs": config.mcmi_epochs, "mcmi_params": _mcmi_params(config)}
     key = _hash(settings)
     folder = report.cache_dir() / "teachers"
-    path = folder / f"{config.teacher_model}-{key}{'-mcmi' if mcmi else ''}.pt"
-    teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+    stem = "user-teacher" if config.teacher else settings["model"]
+    path = folder / f"{stem}-{key}{'-mcmi' if mcmi else ''}.pt"
+    teacher = copy.deepcopy(base) if base is not None else build_model(settings["model"], data.input_shape, data.num_classes)
     if path.is_file():
-        saved = load_checkpoint(path)
+        try:
+            saved = load_checkpoint(path)
+        except CorruptFileError as exc:
+            raise CorruptFileError(f"cached teacher {path} is damaged and was not loaded ({exc}); delete {path} "
+                                   f"and run again to retrain the teacher") from None
         teacher.load_state_dict(saved["model"])
         teacher.eval()
         console.print(f"teacher{' (MCMI)' if mcmi else ''}: loaded from cache {path}")
@@ -231,23 +365,24 @@ def get_teacher(
 
     work_dir = folder / f"{path.stem}-work"
     if mcmi:
-        base, _ = get_teacher(config, data, console=console)
+        if base is None:
+            base, _ = get_teacher(config, data, console=console)
         teacher.load_state_dict(base.state_dict())
         train_config = ClassifierTrainConfig(
-            method="mcmi-teacher", params={"weight": config.mcmi_weight}, epochs=config.mcmi_epochs,
+            method="mcmi-teacher", params=_mcmi_params(config), epochs=config.mcmi_epochs,
             batch_size=config.batch_size, optimizer=config.optimizer, lr=config.teacher_lr / 10,
             weight_decay=config.weight_decay, lr_schedule=config.lr_schedule, lr_milestones=config.lr_milestones,
             seed=config.teacher_seed, device=config.device,
         )
     else:
         torch.manual_seed(config.teacher_seed)
-        teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+        teacher = build_model(settings["model"], data.input_shape, data.num_classes)
         train_config = ClassifierTrainConfig(
             method="ce", epochs=config.teacher_epochs, batch_size=config.batch_size, optimizer=config.optimizer,
             lr=config.teacher_lr, weight_decay=config.weight_decay, lr_schedule=config.lr_schedule,
             lr_milestones=config.lr_milestones, seed=config.teacher_seed, device=config.device,
         )
-    label = "MCMI teacher" if mcmi else f"teacher {config.teacher_model}"
+    label = "MCMI teacher" if mcmi else f"teacher {settings['model']}"
     steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
     with report.progress(console=console, transient=True) as bar:
         task = bar.add_task(f"training {label}", total=steps)
@@ -256,24 +391,30 @@ def get_teacher(
         raise CompareInterrupted(work_dir, f"interrupted while training the {label}; run the same command again: "
                                            f"it continues from the checkpoint in {work_dir}")
     logits, labels = predict_logits(result.student, data.test, device=config.device)
-    info = {"settings": settings, "test": classification_metrics(logits, labels), "seconds": result.seconds}
+    info = {"name": config.teacher or settings["model"], "settings": settings,
+            "test": classification_metrics(logits, labels), "seconds": result.seconds}
     if dist.is_available() and dist.is_initialized():
         # BatchNorm running statistics are per process: every process uses the first one's teacher.
         for tensor in result.student.state_dict().values():
             dist.broadcast(tensor, src=0)
     if rank() == 0:
         save_checkpoint(path, {"model": result.student.state_dict(), "info": info})
-        (work_dir / "checkpoint.pt").unlink(missing_ok=True)
+        shutil.rmtree(work_dir, ignore_errors=True)  # the teacher is cached; its training checkpoints are not needed
     console.print(f"{label}: trained in {result.seconds:.1f}s, test accuracy {info['test']['accuracy']:.4f}; cached at {path}")
     return result.student.eval(), {**info, "cached": False, "path": str(path)}
 
 
-def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTrainConfig:
+def _row_params(config: CompareConfig, entry: str) -> dict[str, Any]:
+    """The parameters a row's method gets: ``divergence_params`` or ``method_params`` of the row (or its method)."""
     method = _entry_method(entry)
     if method in config.divergence_params or entry in config.divergence_params:
-        params = dict(config.divergence_params.get(entry, config.divergence_params.get(method, {})))
-    else:
-        params = dict(config.method_params.get(entry, config.method_params.get(method, {})))
+        return dict(config.divergence_params.get(entry, config.divergence_params.get(method, {})))
+    return dict(config.method_params.get(entry, config.method_params.get(method, {})))
+
+
+def _train_config(config: CompareConfig, entry: str, seed: int) -> ClassifierTrainConfig:
+    method = _entry_method(entry)
+    params = _row_params(config, entry)
     return ClassifierTrainConfig(
         method=method, params=params, temperature=config.temperature, hard_weight=config.hard_weight,
         soft_weight=config.soft_weight, epochs=config.epochs, batch_size=config.batch_size,
@@ -312,11 +453,11 @@ def _run_one(
     train_config = _train_config(config, "ce" if entry == NO_TEACHER else entry, seed)
     kind = method_kind(train_config.method)
     torch.manual_seed(seed)
-    student = build_model(config.student_model, data.input_shape, data.num_classes)
+    student = _build(config.student_model, data, "student_model")
     if kind == "online":
-        # Online methods train a fresh teacher network alongside the student.
+        # Online methods train a fresh teacher network alongside the student (the user's factory, untrained).
         torch.manual_seed(10_000 + seed)
-        teacher = build_model(config.teacher_model, data.input_shape, data.num_classes)
+        teacher = _build(config.teacher or config.teacher_model, data, "teacher")
     else:
         teacher = teachers["mcmi" if entry == "mcmi" else "base"]
     steps = train_config.epochs * -(-len(data.train) // train_config.batch_size)
@@ -342,7 +483,7 @@ def _run_one(
     row["history"] = result.history
     if rank() == 0:
         report.write_json(row, done)
-        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the result is kept; the weights are not needed
+        shutil.rmtree(folder / CHECKPOINT_FOLDER, ignore_errors=True)  # the result is kept; the weights are not needed
     return row
 
 
@@ -483,13 +624,13 @@ def _run_compare(config: CompareConfig, run_dir: str | Path | None, console: Con
     started = time.perf_counter()
     if dist.is_available() and dist.is_initialized():
         if run_dir is None:
-            run_dir = report.make_run_dir(config.output_dir, f"compare-{config.dataset}") if rank() == 0 else None
+            run_dir = report.make_run_dir(config.output_dir, f"compare-{_slug(data_name(config))}") if rank() == 0 else None
             shared = [run_dir]
             dist.broadcast_object_list(shared, src=0)  # every process writes into the first one's folder
             run_dir = shared[0]
         with report.run_folder(config.output_dir, "", resume=run_dir) as folder:
             return _compare_in(config, folder, console, command, started)
-    with report.run_folder(config.output_dir, f"compare-{config.dataset}", resume=run_dir) as folder:
+    with report.run_folder(config.output_dir, f"compare-{_slug(data_name(config))}", resume=run_dir) as folder:
         return _compare_in(config, folder, console, command, started)
 
 

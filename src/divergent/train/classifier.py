@@ -1,6 +1,6 @@
 """Classifier distillation: one training loop for offline, online and self-distillation.
 
-Read :func:`train_classifier` top to bottom to see a whole run: a fixed shuffling
+Read :meth:`ClassifierTrainer.step` top to bottom to see a whole step: a fixed shuffling
 of the training set per epoch, a loss chosen by ``config.method``, an optimiser
 step, a checkpoint now and then, and a validation pass per epoch. The loss of
 every method is built from :mod:`divergent.methods` and :mod:`divergent.functional`;
@@ -18,13 +18,17 @@ added with :func:`divergent.methods.register_method` train here too; an unknown 
 ``config.params`` overrides any of the method's defaults (e.g. ``{"beta": 4.0}`` for DKD);
 an unknown parameter raises when the config is built.
 
-Reliability: the run folder holds ``checkpoint.pt`` (written atomically); calling
-again with ``resume=True`` continues exactly where it stopped — the epoch's
-shuffling depends only on (seed, epoch) and the RNG state is saved — so an
-interrupted and resumed run ends with the same weights as an uninterrupted one.
-Ctrl-C finishes the current step, saves and returns ``status="interrupted"``. A
-non-finite loss raises :class:`NonFiniteLossError` naming the step and the method,
-after saving the last good state.
+Reliability: :class:`ClassifierTrainer` is a steppable trainer on the shared run layer,
+:func:`divergent.train.run.drive`: with a run folder, checksummed atomic checkpoints
+``run_dir/checkpoints/step_N.ckpt`` are written at every epoch end (and every
+``checkpoint_every`` steps), loaded without unpickling code; ``resume=True`` continues from
+the newest — the epoch's shuffling depends only on (seed, epoch) and the RNG state,
+objective state (PS-KD predictions, MCMI centroids, projectors) and history are saved — so an
+interrupted and resumed run ends with the same weights and history as an uninterrupted one.
+Ctrl-C finishes the current step, saves and returns ``status="interrupted"``. A non-finite
+loss or gradient raises :class:`NonFiniteLossError` (the run layer's) naming the step, the
+epoch, the method and the last good checkpoint, without taking the step. A run folder of an
+older version (``checkpoint.pt``) is refused with an error saying to delete it.
 
 Distributed: under ``torchrun`` (``torch.distributed`` initialised), each process
 takes its share of every global batch of ``batch_size`` rows and gradients are
@@ -36,8 +40,6 @@ losses that are means over rows — not the batch-wise Sinkhorn term).
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,20 +58,22 @@ from divergent.methods import get_method, kd as kd_method, mcmi as mcmi_method, 
 from divergent.methods import ofa as ofa_method, registry as method_registry, self_kd
 from divergent.methods.registry import MethodSpec
 from divergent.models.classifiers import FeatureHook
-from divergent.train.checkpoint import load_checkpoint, save_checkpoint
 from divergent.train import distributed
+from divergent.train.run import Checkpointer, NonFiniteLossError, RunInterrupted, current_interrupt, drive
 
 __all__ = [
     "ClassifierTrainConfig",
     "TrainResult",
     "NonFiniteLossError",
+    "ClassifierTrainer",
     "train_classifier",
     "predict_logits",
     "METHODS",
     "method_kind",
+    "needs_teacher_features",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FOLDER = "checkpoints"  # run_dir/checkpoints/step_N.ckpt
 
 class _MethodTable(Mapping):
     """Read-only view of the method registry: name -> (kind, default parameters).
@@ -129,7 +133,7 @@ class ClassifierTrainConfig:
     lr_decay: factor of ``"multistep"``.
     seed: seeds shuffling, dropout and augmentation (the model is built by the caller).
     device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"`` (CUDA when available).
-    checkpoint_every: also save a checkpoint every this many steps (0: only at epoch ends).
+    checkpoint_every: also save a checkpoint every this many steps (0: only at epoch ends, which are always saved).
     stop_after_steps: stop (saving a checkpoint) after this many steps in total; 0 = run to the end.
         Used to time-box a run and by the resume tests.
     eval_batch_size: rows per forward pass when evaluating.
@@ -179,6 +183,7 @@ class TrainResult:
     status: ``"finished"``, ``"interrupted"`` (Ctrl-C, saved) or ``"stopped"`` (``stop_after_steps``).
     history: one dict per finished epoch (``epoch``, ``train_loss``, ``val_accuracy``, ``val_nll``, ``lr``).
     seconds: training time summed over all sessions of the run (a resumed run adds up).
+    checkpoint: the newest checkpoint file (``run_dir/checkpoints/step_N.ckpt``), None without a run folder.
     """
 
     student: nn.Module
@@ -188,10 +193,6 @@ class TrainResult:
     status: str
     seconds: float
     checkpoint: Path | None
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step, epoch and method."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +452,11 @@ _OBJECTIVES: dict[str, type[_Objective]] = {
 }
 
 
+def needs_teacher_features(method: str, params: dict | None = None) -> bool:
+    """Whether ``method`` reads the teacher's penultimate features (through a FeatureHook on the teacher)."""
+    return _build_objective(ClassifierTrainConfig(method=method, params=dict(params or {}))).needs_teacher_features
+
+
 def _build_objective(config: ClassifierTrainConfig) -> _Objective:
     """The objective of ``config.method``, dispatched on its registry adapter; unknown names raise."""
     spec = get_method(config.method)
@@ -538,30 +544,210 @@ def _lr_factor(config: ClassifierTrainConfig, step: int, steps_per_epoch: int) -
     return 1.0
 
 
-class _InterruptFlag:
-    """Turns Ctrl-C into a flag checked between steps, so a step is never cut in half."""
+# ---------------------------------------------------------------------------------------------
+# The trainer: one optimisation step at a time, on the shared run layer
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
 
-    def __enter__(self) -> "_InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
+class ClassifierTrainer:
+    """Train ``student`` (and, for online methods, ``teacher``) on ``data`` with ``config.method``, one step at a time.
 
-    def _handle(self, signum, frame) -> None:
-        if self.raised:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.raised = True
+    A steppable trainer for :func:`divergent.train.run.drive` (Ctrl-C between steps,
+    checksummed checkpoints, resume): ``step_index``, ``total_steps`` (epochs × steps per
+    epoch), :meth:`step`, :meth:`state_dict`, :meth:`load_state_dict`. The step that ends an
+    epoch also runs ``objective.end_epoch()`` and the validation pass, so an epoch-end
+    checkpoint holds the state after both. :func:`train_classifier` builds one and drives it.
+    """
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __init__(self, student: nn.Module, data: ClassificationData, config: ClassifierTrainConfig, *,
+                 teacher: nn.Module | None = None) -> None:
+        self.kind = kind = method_kind(config.method)
+        self.config, self.data = config, data
+        self.device = device = _resolve_device(config.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if kind in ("offline", "online") and teacher is None:
+            raise ValueError(f"method {config.method!r} needs a teacher model; pass teacher=...")
+        if kind in ("self", "plain"):
+            teacher = None
+        self.student, self.teacher = student.to(device).train(), teacher
+        if teacher is not None:
+            teacher.to(device)
+            teacher.train(kind == "online")
+            for parameter in teacher.parameters():
+                parameter.requires_grad_(kind == "online")
+        torch.manual_seed(config.seed)  # objectives may create layers; a resumed run restores the RNG state
+        # setup() runs before any checkpoint is loaded: it builds the parts (projectors, buffers)
+        # whose saved values load_state_dict then puts back.
+        self.objective = objective = _build_objective(config)
+        objective.setup(student, teacher, data, device, config)
+        objective.to(device)
+
+        self.trainable = [student] + ([teacher] if kind == "online" else []) + [objective]
+        self.parameters = [p for module in self.trainable for p in module.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(self.parameters, config)
+        self.n_train = len(data.train)
+        self.steps_per_epoch = math.ceil(self.n_train / config.batch_size)
+        # A frozen teacher in eval mode on un-augmented data gives every example the same logits
+        # in every epoch: compute them once instead of once per step.
+        self.fixed_teacher_logits = None
+        if kind == "offline" and not objective.needs_teacher_features and isinstance(data.train, TensorDataset):
+            self.fixed_teacher_logits = predict_logits(teacher, data.train, batch_size=config.eval_batch_size,
+                                                       device=device)[0].to(device)
+        # Processes start from identical weights (same seed), but make it explicit.
+        if self.world > 1:
+            for module in self.trainable:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
+
+        self.step_index = 0
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, _epoch_order(self.config.seed, epoch, self.n_train))
+        return self._order[1]
+
+    def step(self) -> dict[str, Any]:
+        """One optimiser step on the next batch; at an epoch's last batch also end_epoch() and validation."""
+        config, device, kind, objective = self.config, self.device, self.kind, self.objective
+        student, teacher = self.student, self.teacher
+        began = time.perf_counter()
+        epoch, batch_index = divmod(self.step_index, self.steps_per_epoch)
+        global_rows = self._epoch_order(epoch)[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+        local_rows = global_rows[self.rank::self.world]  # this process's share of the global batch
+        lr = config.lr * _lr_factor(config, self.step_index, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        inputs, labels = get_batch(self.data.train, local_rows)
+        inputs, labels = inputs.to(device), labels.to(device)
+        student_hook = FeatureHook(student) if objective.needs_student_features else None
+        teacher_hook = FeatureHook(teacher) if objective.needs_teacher_features else None
+        try:
+            student_logits = student(inputs)
+            teacher_logits = None
+            if teacher is not None:
+                if kind == "online":
+                    teacher_logits = teacher(inputs)
+                elif self.fixed_teacher_logits is not None:
+                    teacher_logits = self.fixed_teacher_logits[local_rows.to(device)]
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(inputs)
+            if not torch.isfinite(student_logits).all():
+                # Caught here, before a divergence rejects the NaN input deep inside the loss.
+                loss = student_logits.new_tensor(float("nan"))
+            else:
+                loss = objective.loss(_Batch(inputs, labels, local_rows.to(device), epoch, config.epochs,
+                                             student_logits, teacher_logits, student_hook, teacher_hook))
+        finally:
+            for hook in (student_hook, teacher_hook):
+                if hook is not None:
+                    hook.remove()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world > 1:
+            # Every process must agree, or the gradient all_reduce below would wait forever.
+            loss_ok = loss_ok.to(distributed.collective_device())
+            dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
+        if loss_ok.item() == 1.0:
+            # Scale so that averaging gradients over processes gives the mean over the global batch.
+            (loss * (len(local_rows) * self.world / len(global_rows))).backward()
+            if self.world > 1:
+                for p in self.parameters:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        problem = _non_finite(loss, self.parameters) if loss_ok.item() == 1.0 else (
+            f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is non-finite on another process")
+        if problem:
+            raise NonFiniteLossError(f"{problem} at step {self.step_index + 1} (epoch {epoch + 1}) with method "
+                                     f"{config.method!r}; stopped without taking the step")
+        self.optimizer.step()
+
+        self.step_index += 1
+        self._loss_sum += loss.item()
+        self._loss_count += 1
+        record: dict[str, Any] = {"step": self.step_index, "epoch": epoch + 1, "loss": loss.item(), "lr": lr}
+        if batch_index + 1 == self.steps_per_epoch:
+            objective.end_epoch()
+            val_logits, val_labels = predict_logits(student, self.data.val, batch_size=config.eval_batch_size, device=device)
+            self.history.append({
+                "epoch": epoch + 1,
+                "train_loss": self._loss_sum / max(self._loss_count, 1),
+                "val_accuracy": (val_logits.argmax(-1) == val_labels).float().mean().item(),
+                "val_nll": F.cross_entropy(val_logits, val_labels).item(),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            })
+            self._loss_sum, self._loss_count = 0.0, 0
+            record.update(epoch_end=True, **{k: v for k, v in self.history[-1].items() if k != "epoch"})
+        self.train_seconds += time.perf_counter() - began
+        return record
+
+    # -- state --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: weights, objective state (PS-KD predictions, centroids,
+        projectors), optimiser, counters, history and RNG states — tensors and plain values only."""
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.kind == "online" else None,
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_index,
+            "history": [dict(h) for h in self.history],
+            "train_seconds": self.train_seconds,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "config": config_to_dict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("config", {})
+        for key in _RESUME_KEYS:
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"the checkpoint was written with {key}={saved[key]!r}, this run has {key}="
+                    f"{getattr(self.config, key)!r}; resume with the run's own settings or start a new run folder"
+                )
+        self.student.load_state_dict(state["student"])
+        if self.kind == "online":
+            self.teacher.load_state_dict(state["teacher"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.history = [dict(h) for h in state["history"]]
+        self.train_seconds = float(state["train_seconds"])
+        self._loss_sum, self._loss_count = float(state["loss_sum"]), int(state["loss_count"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+# The settings that make a checkpoint another run's: resuming with a different one raises.
+_RESUME_KEYS = ("method", "epochs", "batch_size", "seed")
+
+
+def _refuse_old_layout(run_dir: Path) -> None:
+    """A run folder of divergent before the shared run layer holds ``checkpoint.pt``: refuse it, never ignore it."""
+    old = run_dir / "checkpoint.pt"
+    if old.is_file() and not (run_dir / CHECKPOINT_FOLDER).is_dir():
+        raise ValueError(
+            f"{old} is a checkpoint of an older divergent version (before checkpoints/step_N.ckpt); it cannot be "
+            f"resumed: delete {old} to train this run again from the start, or use another run folder"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop
+# The whole run
 # ---------------------------------------------------------------------------------------------
 
 
@@ -583,9 +769,13 @@ def train_classifier(
     (pass a fresh or pre-trained network); self and plain methods ignore it. Feature
     methods (``nd``, ``ofa`` branches, ``uskd``'s weak head) read features through
     :class:`~divergent.models.classifiers.FeatureHook` (a ``classifier`` head and
-    ``stage_names``). With ``run_dir``, checkpoints go to ``run_dir/checkpoint.pt`` and
-    ``resume=True`` continues from it. ``progress`` (a rich ``Progress``) and
-    ``progress_task`` are advanced once per step.
+    ``stage_names``). With ``run_dir``, checkpoints go to ``run_dir/checkpoints/step_N.ckpt``
+    (at every epoch end, and every ``config.checkpoint_every`` steps) and ``resume=True``
+    continues from the newest. ``progress`` (a rich ``Progress``) and ``progress_task`` are
+    advanced once per step.
+
+    Ctrl-C (or SIGTERM) finishes the step, saves and returns ``status="interrupted"``; a
+    non-finite loss or gradient raises :class:`NonFiniteLossError` without taking the step.
 
     >>> from divergent.data.digits import load_digits_data
     >>> from divergent.models.classifiers import MLP
@@ -594,175 +784,35 @@ def train_classifier(
     >>> result.status, len(result.history)
     ('finished', 2)
     """
-    kind = method_kind(config.method)
-    device = _resolve_device(config.device)
-    rank, world = distributed.rank(), distributed.world_size()
-    if kind in ("offline", "online") and teacher is None:
-        raise ValueError(f"method {config.method!r} needs a teacher model; pass teacher=...")
-    if kind in ("self", "plain"):
-        teacher = None
+    checkpointer = None
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if resume:
+            _refuse_old_layout(run_dir)
+        checkpointer = Checkpointer(run_dir / CHECKPOINT_FOLDER)
+    trainer = ClassifierTrainer(student, data, config, teacher=teacher)
+    stopped_by_limit = False
 
-    student.to(device).train()
-    if teacher is not None:
-        teacher.to(device)
-        teacher.train(kind == "online")
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(kind == "online")
-    torch.manual_seed(config.seed)  # objectives may create layers; a resumed run restores RNG below
-    objective = _build_objective(config)
-    objective.setup(student, teacher, data, device, config)
-    objective.to(device)
-
-    trainable = [student] + ([teacher] if kind == "online" else []) + [objective]
-    parameters = [p for module in trainable for p in module.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(parameters, config)
-    n_train = len(data.train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    # A frozen teacher in eval mode on un-augmented data gives every example the same logits
-    # in every epoch: compute them once instead of once per step.
-    fixed_teacher_logits = None
-    if kind == "offline" and not objective.needs_teacher_features and isinstance(data.train, TensorDataset):
-        fixed_teacher_logits = predict_logits(teacher, data.train, batch_size=config.eval_batch_size, device=device)[0].to(device)
-
-    # Processes start from identical weights (same seed), but make it explicit.
-    if world > 1:
-        for module in trainable:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(tensor.data, src=0)
-
-    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
-    checkpoint_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
-
-    def save(status: str) -> None:
-        if checkpoint_path is None or rank != 0:
-            return
-        save_checkpoint(checkpoint_path, {
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict() if kind == "online" else None,
-            "objective": objective.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "state": dict(state),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "config": config_to_dict(config),
-            "status": status,
-        })
-
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        saved = load_checkpoint(checkpoint_path, map_location=device)
-        if saved["config"]["method"] != config.method:
-            raise ValueError(f"checkpoint {checkpoint_path} is for method {saved['config']['method']!r}, not {config.method!r}")
-        student.load_state_dict(saved["student"])
-        if kind == "online":
-            teacher.load_state_dict(saved["teacher"])
-        objective.load_state_dict(saved["objective"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["state"])
-        torch.set_rng_state(saved["rng"])
-        if saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    def on_step(record: dict[str, Any]) -> None:
+        nonlocal stopped_by_limit
+        if progress is not None and progress_task is not None:
+            progress.advance(progress_task)
+        step = trainer.step_index
+        if (checkpointer is not None and config.checkpoint_every and record.get("epoch_end")
+                and step % config.checkpoint_every and step < trainer.total_steps):
+            checkpointer.save(step, trainer.state_dict())  # epoch ends are saved too, between the regular saves
+        if config.stop_after_steps and step >= config.stop_after_steps:
+            stopped_by_limit = True
+            current_interrupt().request()
 
     status = "finished"
-    started = time.perf_counter()
-    with _InterruptFlag() as interrupt:
-        while state["epoch"] < config.epochs and status == "finished":
-            epoch = state["epoch"]
-            order = _epoch_order(config.seed, epoch, n_train)
-            while state["batch"] < steps_per_epoch:
-                global_rows = order[state["batch"] * config.batch_size:(state["batch"] + 1) * config.batch_size]
-                local_rows = global_rows[rank::world]  # this process's share of the global batch
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * _lr_factor(config, state["step"], steps_per_epoch)
-
-                inputs, labels = get_batch(data.train, local_rows)
-                inputs, labels = inputs.to(device), labels.to(device)
-                student_hook = FeatureHook(student) if objective.needs_student_features else None
-                teacher_hook = FeatureHook(teacher) if objective.needs_teacher_features else None
-                try:
-                    student_logits = student(inputs)
-                    teacher_logits = None
-                    if teacher is not None:
-                        if kind == "online":
-                            teacher_logits = teacher(inputs)
-                        elif fixed_teacher_logits is not None:
-                            teacher_logits = fixed_teacher_logits[local_rows.to(device)]
-                        else:
-                            with torch.no_grad():
-                                teacher_logits = teacher(inputs)
-                    if not torch.isfinite(student_logits).all():
-                        # Caught here, before a divergence rejects the NaN input deep inside the loss.
-                        loss = student_logits.new_tensor(float("nan"))
-                    else:
-                        loss = objective.loss(_Batch(inputs, labels, local_rows.to(device), epoch, config.epochs,
-                                                     student_logits, teacher_logits, student_hook, teacher_hook))
-                finally:
-                    for hook in (student_hook, teacher_hook):
-                        if hook is not None:
-                            hook.remove()
-
-                optimizer.zero_grad(set_to_none=True)
-                loss_ok = torch.isfinite(loss.detach()).float().reshape(1)
-                if world > 1:
-                    # Every process must agree, or the gradient all_reduce below would wait forever.
-                    dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
-                if loss_ok.item() == 1.0:
-                    # Scale so that averaging gradients over processes gives the mean over the global batch.
-                    (loss * (len(local_rows) * world / len(global_rows))).backward()
-                    if world > 1:
-                        for p in parameters:
-                            if p.grad is None:
-                                p.grad = torch.zeros_like(p)
-                            dist.all_reduce(p.grad)
-                            p.grad /= world
-                problem = _non_finite(loss, parameters) if loss_ok.item() == 1.0 else (
-                    f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is non-finite on another process")
-                if problem:
-                    # The weights are still those before this step. Keep them as the last good
-                    # checkpoint unless they are already broken (then the previous file stays).
-                    if all(torch.isfinite(p).all() for p in parameters):
-                        save("failed")
-                    where = f"; last good checkpoint: {checkpoint_path}" if checkpoint_path and checkpoint_path.is_file() else ""
-                    raise NonFiniteLossError(
-                        f"{problem} at step {state['step'] + 1} (epoch {epoch + 1}) with method "
-                        f"{config.method!r}; stopped without taking the step{where}"
-                    )
-                optimizer.step()
-
-                state["batch"] += 1
-                state["step"] += 1
-                state["loss_sum"] += loss.item()
-                state["loss_count"] += 1
-                if progress is not None and progress_task is not None:
-                    progress.advance(progress_task)
-                if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                    state["seconds"] += time.perf_counter() - started
-                    started = time.perf_counter()
-                    save("running")
-                if interrupt.raised or (config.stop_after_steps and state["step"] >= config.stop_after_steps):
-                    status = "interrupted" if interrupt.raised else "stopped"
-                    break
-            if status != "finished":
-                break
-
-            objective.end_epoch()
-            val_logits, val_labels = predict_logits(student, data.val, batch_size=config.eval_batch_size, device=device)
-            state["history"].append({
-                "epoch": epoch + 1,
-                "train_loss": state["loss_sum"] / max(state["loss_count"], 1),
-                "val_accuracy": (val_logits.argmax(-1) == val_labels).float().mean().item(),
-                "val_nll": F.cross_entropy(val_logits, val_labels).item(),
-                "lr": optimizer.param_groups[0]["lr"],
-            })
-            state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
-            state["seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save("running" if state["epoch"] < config.epochs else "finished")
-
-    state["seconds"] += time.perf_counter() - started
-    if status != "finished":
-        save(status)
+    try:
+        drive(trainer, checkpointer=checkpointer, checkpoint_every=config.checkpoint_every or trainer.steps_per_epoch,
+              resume=resume, on_step=on_step, map_location=trainer.device)
+    except RunInterrupted:
+        status = "stopped" if stopped_by_limit else "interrupted"
     student.eval()
-    if teacher is not None:
-        teacher.eval()
-    return TrainResult(student, teacher, state["history"], state["step"], status, state["seconds"], checkpoint_path)
-
+    if trainer.teacher is not None:
+        trainer.teacher.eval()
+    return TrainResult(student, trainer.teacher, trainer.history, trainer.step_index, status, trainer.train_seconds,
+                       checkpointer.latest() if checkpointer is not None else None)
