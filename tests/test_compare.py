@@ -53,7 +53,7 @@ def test_compare_writes_table_files_and_figures(finished):
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) > 0 and 0 <= float(r["agreement"]) <= 1
     report = (run_dir / "report.md").read_text()
-    assert "| divergence | test accuracy |" in report and "divergent compare --config" in report
+    assert "| row | test accuracy | ECE |" in report and "divergent compare --config" in report
     assert json.loads((run_dir / "results.json").read_text())["config"]["seeds"] == [0, 1]
 
 

@@ -21,6 +21,7 @@ Python API::
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 import hashlib
 import json
@@ -35,14 +36,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, TensorDataset
 from rich.console import Console
 
 from divergent.train.distributed import init_distributed_from_env, rank
 from divergent.experiments import report
 from divergent.config import config_to_dict, load_run_config, save_config
-from divergent.io import CorruptFileError, read_json
+from divergent.io import atomic_write_text, CorruptFileError, read_json
 from divergent.train.run import RunInterrupted
-from divergent.data.vision import ClassificationData
+from divergent.data.vision import ClassificationData, get_batch, stratified_split
 from divergent.metrics.classification import classification_metrics, reliability_bins
 from divergent.experiments.plots import plot_accuracy_vs_ece, plot_reliability, plot_training_curves
 from divergent.models.classifiers import build_model
@@ -117,6 +119,12 @@ class CompareConfig:
     device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     num_threads: CPU threads for torch (0 = torch's default). Small models run fastest on 1.
     checkpoint_every: also checkpoint every this many steps inside a run (0 = at epoch ends).
+    labelled_fraction: share of the training split whose labels the students see (stratified by class,
+        fixed by ``split_seed``); every student row — the student alone and each divergence or method —
+        trains on that labelled subset, while the teacher was trained on the whole training split.
+        Unset (``null``): 0.1 on the embedded digits — the default regime, where a teacher has
+        something to add (docs/compare.md) — and 1.0 (every label) on CIFAR and on your own ``data``.
+        ``1.0`` on digits gives the earlier default (with ``epochs: 30``).
     """
 
     dataset: str = "digits"
@@ -138,7 +146,7 @@ class CompareConfig:
     teacher_epochs: int = 30
     teacher_lr: float = 3e-3
     teacher_seed: int = 0
-    epochs: int = 30
+    epochs: int = 100
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-2
@@ -156,6 +164,7 @@ class CompareConfig:
     device: str = "cpu"
     num_threads: int = 1
     checkpoint_every: int = 0
+    labelled_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in ("digits", "cifar10", "cifar100"):
@@ -179,8 +188,16 @@ class CompareConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available; use device 'cpu' or 'auto'")
+        if self.labelled_fraction is not None and not 0.0 < self.labelled_fraction <= 1.0:
+            raise ValueError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+
+    def students_labelled_fraction(self) -> float:
+        """``labelled_fraction`` as used: when unset, 0.1 on the embedded digits and 1.0 on any other data."""
+        if self.labelled_fraction is not None:
+            return self.labelled_fraction
+        return 0.1 if self.dataset == "digits" and not self.data else 1.0
 
     def entries(self) -> list[str]:
         """All compared rows, in order (without the student-alone row)."""
@@ -303,6 +320,56 @@ def _user_teacher(config: CompareConfig, data: ClassificationData, console: Cons
             "test": classification_metrics(logits, labels), "seconds": 0.0, "cached": False, "path": config.teacher}
     console.print(f"teacher {config.teacher}: given (frozen), test accuracy {info['test']['accuracy']:.4f}")
     return teacher, info
+
+
+def _labels_of(dataset) -> torch.Tensor:
+    """Every label of a dataset, without loading (or augmenting) its inputs where the dataset allows."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    for attribute in ("labels", "targets"):
+        if hasattr(dataset, attribute):
+            return torch.as_tensor(getattr(dataset, attribute))
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+class _Rows(Dataset):
+    """The rows ``indices`` of a dataset; batches come from the dataset's own ``get_batch`` (augmentation kept)."""
+
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+        self.labels = _labels_of(dataset)[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[int(self.indices[index])]
+
+    def get_batch(self, indices: torch.Tensor):
+        return get_batch(self.dataset, self.indices[indices])
+
+
+def student_data(config: CompareConfig, data: ClassificationData) -> ClassificationData:
+    """The data the students train on: ``data`` with its training split cut to the labelled subset.
+
+    A stratified ``labelled_fraction`` of the training split, fixed by ``split_seed`` (every
+    class keeps at least one example); validation and test splits are unchanged.
+    """
+    fraction = config.students_labelled_fraction()
+    if fraction >= 1.0:
+        return data
+    labels = _labels_of(data.train)
+    kept, _ = stratified_split(labels.numpy(), [fraction, 1.0 - fraction], seed=config.split_seed)
+    missing = sorted(set(labels.tolist()) - set(labels[torch.from_numpy(kept)].tolist()))
+    if missing:
+        raise ValueError(f"labelled_fraction {fraction} leaves no labelled training example of class(es) {missing} "
+                         f"(the training split has {len(labels)} examples); raise labelled_fraction")
+    kept = torch.from_numpy(kept)
+    if isinstance(data.train, TensorDataset):
+        train = TensorDataset(*(t[kept] for t in data.train.tensors))
+    else:
+        train = _Rows(data.train, kept)
+    return dataclasses.replace(data, train=train)
 
 
 def _hash(settings: dict[str, Any]) -> str:
@@ -487,11 +554,26 @@ def _run_one(
     return row
 
 
-def _summarise(config: CompareConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _paired(runs: dict, reference: dict, metric: str, one_example: float) -> dict[str, Any] | None:
+    """Paired difference (row − reference) of ``metric`` over the seeds both finished; None without one."""
+    if not any(seed in reference for seed in runs):
+        return None
+    return report.paired_difference({s: r[metric] for s, r in runs.items()}, {s: r[metric] for s, r in reference.items()},
+                                    resolution=one_example)
+
+
+def _summarise(config: CompareConfig, rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
+    """One entry per row: mean and std over seeds, and paired differences to the baseline and the student alone.
+
+    ``{metric}_diff``/``_diff_std``/``_significant`` compare with the baseline, the same keys ending in
+    ``_alone`` with the student alone, for accuracy and ECE. A difference is marked (``_significant``)
+    only when |mean| exceeds both the std of the per-seed differences and one test example (1/n_test);
+    with one seed a std is ``None`` (no spread is known) and nothing is marked.
+    """
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
     finished = [r for r in rows if r["status"] == "finished"]
     by_name = {name: {r["seed"]: r for r in finished if r["name"] == name} for name in names}
-    baseline = by_name[config.baseline]
+    references = {"": config.baseline, **({"_alone": NO_TEACHER} if config.include_student_alone else {})}
     summary = []
     for name in names:
         runs = by_name[name]
@@ -500,75 +582,200 @@ def _summarise(config: CompareConfig, rows: list[dict[str, Any]]) -> list[dict[s
             summary.append(entry)
             continue
         for metric in ("accuracy", "nll", "ece", "brier", "agreement", "seconds"):
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = report.mean_std([r[metric] for r in runs.values()])
-        if name != config.baseline and baseline:
+            mean, std = report.mean_std([r[metric] for r in runs.values()])
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, (std if len(runs) > 1 else None)
+        for suffix, reference in references.items():
+            if name == reference:
+                continue
             for metric in ("accuracy", "ece"):
-                paired = report.paired_difference(
-                    {s: r[metric] for s, r in runs.items()}, {s: r[metric] for s, r in baseline.items()}
-                )
-                entry[f"{metric}_diff"] = paired["mean_diff"]
-                entry[f"{metric}_diff_std"] = paired["std_diff"]
-                entry[f"{metric}_significant"] = paired["significant"]
+                paired = _paired(runs, by_name[reference], metric, 1 / n_test)
+                if paired is None:
+                    continue
+                entry[f"{metric}_diff{suffix}"] = paired["mean_diff"]
+                entry[f"{metric}_diff{suffix}_std"] = paired["std_diff"] if paired["n"] > 1 else None
+                entry[f"{metric}_significant{suffix}"] = paired["significant"]
         summary.append(entry)
     return summary
 
 
+def _verdict(config: CompareConfig, summary: list[dict[str, Any]], rows: list[dict[str, Any]], n_test: int) -> dict[str, Any]:
+    """What to use: the row of best mean test accuracy, its paired gains, and the rows indistinguishable from it.
+
+    Paired by seed with the same rule as the table (|mean difference| above both the std of the
+    per-seed differences and one test example). One seed gives no spread: the gains are shown
+    with "n/a" and no row is called better or indistinguishable.
+    """
+    one_example = 1 / n_test
+    ranked = [e for e in summary if e["runs"]]
+    if not ranked:
+        return {"metric": "test accuracy", "best": None, "text": "Verdict: no row finished; nothing to compare."}
+    best = max(ranked, key=lambda e: e["accuracy_mean"])
+    by_name = {e["name"]: {r["seed"]: r for r in rows if r["status"] == "finished" and r["name"] == e["name"]} for e in ranked}
+    single_seed = max(e["runs"] for e in ranked) < 2
+
+    def gain(metric: str, suffix: str, digits: int, lower_is_better: bool = False) -> str:
+        if f"{metric}_diff{suffix}" not in best:
+            return "no shared seed"
+        text, mark = _difference(best, metric, suffix, digits, lower_is_better)
+        return text if mark is None else f"{text} ({mark or 'not distinguishable'})"
+
+    clauses = []
+    if config.include_student_alone and best["name"] != NO_TEACHER:
+        clauses.append(f"vs {NO_TEACHER}: accuracy {gain('accuracy', '_alone', 4)}, ECE {gain('ece', '_alone', 3, True)}")
+    if best["name"] != config.baseline:
+        clauses.append(f"vs {config.baseline} (baseline): accuracy {gain('accuracy', '', 4)}, ECE {gain('ece', '', 3, True)}")
+    indistinguishable = []
+    if not single_seed:
+        for entry in ranked:
+            if entry is best:
+                continue
+            paired = _paired(by_name[best["name"]], by_name[entry["name"]], "accuracy", one_example)
+            if paired is not None and not paired["significant"]:
+                indistinguishable.append(entry["name"])
+    seeds = f"mean of {best['runs']} seeds" if not single_seed else "one seed"
+    text = f"Verdict (test accuracy, {seeds}): best row **{best['name']}** at {best['accuracy_mean']:.4f}"
+    if best["name"] == NO_TEACHER:
+        text += " — no distilled row beats the student trained without the teacher"
+    if clauses:
+        text += "; " + "; ".join(clauses)
+    text += "."
+    if single_seed:
+        text += (" With one seed there is no spread across seeds, so no difference can be told from seed noise"
+                 " (n/a); run with several seeds (--seeds 0,1,2).")
+    elif indistinguishable:
+        text += f" Indistinguishable from it: {', '.join(indistinguishable)}."
+    else:
+        text += " Every other row is distinguishable from it."
+    if not single_seed:
+        text += (f" A difference counts when its mean over seeds exceeds both the std of the per-seed differences"
+                 f" and one test example ({one_example:.4f}).")
+    return {"metric": "test accuracy", "best": best["name"], "accuracy": best["accuracy_mean"],
+            "single_seed": single_seed, "indistinguishable": indistinguishable, "one_example": one_example, "text": text}
+
+
+def _difference(entry: dict[str, Any], metric: str, suffix: str, digits: int, lower_is_better: bool) -> tuple[str, str | None]:
+    """A summary entry's paired difference as ``"+0.0241 ± 0.0043"`` and its mark: "better", "worse", "" or None (one seed)."""
+    mean, std = entry[f"{metric}_diff{suffix}"], entry[f"{metric}_diff{suffix}_std"]
+    if std is None:
+        return f"{mean:+.{digits}f} ± n/a", None
+    mark = ""
+    if entry[f"{metric}_significant{suffix}"]:
+        mark = "better" if (mean < 0) == lower_is_better else "worse"
+    return f"{mean:+.{digits}f} ± {std:.{digits}f}", mark
+
+
 def _table_rows(config: CompareConfig, summary: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The printed and reported table; the first column is "row" (divergences and methods alike)."""
+
     def pm(entry, metric, digits=4):
         if f"{metric}_mean" not in entry:
             return "failed"
-        return f"{entry[f'{metric}_mean']:.{digits}f} ± {entry[f'{metric}_std']:.{digits}f}"
+        std = entry[f"{metric}_std"]
+        return f"{entry[f'{metric}_mean']:.{digits}f} ± " + ("n/a" if std is None else f"{std:.{digits}f}")
 
-    def diff(entry, metric):
-        if entry["name"] == config.baseline:
-            return "baseline"
-        if f"{metric}_diff" not in entry:
-            return ""
-        mark = " *" if entry[f"{metric}_significant"] else ""
-        return f"{entry[f'{metric}_diff']:+.4f}{mark}"
+    def diff(entry, metric, suffix, reference, digits, lower_is_better=False):
+        if entry["name"] == reference:
+            return "reference"
+        if f"{metric}_diff{suffix}" not in entry:
+            return "failed" if not entry["runs"] else "no shared seed"
+        text, mark = _difference(entry, metric, suffix, digits, lower_is_better)
+        return f"{text} {mark}" if mark else text
 
     rows = []
     for entry in summary:
-        rows.append({
-            "divergence": entry["name"],
+        row = {
+            "row": entry["name"],
             "test accuracy": pm(entry, "accuracy"),
-            "NLL": pm(entry, "nll", 3),
             "ECE": pm(entry, "ece", 3),
+            "NLL": pm(entry, "nll", 3),
             "agreement": pm(entry, "agreement", 3),
             "seconds": pm(entry, "seconds", 1),
-            f"Δacc vs {config.baseline}": diff(entry, "accuracy"),
-            f"ΔECE vs {config.baseline}": diff(entry, "ece"),
-        })
+        }
+        if config.include_student_alone:
+            row["Δacc vs student alone"] = diff(entry, "accuracy", "_alone", NO_TEACHER, 4)
+            row["ΔECE vs student alone"] = diff(entry, "ece", "_alone", NO_TEACHER, 3, True)
+        row[f"Δacc vs {config.baseline}"] = diff(entry, "accuracy", "", config.baseline, 4)
+        row[f"ΔECE vs {config.baseline}"] = diff(entry, "ece", "", config.baseline, 3, True)
+        rows.append(row)
     return rows
 
 
+def _table_note(config: CompareConfig, n_test: int, single_seed: bool) -> str:
+    if single_seed:
+        return ("One seed: the ± columns are n/a (no spread across seeds is known) and no row is marked better or "
+                "worse; run with several seeds (--seeds 0,1,2) to tell a difference from seed noise.")
+    return (f"Δ = mean over seeds of the per-seed difference (row − reference, same seed and split) ± its standard "
+            f"deviation; marked better/worse only when |Δ| exceeds both that deviation and one test example "
+            f"(1/{n_test} = {1 / n_test:.4f}). Lower ECE is better. Without a mark a row is indistinguishable from the "
+            f"reference at this number of seeds.")
+
+
+def _regime_text(config: CompareConfig, teacher_info: dict, summary: list[dict[str, Any]], n_train: int, n_labelled: int) -> str:
+    """The "Why this regime" paragraph of report.md, with this run's numbers."""
+    steps = config.epochs * -(-n_labelled // config.batch_size)
+    fraction = config.students_labelled_fraction()
+    if fraction >= 1.0:
+        return (f"The students see every label of the {n_train} training examples, as the teacher did "
+                f"(`labelled_fraction: {fraction}`), and train {config.epochs} epochs ({steps} steps of {config.batch_size}).")
+    alone = next((e for e in summary if e["name"] == NO_TEACHER and e["runs"]), None)
+    distilled = [e for e in summary if e["name"] != NO_TEACHER and e["runs"]]
+    numbers = f"In this run the teacher reaches {teacher_info['test']['accuracy']:.4f} test accuracy"
+    if alone is not None:
+        numbers += f", the student alone {alone['accuracy_mean']:.4f}"
+    if distilled:
+        low = min(e["accuracy_mean"] for e in distilled)
+        high = max(e["accuracy_mean"] for e in distilled)
+        numbers += f", the distilled rows {low:.4f}–{high:.4f}"
+    return (
+        f"The students see the labels of {n_labelled} of the {n_train} training examples "
+        f"(`labelled_fraction: {fraction}`, stratified by class, fixed by split seed "
+        f"{config.split_seed}); the teacher was trained on all {n_train}. This is the common reason to distil: a "
+        f"strong model exists and labels for the student are scarce, so what the teacher's outputs carry beyond the "
+        f"few labels — and how the divergence transfers it — can change the student. Every row, the student alone "
+        f"included, trains on the same labelled examples for {config.epochs} epochs ({steps} steps of "
+        f"{config.batch_size}). {numbers}. With every label (`--set labelled_fraction=1.0 --epochs 30`) a small "
+        f"student on an easy task gains little from any teacher and the rows differ by about one test example."
+    )
+
+
 def _write_report(
-    config: CompareConfig, run_dir: Path, teacher_info: dict, table_rows, columns, command: str, total_seconds: float, n_test: int
+    config: CompareConfig, run_dir: Path, teacher_info: dict, table_rows, columns, command: str, total_seconds: float,
+    n_test: int, verdict: dict[str, Any], regime: str,
 ) -> Path:
     settings = "\n".join(f"- `{k}`: `{v}`" for k, v in config_to_dict(config).items())
     text = f"""# divergent compare — {config.dataset}
 
+{verdict['text']}
+
 Teacher `{config.teacher_model}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
-student `{config.student_model}`; {len(config.seeds)} seeds ({', '.join(map(str, config.seeds))}), same data split (split seed {config.split_seed}).
-Mean ± sample standard deviation over seeds, on the test split.
+student `{config.student_model}`; {len(config.seeds)} seed{'s' if len(config.seeds) > 1 else ''} ({', '.join(map(str, config.seeds))}), same data split (split seed {config.split_seed}).
+Mean ± sample standard deviation over seeds, on the test split ({n_test} examples).
+
+## Why this regime
+
+{regime}
+
+## Results
 
 {report.markdown_table(table_rows, columns)}
 
-Δ columns: the mean over seeds of (row − {config.baseline}) on the same seed. A `*`
-marks a difference larger than its own standard deviation across seeds — a plain
-rule, not a significance test; without the mark the rows are indistinguishable from
-seed noise at this number of seeds. The test split has {n_test} examples, so one
-example is {1 / n_test:.4f} of accuracy: read differences of that size as one
-example. Agreement is with the cached teacher on the test split (for online rows
-too, whose own teacher is trained alongside).
+{_table_note(config, n_test, verdict.get('single_seed', False))} This is a plain rule a reader can check, not a
+significance test. Agreement is with the cached teacher on the test split (for online rows too, whose own
+teacher is trained alongside).
 
 Total wall time: {total_seconds:.1f}s.
 
 ## Figures
 
+Reliability pooled over seeds, with the number of predictions per confidence bin:
+
 ![reliability](reliability.png)
 
+Training objectives, one panel per row (each row optimises its own objective), and the validation metrics every row shares:
+
 ![training curves](training_curves.png)
+
+Test accuracy against ECE, mean ± std over seeds; top left is better:
 
 ![accuracy vs ECE](accuracy_vs_ece.png)
 
@@ -591,9 +798,54 @@ divergent compare --config {run_dir / 'config.yaml'}
 
 {settings}
 """
-    path = run_dir / "report.md"
-    path.write_text(text)
-    return path
+    return atomic_write_text(run_dir / "report.md", text)
+
+
+def _report(
+    config: CompareConfig, run_dir: Path, rows: list[dict[str, Any]], teacher_info: dict, teacher_test_logits: torch.Tensor,
+    test_labels: torch.Tensor, *, n_train: int, n_labelled: int, command: str, started: float, console: Console,
+) -> dict[str, Any]:
+    """Table and verdict in the terminal; results.csv/json, summary.csv, report.md and the figures in ``run_dir``."""
+    n_test = len(test_labels)
+    summary = _summarise(config, rows, n_test)
+    verdict = _verdict(config, summary, rows, n_test)
+    table_rows = _table_rows(config, summary)
+    columns = list(table_rows[0])
+    report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
+    console.print(_table_note(config, n_test, verdict.get("single_seed", False)), soft_wrap=not console.is_terminal)
+    console.print(verdict["text"].replace("**", ""), soft_wrap=not console.is_terminal)
+
+    flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
+    report.write_csv(flat_rows, run_dir / "results.csv")
+    report.write_csv(summary, run_dir / "summary.csv")
+    finished = [r for r in rows if r["status"] == "finished"]
+    names = list(dict.fromkeys(r["name"] for r in finished))
+    teacher_name = f"teacher {config.teacher_model}"
+    bins = {teacher_name: reliability_bins(teacher_test_logits, test_labels)}
+    bins.update({name: [{**r["reliability"], "ece": r["ece"]} for r in finished if r["name"] == name] for name in names})
+    figures = {
+        "reliability": run_dir / "reliability.png",
+        "training_curves": run_dir / "training_curves.png",
+        "accuracy_vs_ece": run_dir / "accuracy_vs_ece.png",
+    }
+    if finished:
+        plot_reliability(bins, figures["reliability"], title="Reliability on the test split, pooled over seeds",
+                         references=[teacher_name])
+        plot_training_curves({name: [r["history"] for r in finished if r["name"] == name] for name in names},
+                             figures["training_curves"], title="Training curves")
+        plot_accuracy_vs_ece(finished, figures["accuracy_vs_ece"])
+    total_seconds = time.perf_counter() - started
+    results = {
+        "command": command, "config": config_to_dict(config), "teacher": teacher_info, "verdict": verdict,
+        "summary": summary, "runs": rows, "figures": {k: str(v) for k, v in figures.items()},
+        "total_seconds": total_seconds, "run_dir": str(run_dir),
+    }
+    report.write_json(results, run_dir / "results.json")
+    regime = _regime_text(config, teacher_info, summary, n_train, n_labelled)
+    _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, n_test, verdict, regime)
+    console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s",
+                  soft_wrap=not console.is_terminal)
+    return results
 
 
 def run_compare(
@@ -647,6 +899,7 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
     if "mcmi" in config.entries():
         teachers["mcmi"], _ = get_teacher(config, data, console=console, mcmi=True)
     teacher_test_logits, test_labels = predict_logits(teacher, data.test, device=config.device)
+    students_data = student_data(config, data)
 
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
     rows: list[dict[str, Any]] = []
@@ -656,44 +909,15 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
             overall = bar.add_task("runs", total=len(names) * len(config.seeds))
             for seed in config.seeds:
                 for name in names:
-                    rows.append(_run_one(config, name, seed, data, teachers, teacher_test_logits, run_dir, bar, console))
+                    rows.append(_run_one(config, name, seed, students_data, teachers, teacher_test_logits, run_dir, bar, console))
                     bar.advance(overall)
     except KeyboardInterrupt:
         raise CompareInterrupted(run_dir) from None
 
     if rank() != 0:
         return {"run_dir": str(run_dir), "runs": rows}
-    summary = _summarise(config, rows)
-    table_rows = _table_rows(config, summary)
-    columns = list(table_rows[0])
-    report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
-    console.print(f"* = differs from {config.baseline} by more than the spread across seeds (paired, same seeds and split); "
-                  f"one test example = {1 / len(test_labels):.4f} accuracy")
-
-    flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
-    report.write_csv(flat_rows, run_dir / "results.csv")
-    report.write_csv(summary, run_dir / "summary.csv")
-    first_seed = config.seeds[0]
-    finished = [r for r in rows if r["status"] == "finished"]
-    teacher_bins = reliability_bins(teacher_test_logits, test_labels)
-    bins = {f"teacher {config.teacher_model}": {**teacher_bins, "ece": teacher_info["test"]["ece"]}}
-    bins.update({r["name"]: {**r["reliability"], "ece": r["ece"]} for r in finished if r["seed"] == first_seed})
-    figures = {
-        "reliability": plot_reliability(bins, run_dir / "reliability.png", title=f"Reliability on test (seed {first_seed})"),
-        "training_curves": plot_training_curves({r["name"]: r["history"] for r in finished if r["seed"] == first_seed},
-                                                run_dir / "training_curves.png", title=f"Training curves (seed {first_seed})"),
-        "accuracy_vs_ece": plot_accuracy_vs_ece(finished, run_dir / "accuracy_vs_ece.png"),
-    }
-    total_seconds = time.perf_counter() - started
-    results = {
-        "command": command, "config": config_to_dict(config), "teacher": teacher_info,
-        "summary": summary, "runs": rows, "figures": {k: str(v) for k, v in figures.items()},
-        "total_seconds": total_seconds, "run_dir": str(run_dir),
-    }
-    report.write_json(results, run_dir / "results.json")
-    _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, len(test_labels))
-    console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s")
-    return results
+    return _report(config, run_dir, rows, teacher_info, teacher_test_logits, test_labels, n_train=len(data.train),
+                   n_labelled=len(students_data.train), command=command, started=started, console=console)
 
 
 def resume_compare(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:

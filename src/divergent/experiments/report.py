@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from divergent.io import atomic_write_text, cache_dir, write_json
@@ -134,13 +135,29 @@ def print_table(
     title: str | None = None,
     console: Console | None = None,
 ) -> Table:
-    """Print rows as a rich table with the given columns; returns the table."""
+    """Print rows as a rich table with the given columns; returns the table.
+
+    In a terminal the table fits the terminal's width. When the output is not a terminal
+    (a log file, ``nohup``, a cluster job, ``torchrun``, a pipe) it is printed at its natural
+    width, never wrapped: rich would otherwise assume 80 columns and fold a cell such as
+    "baseline" into "baselin / e".
+    """
+    console = console or Console()
     table = Table(title=title, show_lines=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(format_value(row.get(column)) for column in columns))
-    (console or Console()).print(table)
+    if console.is_terminal:
+        console.print(table)
+        return table
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    saved = console._width  # None = detected; Console.print(width=...) is capped by console.width
+    console.width = max(console.width, natural)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console._width = saved
     return table
 
 
@@ -173,14 +190,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def paired_difference(a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, float]) -> dict[str, Any]:
+def paired_difference(
+    a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, float], *, resolution: float = 0.0
+) -> dict[str, Any]:
     """Paired comparison of two methods run on the same seeds (and splits).
 
     The differences d_s = a_s - b_s over the shared seeds s give ``mean_diff`` and
-    ``std_diff`` (sample standard deviation). ``significant`` is True when at least
-    two seeds are shared and |mean_diff| > std_diff: the difference is larger than
-    its own spread across seeds, so it is unlikely to be seed noise alone. This is
-    deliberately a plain rule a reader can check, not a p-value.
+    ``std_diff`` (sample standard deviation; 0 for one seed, where no spread is known).
+    ``significant`` is True when at least two seeds are shared and |mean_diff| exceeds
+    both std_diff and ``resolution`` — the smallest difference the measurement can
+    show, e.g. one test example (1/n_test) of accuracy: the difference is larger than
+    its own spread across seeds and than one example, so it is unlikely to be seed noise
+    or a single example alone. This is deliberately a plain rule a reader can check, not
+    a p-value.
 
     >>> r = paired_difference({0: 0.9, 1: 0.92, 2: 0.91}, {0: 0.8, 1: 0.83, 2: 0.80})
     >>> round(r["mean_diff"], 4), r["n"], r["significant"]
@@ -195,7 +217,7 @@ def paired_difference(a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, fl
         "mean_diff": mean,
         "std_diff": std,
         "n": len(diffs),
-        "significant": len(diffs) >= 2 and abs(mean) > std,
+        "significant": len(diffs) >= 2 and abs(mean) > std and abs(mean) > resolution,
     }
 
 
