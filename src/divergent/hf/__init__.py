@@ -4,6 +4,8 @@
   registered divergence, as a ``transformers.Trainer`` (``accelerate launch`` for DDP,
   FSDP, DeepSpeed); the loss of a batch is :class:`divergent.train.lm.LMObjective`, the
   same code ``divergent distill-lm`` runs.
+- :class:`GRPOConfig` / :class:`GRPOTrainer`: TRL's GRPO with a divergent RL regulariser
+  (``reverse_kl`` k1/k2/k3, ``dph``, ``kdrl`` with ``teacher_model=``), logged through TRL's metrics.
 - :func:`gkd_loss`: a drop-in for TRL's ``GKDTrainer.generalized_jsd_loss`` with any
   divergence (``trainer.generalized_jsd_loss = gkd_loss("reverse_kl")``).
 
@@ -21,6 +23,8 @@ _EXPORTS = {
     "DistillationConfig": "divergent.hf.distillation",
     "DistillationTrainer": "divergent.hf.distillation",
     "gkd_loss": "divergent.hf.gkd",
+    "GRPOConfig": "divergent.hf.grpo",
+    "GRPOTrainer": "divergent.hf.grpo",
 }
 
 __all__ = list(_EXPORTS)
