@@ -812,8 +812,8 @@ def _report(
     table_rows = _table_rows(config, summary)
     columns = list(table_rows[0])
     report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
-    console.print(_table_note(config, n_test, verdict.get("single_seed", False)), soft_wrap=not console.is_terminal)
-    console.print(verdict["text"].replace("**", ""), soft_wrap=not console.is_terminal)
+    console.print(_table_note(config, n_test, verdict.get("single_seed", False)))
+    console.print(verdict["text"].replace("**", ""))
 
     flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
     report.write_csv(flat_rows, run_dir / "results.csv")
@@ -843,8 +843,7 @@ def _report(
     report.write_json(results, run_dir / "results.json")
     regime = _regime_text(config, teacher_info, summary, n_train, n_labelled)
     _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, n_test, verdict, regime)
-    console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s",
-                  soft_wrap=not console.is_terminal)
+    console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s")
     return results
 
 
@@ -867,7 +866,7 @@ def run_compare(
     if rank() != 0:  # under torchrun only the first process prints and writes
         console = Console(file=open(os.devnull, "w"))
     try:
-        return _run_compare(config, run_dir, console or Console(), command)
+        return _run_compare(config, run_dir, console or report.output_console(), command)
     finally:
         torch.set_num_threads(previous_threads)
 

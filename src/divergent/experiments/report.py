@@ -34,6 +34,7 @@ __all__ = [
     "write_csv",
     "write_json",
     "print_table",
+    "output_console",
     "markdown_table",
     "format_value",
     "mean_std",
@@ -127,6 +128,19 @@ def format_value(value: Any, digits: int = 4) -> str:
             return str(value)
         return f"{value:.{digits}g}"
     return "" if value is None else str(value)
+
+
+def output_console() -> Console:
+    """The console a command prints to: rich's defaults in a terminal; never wrapping lines otherwise.
+
+    Written to a log file, ``nohup``, a cluster job, ``torchrun`` or a pipe, rich assumes 80
+    columns and breaks long lines (paths, a verdict) mid-word; there, every line is printed
+    whole (tables too, see :func:`print_table`).
+    """
+    console = Console()
+    if not console.is_terminal:
+        console.soft_wrap = True
+    return console
 
 
 def print_table(
