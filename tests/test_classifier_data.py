@@ -106,3 +106,73 @@ def test_get_batch_collates_plain_datasets():
 
     x, y = get_batch(Plain(), torch.tensor([3, 1]))
     assert x.tolist() == [[3.0, 3.0], [1.0, 1.0]] and y.tolist() == [3, 1]
+
+
+# ------------------------------------------------------------------ the user's files (divergent.data.user_data)
+
+
+def _features(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)).astype(np.float32) * 5 + 7, np.arange(n) % 2
+
+
+def test_npz_split_array_by_name_or_code_gives_exactly_those_splits(tmp_path):
+    from divergent.data.user_data import load_user_data
+
+    x, y = _features()
+    names = np.array(["train"] * 24 + ["val"] * 8 + ["test"] * 8)
+    codes = np.array([0] * 24 + [1] * 8 + [2] * 8)
+    np.savez(tmp_path / "names.npz", X=x, y=y, split=names)
+    np.savez(tmp_path / "codes.npz", X=x, y=y, split=codes)
+    a = load_user_data(tmp_path / "names.npz", normalize=False)
+    b = load_user_data(tmp_path / "codes.npz", normalize=False)
+    for data in (a, b):
+        assert torch.equal(data.train.tensors[0], torch.from_numpy(x[:24]))
+        assert torch.equal(data.val.tensors[0], torch.from_numpy(x[24:32]))
+        assert torch.equal(data.test.tensors[1], torch.from_numpy(y[32:]))
+    assert a.fingerprint != b.fingerprint  # different files
+    np.savez(tmp_path / "bad.npz", X=x, y=y, split=np.array(["train", "dev"] * 20))
+    with pytest.raises(ValueError, match=r"split holds dev; expected 'train', 'val', 'test' \(or 0, 1, 2\)"):
+        load_user_data(tmp_path / "bad.npz")
+
+
+def test_npz_test_arrays_keep_their_order_and_a_quarter_of_the_rest_is_val(tmp_path):
+    from divergent.data.user_data import load_user_data
+
+    x, y = _features(40)
+    x_test, y_test = _features(10, seed=1)
+    np.savez(tmp_path / "d.npz", X=x, y=y, X_test=x_test, y_test=y_test)
+    data = load_user_data(tmp_path / "d.npz", normalize=False)
+    assert torch.equal(data.test.tensors[0], torch.from_numpy(x_test))
+    assert (len(data.train), len(data.val)) == (30, 10)
+    assert torch.bincount(data.val.tensors[1]).tolist() == [5, 5]  # stratified
+
+
+def test_normalisation_uses_the_training_split_only(tmp_path):
+    from divergent.data.user_data import load_user_data
+
+    x, y = _features(50)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    raw, scaled = load_user_data(tmp_path / "d.npz", normalize=False), load_user_data(tmp_path / "d.npz")
+    train = raw.train.tensors[0]
+    mean, std = train.mean(0), train.std(0)
+    torch.testing.assert_close(scaled.test.tensors[0], (raw.test.tensors[0] - mean) / std)
+    torch.testing.assert_close(scaled.train.tensors[0].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_image_layouts_are_detected_as_documented(tmp_path):
+    from divergent.data.user_data import load_user_data
+
+    y = np.arange(30) % 3
+    rng = np.random.default_rng(0)
+    cases = {
+        "grey.npz": (rng.random((30, 5, 7)).astype(np.float32), (1, 5, 7)),
+        "chw.npz": (rng.random((30, 3, 5, 7)).astype(np.float32), (3, 5, 7)),
+        "hwc_uint8.npz": (rng.integers(0, 255, (30, 5, 7, 3), dtype=np.uint8), (3, 5, 7)),
+        # float [n, H, W, C] is NOT transposed: only uint8 is taken as channels-last.
+        "float_hwc.npz": (rng.random((30, 5, 7, 3)).astype(np.float32), (5, 7, 3)),
+        "chw_uint8.npz": (rng.integers(0, 255, (30, 3, 5, 7), dtype=np.uint8), (3, 5, 7)),
+    }
+    for name, (x, shape) in cases.items():
+        np.savez(tmp_path / name, X=x, y=y)
+        assert load_user_data(tmp_path / name).input_shape == shape, name
