@@ -256,3 +256,24 @@ def test_every_mistake_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path, mon
         for fragment in fragments:
             assert fragment in shown, (args, fragment, shown)
         assert not out.exists() or not any(out.iterdir()), (args, list(out.iterdir()))
+
+
+def test_a_trained_teacher_is_cached_per_data_content(tmp_path):
+    """Same file, same teacher from the cache; the same name with other contents trains a new one."""
+    from rich.console import Console
+
+    from divergent.experiments.compare import CompareConfig, get_teacher, load_dataset
+
+    x, y = _blobs(60, 0)
+    path = tmp_path / "blobs.npz"
+    config = CompareConfig(data=str(path), teacher_model="mlp-8", teacher_epochs=1, batch_size=16,
+                           output_dir=str(tmp_path / "runs"))
+    quiet = Console(file=open("/dev/null", "w"))
+    teachers = tmp_path / "cache" / "teachers"
+    np.savez(path, X=x, y=y)
+    _, first = get_teacher(config, load_dataset(config), console=quiet)
+    _, again = get_teacher(config, load_dataset(config), console=quiet)
+    assert (first["cached"], again["cached"]) == (False, True) and len(list(teachers.glob("*.pt"))) == 1
+    np.savez(path, X=x + 1.0, y=y)  # new contents, same path and settings
+    _, changed = get_teacher(config, load_dataset(config), console=quiet)
+    assert changed["cached"] is False and len(list(teachers.glob("*.pt"))) == 2

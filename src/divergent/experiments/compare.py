@@ -314,8 +314,10 @@ def _user_teacher(config: CompareConfig, data: ClassificationData, console: Cons
     teacher = load_user_model(config.teacher, input_shape=data.input_shape, num_classes=data.num_classes,
                               weights=config.teacher_weights or None, what="teacher")
     check_fits(teacher, data, "teacher", config.teacher)
-    teacher.eval()
-    logits, labels = predict_logits(teacher, data.test, device=config.device)
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if config.device == "auto" else config.device)
+    teacher.to(device).eval()
+    logits, labels = predict_logits(teacher, data.test, device=device)
     info = {"name": config.teacher, "source": model_source(config.teacher), "weights": config.teacher_weights,
             "test": classification_metrics(logits, labels), "seconds": 0.0, "cached": False, "path": config.teacher}
     console.print(f"teacher {config.teacher}: given (frozen), test accuracy {info['test']['accuracy']:.4f}")
