@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import command_line, machine_description, write_results  # noqa: E402
 
 from divergent.experiments import report  # noqa: E402
-from divergent.cli.rl import REPORT_KS, run_comparison  # noqa: E402
+from divergent.experiments.rl import REPORT_KS, RLConfig, build_setup, run_comparison  # noqa: E402
 from divergent.data.arithmetic import ArithmeticTask  # noqa: E402
 from divergent.train.rl import GRPOConfig  # noqa: E402
 
@@ -39,7 +39,7 @@ def time_threads(thread_counts: list[int], steps: int = 20) -> None:
     """Seconds per GRPO step of the default configuration for each torch thread count (in the order given)."""
     import time
 
-    from divergent.cli.rl import warm_started_policy
+    from divergent.experiments.rl import warm_started_policy
     from divergent.train.rl import GRPOTrainer
 
     task = ArithmeticTask(max_operand=99, operations="+", n_test=200, seed=0)

@@ -1,15 +1,14 @@
-"""`divergent rl` end to end at a tiny size: files written, tables printed, resume skips finished runs."""
+"""`divergent rl` on the embedded task end to end at a tiny size: files written, tables printed, resume with the run's own settings."""
 
 import json
 
-import torch
 from typer.testing import CliRunner
 
 from divergent.cli import app
-from divergent.train.checkpoint import load_checkpoint
+from divergent.io import load_state
 
 TINY = ["--steps", "2", "--warm-steps", "3", "--eval-samples", "4", "--max-operand", "9", "--n-test", "8",
-        "--threads", "2"]
+        "--threads", "1"]
 
 
 def test_rl_single_run_writes_results(tmp_path):
@@ -18,11 +17,12 @@ def test_rl_single_run_writes_results(tmp_path):
     assert result.exit_code == 0, result.output
     assert "pass@1" in result.output and "training reward" in result.output
     (run_dir,) = tmp_path.glob("rl-*")
-    for name in ("results.csv", "results.json", "report.md", "pass_at_k.png", "history.csv", "config.yaml"):
+    for name in ("results.csv", "results.json", "report.md", "pass_at_k.png", "history.csv", "config.yaml",
+                 "model/config.json"):
         assert (run_dir / name).is_file(), name
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["method"] == "reverse_kl" and set(saved["pass_at_k"]) == {"1", "2", "3", "4"}
-    checkpoint = load_checkpoint(next((run_dir / "checkpoints").glob("step_2.pt")))
+    checkpoint = load_state(run_dir / "checkpoints" / "step_2.ckpt")
     assert checkpoint["config"]["kl_estimator"] == "k2"
 
 
@@ -34,31 +34,71 @@ def test_rl_kdrl_trains_its_own_teacher(tmp_path):
     assert "kdrl_beta" in history.splitlines()[0]
 
 
+def test_rl_resume_continues_with_the_runs_own_steps(tmp_path):
+    """The known bug: --resume ignored the run's --steps and skipped a batch. Now it reads config.yaml."""
+    args = ["rl", "--regulariser", "dph", *TINY, "--set", "steps=4", "--set", "checkpoint_every=1",
+            "--set", "dph_probe_prompts=16", "--set", "prompts_per_step=4", "--set", "group_size=4"]
+    args.remove("--steps"), args.remove("2")
+    full = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert full.exit_code == 0, full.output
+    (full_dir,) = (tmp_path / "a").glob("rl-*")
+    partial = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert partial.exit_code == 0, partial.output
+    (run_dir,) = (tmp_path / "b").glob("rl-*")
+    # Make it look interrupted after step 2: drop the results and the later checkpoints.
+    for name in ("results.json", "checkpoints/step_4.ckpt", "checkpoints/step_3.ckpt"):
+        (run_dir / name).unlink(missing_ok=True)
+    again = CliRunner().invoke(app, ["rl", "--resume", str(run_dir)])
+    assert again.exit_code == 0, again.output
+    steps = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (full_dir, run_dir))
+    assert a["pass_at_k"] == b["pass_at_k"] and a["reward_curve"] == b["reward_curve"]
+    refused = CliRunner().invoke(app, ["rl", "--resume", str(run_dir), "--steps", "9"])
+    assert refused.exit_code == 2 and "--resume continues with the run's own saved settings" in refused.output
+
+
 def test_rl_compare_and_resume(tmp_path):
     config = tmp_path / "grpo.yaml"
-    config.write_text("dph_probe_prompts: 16\nprompts_per_step: 4\ngroup_size: 4\n")
-    args = ["rl", "--compare", "--seeds", "0", *TINY, "--config", str(config), "-o", str(tmp_path)]
+    config.write_text("dph_probe_prompts: 16\nprompts_per_step: 4\ngroup_size: 4\nseeds: [0]\n")
+    args = ["rl", "--compare", *TINY, "--config", str(config), "-o", str(tmp_path)]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     (run_dir,) = tmp_path.glob("rl-compare-*")
     summary = (run_dir / "report.md").read_text()
-    for method in ("none", "reverse_kl", "dph_forward_kl", "dph_js", "base (warm start)"):
+    for method in ("none", "reverse_kl", "dph_forward_kl", "dph_js", "base (initial policy)"):
         assert method in summary
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["config"]["prompts_per_step"] == 4 and saved["config"]["dph_probe_prompts"] == 16
     assert (run_dir / "pass_at_k.png").is_file() and (run_dir / "summary.csv").is_file()
     before = (run_dir / "results.csv").read_text()
-    again = CliRunner().invoke(app, ["rl", "--compare", "--seeds", "0", *TINY, "--config", str(config),
-                                     "--resume", str(run_dir)])
+    again = CliRunner().invoke(app, ["rl", "--resume", str(run_dir)])
     assert again.exit_code == 0, again.output
     # Finished runs are read back, not retrained (train_seconds included), and the base
-    # evaluation is seeded: the table is identical.
+    # evaluation is kept: the table is identical.
     assert (run_dir / "results.csv").read_text() == before
 
 
-def test_rl_bad_options(tmp_path):
-    result = CliRunner().invoke(app, ["rl", "--regulariser", "entropy", *TINY, "-o", str(tmp_path)])
-    assert result.exit_code != 0
-    assert "regulariser" in result.output
+def test_rl_bad_options_are_one_line_errors(tmp_path):
+    result = CliRunner().invoke(app, ["rl", "--regulariser", "revers_kl", *TINY, "-o", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "did you mean 'reverse_kl'" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["rl", "--coefficient", "0.1", *TINY, "-o", str(tmp_path)])
-    assert result.exit_code != 0 and "coefficient" in result.output
+    assert result.exit_code == 2 and "--coefficient does not apply to regulariser 'none'" in result.output
+    result = CliRunner().invoke(app, ["rl", "--set", "advantage_std=median", *TINY, "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "advantage_std" in result.output
+    result = CliRunner().invoke(app, ["rl", "--reward", "exact", *TINY, "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "--prompts" in result.output
+    assert not list(tmp_path.glob("rl-*"))  # a run that fails before training leaves no folder
+
+
+def test_rl_grpo_options_are_config_keys(tmp_path):
+    result = CliRunner().invoke(app, ["rl", "--regulariser", "reverse_kl", *TINY, "-o", str(tmp_path),
+                                      "--set", "advantage_std=population", "--set", "dual_clip=3",
+                                      "--set", "log_ratio_clamp=20", "--set", "kl_log_ratio_clamp=20",
+                                      "--set", "kl_value_clamp=10", "--set", "top_p=0.9"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.glob("rl-*")
+    saved = load_state(run_dir / "checkpoints" / "step_2.ckpt")["config"]
+    assert (saved["advantage_std"], saved["dual_clip"], saved["log_ratio_clamp"], saved["kl_log_ratio_clamp"],
+            saved["kl_value_clamp"], saved["top_p"]) == ("population", 3.0, 20.0, 20.0, 10.0, 0.9)

@@ -1,4 +1,11 @@
-"""GRPO trainer: trajectories on a tiny model, resume, NaN stop, reward errors, HF models."""
+"""GRPO trainer: trajectories on a tiny model, resume (Ctrl-C, SIGKILL), NaN stop, reward errors, HF models."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +13,8 @@ import torch
 from divergent.data.arithmetic import EOS, PAD, VOCAB_SIZE, ArithmeticTask
 from divergent.models.gpt import GPTConfig, TinyGPT
 from divergent.rl import pass_at_k
-from divergent.train.checkpoint import load_checkpoint
+from divergent.io import load_state
+from divergent.train.run import Checkpointer, RunInterrupted, current_interrupt, drive
 from divergent.train.rl import (
     GRPOConfig,
     GRPOTrainer,
@@ -138,6 +146,103 @@ def test_resume_equals_uninterrupted(task, warm_state, tmp_path, regulariser):
         torch.testing.assert_close(resumed.policy.state_dict()[key], value, rtol=0, atol=0)
 
 
+def _dropout_policy(warm_state):
+    """The warm policy with dropout on: an exact resume needs torch's global random state too."""
+    model = warm_policy(warm_state)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    return model
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+@pytest.mark.parametrize("overrides", [{"regulariser": "dph"}, {"regulariser": "reverse_kl", "filter_low": 0.0,
+                                                                 "filter_high": 0.9, "num_iterations": 2}],
+                         ids=["dph", "rkl-filtered"])
+def test_ctrl_c_between_steps_then_resume_equals_the_uninterrupted_run(task, warm_state, tmp_path, stop_after, overrides):
+    config = small_config(steps=5, **overrides)
+    reference = GRPOTrainer(_dropout_policy(warm_state), task, config)
+    drive(reference)
+
+    def ctrl_c(record):
+        if record["step"] == stop_after:
+            current_interrupt().request()
+
+    checkpointer = Checkpointer(tmp_path / "ck")
+    first = GRPOTrainer(_dropout_policy(warm_state), task, small_config(steps=5, **overrides))
+    with pytest.raises(RunInterrupted, match=f"after step {stop_after}"):
+        drive(first, checkpointer=checkpointer, checkpoint_every=2, on_step=ctrl_c)
+    torch.manual_seed(123)  # a fresh process would not share torch's random state: resume restores it
+    second = GRPOTrainer(_dropout_policy(tiny_policy(seed=7).state_dict()), task, small_config(steps=5, **overrides))
+    drive(second, checkpointer=checkpointer, checkpoint_every=2, resume=True)
+    assert _strip_time(second.history) == _strip_time(reference.history)
+    assert [r["step"] for r in second.history] == [1, 2, 3, 4, 5]  # no batch skipped or repeated
+    for key, value in reference.policy.state_dict().items():
+        torch.testing.assert_close(second.policy.state_dict()[key], value, rtol=0, atol=0)
+    if overrides["regulariser"] == "dph":
+        torch.testing.assert_close(second.rehearsal["logprobs"], reference.rehearsal["logprobs"], rtol=0, atol=0)
+        assert second.pool == reference.pool
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(task, warm_state, tmp_path):
+    checkpointer = Checkpointer(tmp_path / "ck")
+    drive(GRPOTrainer(warm_policy(warm_state), task, small_config(steps=1)), checkpointer=checkpointer)
+    with pytest.raises(ValueError, match="written with group_size=4, this run has group_size=2"):
+        drive(GRPOTrainer(warm_policy(warm_state), task, small_config(steps=2, group_size=2)),
+              checkpointer=checkpointer, resume=True)
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    import test_rl_trainer as t
+    from divergent.data.arithmetic import ArithmeticTask
+    from divergent.train.run import Checkpointer, RunInterrupted, drive
+
+    task = ArithmeticTask(max_operand=9, n_test=20, seed=0)
+    state = torch.load({warm!r})
+    trainer = t.GRPOTrainer(t._dropout_policy(state), task, t.small_config(steps=8, regulariser="dph"))
+    def slow(record):
+        print(record["step"], flush=True)
+        time.sleep({delay})
+    try:
+        drive(trainer, checkpointer=Checkpointer({folder!r}), checkpoint_every=2, resume=True, on_step=slow)
+    except RunInterrupted as exc:
+        print("INTERRUPTED", exc.step, flush=True)
+        sys.exit(130)
+    json.dump(t._strip_time(trainer.history), open({out!r}, "w"))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_a_real_signal_then_resume_equals_the_uninterrupted_run(task, warm_state, tmp_path, sig):
+    torch.set_num_threads(1)
+    reference = GRPOTrainer(_dropout_policy(warm_state), task, small_config(steps=8, regulariser="dph"))
+    drive(reference)
+    torch.save(warm_state, tmp_path / "warm.pt")
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), warm=str(tmp_path / "warm.pt"),
+                                     folder=str(tmp_path / "ck"), out=str(tmp_path / "history.json"), delay=0.3))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.strip().isdigit() and int(line) >= 3:
+            break
+    process.send_signal(sig)
+    rest = process.stdout.read()
+    code = process.wait(timeout=120)
+    if sig == signal.SIGINT:
+        assert code == 130 and "INTERRUPTED" in rest
+    else:
+        assert code == -signal.SIGKILL
+    script.write_text(script.read_text().replace("time.sleep(0.3)", "time.sleep(0.0)"))
+    resumed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "history.json").read_text()) == json.loads(json.dumps(_strip_time(reference.history)))
+
+
 def test_nan_stops_with_message_and_keeps_last_good_checkpoint(task, warm_state, tmp_path):
     policy = warm_policy(warm_state)
     trainer = GRPOTrainer(policy, task, small_config(steps=2, checkpoint_every=1), run_dir=tmp_path)
@@ -146,12 +251,12 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(task, warm_state,
     trainer.config.steps = 3
     with torch.no_grad():
         policy.lm_head.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="step_2.pt"):
+    with pytest.raises(NonFiniteLossError, match="step_2.ckpt"):
         trainer.train()
-    saved = load_checkpoint(tmp_path / "checkpoints" / "step_2.pt")
+    saved = load_state(tmp_path / "checkpoints" / "step_2.ckpt")
     for key, value in good.items():
         torch.testing.assert_close(saved["model"][key], value)
-    assert not (tmp_path / "checkpoints" / "step_3.pt").exists()
+    assert not (tmp_path / "checkpoints" / "step_3.ckpt").exists()
 
 
 def test_nan_loss_stops_before_the_update(task, warm_state, tmp_path):
@@ -162,7 +267,7 @@ def test_nan_loss_stops_before_the_update(task, warm_state, tmp_path):
     trainer.rehearsal["logprobs"].fill_(float("nan"))
     trainer.config.steps = 2
     before = _params(policy)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss .* step 2 .*step_1.pt"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* step 2 .*step_1.ckpt"):
         trainer.train()
     for key, value in before.items():
         assert torch.equal(policy.state_dict()[key], value)

@@ -31,16 +31,23 @@ One training step, top to bottom (:meth:`GRPOTrainer.step`):
 5. Gradient clip, optimizer step. A non-finite loss or gradient stops the run
    with :class:`NonFiniteLossError`; the last checkpoint on disk is the last good one.
 
-Checkpoints (model, optimizer, both random generators, history, reference
-weights, rehearsal set) are written atomically every ``checkpoint_every``
-steps, at the end and on Ctrl-C; ``train(resume=True)`` continues from the
-latest one and reproduces the uninterrupted run exactly on CPU.
+The trainer runs on the shared run layer (:func:`divergent.train.run.drive`): it has
+``step_index``, ``total_steps``, ``step()``, ``state_dict()`` and ``load_state_dict()``.
+The state holds the weights, the optimizer, every random state (prompt choice, the
+sampling generator, torch's global generator), the history, the reference weights, the
+rehearsal set and the prompt pool, so a run interrupted (Ctrl-C, SIGKILL) and resumed from
+its checkpoint reproduces the uninterrupted run exactly on CPU. ``train(resume=True)``
+is the short form of ``drive`` with checkpoints in ``run_dir/checkpoints``.
 
 The policy is any causal LM called as ``model(input_ids)`` returning logits
-``[B, T, V]`` (the project's TinyGPT) or an object with ``.logits`` (a Hugging
-Face model). The task provides ``train``/``test`` problem lists,
-``encode_prompts`` (equal-length prompts), ``decode``, ``reward``, ``eos_id`` and
-``pad_id`` — see :class:`divergent.data.arithmetic.ArithmeticTask`.
+``[B, T, V]`` (the project's TinyGPT) or a Hugging Face model (``.logits``); a Hugging
+Face policy samples with ``generate`` (KV cache, left-padded prompts with their attention
+mask, ``top_p``), seeded from the trainer's own generator. The task provides
+``train``/``test`` problem lists, ``encode_prompts`` (a ``[N, L]`` tensor of
+equal-length prompts, or ``(ids, attention_mask)`` of left-padded ones), ``decode``,
+``eos_id``, ``pad_id`` and either ``reward(problem, text) -> float`` or
+``score(problems, texts) -> (rewards [N], counts)`` — see
+:class:`divergent.data.arithmetic.ArithmeticTask` and :class:`divergent.data.prompts.PromptTask`.
 """
 
 from __future__ import annotations
@@ -69,8 +76,10 @@ from divergent.rl import (
     ppo_clip_loss,
     token_logprobs,
 )
+from divergent.models.hf import is_hf_model
 from divergent.rl.registry import builtin_defaults
 from divergent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from divergent.train.run import Checkpointer, NonFiniteLossError, check_finite, drive
 
 __all__ = [
     "GRPOConfig",
@@ -83,6 +92,7 @@ __all__ = [
     "response_logprobs",
     "response_mask",
     "sample_responses",
+    "score_batch",
     "run_resumable",
     "save_rotating_checkpoint",
     "score_responses",
@@ -107,10 +117,6 @@ REGULARISERS: Sequence[str] = _RegulariserNames()
 _DEFAULT = builtin_defaults()
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a loss or gradient is NaN/inf; the last written checkpoint is the last good state."""
-
-
 @dataclass
 class GRPOConfig:
     """Settings of :class:`GRPOTrainer`. Every field is documented once, here.
@@ -120,6 +126,8 @@ class GRPOConfig:
     group_size: G, responses sampled per prompt (>= 2).
     max_new_tokens: generation length cap; a response without EOS by then is cut and scored as is.
     temperature: sampling temperature of the rollouts.
+    top_p: nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p
+        (1.0 = the whole vocabulary).
     lr: AdamW learning rate (constant).
     weight_decay: AdamW weight decay.
     grad_clip: max global gradient norm (0 = no clipping).
@@ -165,6 +173,7 @@ class GRPOConfig:
     group_size: int = 8
     max_new_tokens: int = 6
     temperature: float = 1.0
+    top_p: float = 1.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -230,6 +239,8 @@ class GRPOConfig:
             raise ValueError(f"GRPOConfig.log_ratio_clamp must be > 0 or None, got {self.log_ratio_clamp!r}")
         if self.temperature <= 0:
             raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GRPOConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.lr <= 0:
             raise ValueError(f"GRPOConfig.lr must be > 0, got {self.lr}")
         if not 0 < self.clip_eps < 1:
@@ -253,9 +264,18 @@ class GRPOConfig:
 # ---------------------------------------------------------------------- model helpers
 
 
-def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T, V]`` logits of a TinyGPT-style model (returns a tensor) or a HF model (``.logits``)."""
-    output = model(input_ids)
+def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T, V]`` logits of a TinyGPT-style model (returns a tensor) or a HF model (``.logits``).
+
+    With an ``attention_mask`` of left-padded rows (0 = padding), a Hugging Face model gets
+    it with ``position_ids`` counted from each row's first real token, so a padded row has
+    the logits of the same row without padding.
+    """
+    if attention_mask is None or (not is_hf_model(model) and bool(attention_mask.all())):
+        output = model(input_ids)
+    else:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if logits is None:
         raise TypeError(f"model output must be a logits tensor or have .logits, got {type(output).__name__}")
@@ -264,6 +284,25 @@ def model_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def encode_prompts(task, problems: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids [N, L], attention_mask [N, L] or None)`` of ``problems`` from ``task.encode_prompts``."""
+    encoded = task.encode_prompts(problems)
+    if isinstance(encoded, tuple):
+        return encoded
+    return encoded, None
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` restricted to the smallest set of most likely tokens whose mass reaches ``top_p``, renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -276,35 +315,32 @@ def sample_responses(
     pad_id: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Sample ``[N, max_new_tokens]`` response ids; positions after a row's EOS hold ``pad_id``.
 
-    Prompts must all have the same length (no attention mask is used). The
-    whole sequence is re-run at each position (no KV cache): responses here are
-    a few tokens long. Sampling draws on CPU from ``generator`` so that a run is
-    reproducible on any device.
+    A Hugging Face model samples with ``generate`` (KV cache; ``attention_mask`` marks
+    left padding), with torch's random state seeded from ``generator`` inside
+    ``torch.random.fork_rng`` so that the draws depend on ``generator`` alone (and the
+    global state is left as it was). Any other model (TinyGPT) takes equal-length prompts
+    without padding; the whole sequence is re-run at each position (no KV cache: responses
+    are a few tokens long) and sampling draws on CPU from ``generator``.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     was_training = model.training
     model.eval()
     try:
-        ids = prompt_ids
-        finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            logits = model_logits(model, ids)[:, -1, :].float() / temperature
-            if not torch.isfinite(logits).all():
-                raise NonFiniteLossError("the policy produced non-finite logits while sampling")
-            probs = torch.softmax(logits, dim=-1).cpu()
-            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(ids.device)
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-            finished |= next_ids == eos_id
-            new_tokens.append(next_ids)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            if bool(finished.all()):
-                break
-        responses = torch.stack(new_tokens, dim=1)
+        if is_hf_model(model):
+            responses = _generate(model, prompt_ids, attention_mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                  pad_id=pad_id, temperature=temperature, top_p=top_p, generator=generator)
+        else:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("left-padded prompts (attention_mask with zeros) need a Hugging Face model; "
+                                 f"{type(model).__name__} takes equal-length prompts without padding")
+            responses = _sample_loop(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                     temperature=temperature, top_p=top_p, generator=generator)
         if responses.shape[1] < max_new_tokens:
             fill = torch.full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_id,
                               dtype=responses.dtype, device=responses.device)
@@ -312,6 +348,46 @@ def sample_responses(
         return responses
     finally:
         model.train(was_training)
+
+
+def _sample_loop(model, prompt_ids, *, max_new_tokens, eos_id, pad_id, temperature, top_p, generator) -> torch.Tensor:
+    ids = prompt_ids
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        logits = model_logits(model, ids)[:, -1, :].float() / temperature
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLossError("the policy produced non-finite logits while sampling")
+        probs = _nucleus(torch.softmax(logits, dim=-1).cpu(), top_p)
+        next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(ids.device)
+        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        finished |= next_ids == eos_id
+        new_tokens.append(next_ids)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        if bool(finished.all()):
+            break
+    return torch.stack(new_tokens, dim=1)
+
+
+def _generate(model, prompt_ids, attention_mask, *, max_new_tokens, eos_id, pad_id, temperature, top_p,
+              generator) -> torch.Tensor:
+    """Hugging Face ``generate`` with exactly the sampling asked for (no top-k, no model defaults)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompt_ids)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = prompt_ids.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=0, pad_token_id=pad_id, eos_token_id=eos_id,
+        )
+    responses = out[:, prompt_ids.shape[1]:]
+    # generate pads finished rows with pad_token_id; the first EOS ends a response (pad may equal EOS).
+    after_eos = (responses == eos_id).long().cumsum(1) - (responses == eos_id).long() > 0
+    return responses.masked_fill(after_eos, pad_id)
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -322,10 +398,15 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     return eos_before == 0
 
 
-def response_logprobs(model: nn.Module, prompt_ids: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs ``[N, R]`` of ``responses`` after ``prompt_ids`` and the logits ``[N, R, V]`` behind them."""
+def response_logprobs(model: nn.Module, prompt_ids: torch.Tensor, responses: torch.Tensor,
+                      prompt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs ``[N, R]`` of ``responses`` after ``prompt_ids`` and the logits ``[N, R, V]`` behind them.
+
+    ``prompt_mask``: the prompts' attention mask (0 = left padding), or None for unpadded prompts.
+    """
     sequence = torch.cat([prompt_ids, responses], dim=1)
-    logits = model_logits(model, sequence)[:, prompt_ids.shape[1] - 1 : -1, :]
+    mask = None if prompt_mask is None else torch.cat([prompt_mask, torch.ones_like(responses)], dim=1)
+    logits = model_logits(model, sequence, mask)[:, prompt_ids.shape[1] - 1 : -1, :]
     return token_logprobs(logits, responses), logits
 
 
@@ -341,6 +422,24 @@ def score_responses(reward_fn: Callable[[Any, str], float], problems: Sequence[A
             value, errors = 0.0, errors + 1
         rewards.append(value)
     return torch.tensor(rewards, dtype=torch.float32), errors
+
+
+REWARD_COUNTS = ("reward_errors", "reward_timeouts", "reward_skipped")
+
+
+def score_batch(task, reward_fn: Callable[[Any, str], float] | None, problems: Sequence[Any],
+                texts: Sequence[str]) -> tuple[torch.Tensor, dict[str, int]]:
+    """Rewards ``[N]`` and the counts of :data:`REWARD_COUNTS`.
+
+    ``reward_fn(problem, text)`` when given, else ``task.score(problems, texts)`` when the
+    task has it (a batch reward with its own error, time-out and skip counts), else
+    ``task.reward`` per response.
+    """
+    if reward_fn is None and hasattr(task, "score"):
+        rewards, counts = task.score(list(problems), list(texts))
+        return rewards, {key: int(counts.get(key, 0)) for key in REWARD_COUNTS}
+    rewards, errors = score_responses(reward_fn if reward_fn is not None else task.reward, problems, texts)
+    return rewards, {"reward_errors": errors, "reward_timeouts": 0, "reward_skipped": 0}
 
 
 def _decode_all(task, responses: torch.Tensor) -> tuple[list[str], list[int]]:
@@ -364,29 +463,37 @@ def evaluate_policy(
     n_samples: int = 16,
     max_new_tokens: int = 6,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     seed: int = 0,
     batch_prompts: int = 64,
 ) -> dict[str, Any]:
     """Sample ``n_samples`` responses per problem and measure them.
 
-    Returns a dict with ``pass_at_k`` ({k: unbiased pass@k, k = 1..n_samples}),
-    ``distinct_correct`` (distinct correct responses summed over problems),
-    ``solved`` (problems with at least one correct sample), ``mean_reward``,
-    ``mean_length`` (response tokens incl. EOS), ``reward_errors`` and ``n_samples``.
+    Returns a dict with ``pass_at_k`` ({k: unbiased pass@k, k = 1..n_samples}; a response
+    is correct when its reward is > 0), ``distinct_correct`` (distinct correct responses
+    summed over problems), ``solved`` (problems with at least one correct sample),
+    ``mean_reward``, ``mean_length`` (response tokens incl. EOS), ``reward_errors``,
+    ``reward_timeouts``, ``reward_skipped`` and ``n_samples``.
     """
     generator = torch.Generator().manual_seed(seed)
     device = _device(model)
     correct_counts, all_texts, all_correct = [], [], []
-    reward_sum, length_sum, errors = 0.0, 0, 0
+    reward_sum, length_sum = 0.0, 0
+    counts = dict.fromkeys(REWARD_COUNTS, 0)
     for start in range(0, len(problems), batch_prompts):
         chunk = list(problems[start : start + batch_prompts])
-        prompts = task.encode_prompts(chunk).to(device).repeat_interleave(n_samples, dim=0)
+        prompts, prompt_mask = encode_prompts(task, chunk)
+        prompts = prompts.to(device).repeat_interleave(n_samples, dim=0)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.to(device).repeat_interleave(n_samples, dim=0)
         responses = sample_responses(model, prompts, max_new_tokens=max_new_tokens, eos_id=task.eos_id,
-                                     pad_id=task.pad_id, temperature=temperature, generator=generator)
+                                     pad_id=task.pad_id, temperature=temperature, generator=generator,
+                                     attention_mask=prompt_mask, top_p=top_p)
         texts, lengths = _decode_all(task, responses)
         expanded = [p for p in chunk for _ in range(n_samples)]
-        rewards, n_errors = score_responses(task.reward, expanded, texts)
-        errors += n_errors
+        rewards, batch_counts = score_batch(task, None, expanded, texts)
+        for key, value in batch_counts.items():
+            counts[key] += value
         reward_sum += float(rewards.sum())
         length_sum += sum(lengths)
         correct = (rewards > 0).view(len(chunk), n_samples)
@@ -401,7 +508,7 @@ def evaluate_policy(
         "solved": int(sum(c > 0 for c in correct_counts)),
         "mean_reward": reward_sum / total,
         "mean_length": length_sum / total,
-        "reward_errors": errors,
+        **counts,
         "n_samples": n_samples,
         "n_problems": len(problems),
     }
@@ -449,6 +556,19 @@ def supervised_warm_start(
 # ---------------------------------------------------------------------- DPH rehearsal set
 
 
+def _left_pad(rows: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack 1-D prompt rows of possibly different widths, left-padding with ``pad_id`` (mask 0 there)."""
+    if masks is None:
+        return torch.stack(list(rows)), None
+    width = max(int(r.shape[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=masks[0].dtype)
+    for i, (row, row_mask) in enumerate(zip(rows, masks)):
+        ids[i, width - row.shape[0]:] = row.cpu()
+        mask[i, width - row.shape[0]:] = row_mask.cpu()
+    return ids, mask
+
+
 @torch.no_grad()
 def build_rehearsal_set(
     model: nn.Module,
@@ -460,43 +580,59 @@ def build_rehearsal_set(
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator,
+    top_p: float = 1.0,
     batch_prompts: int = 64,
 ) -> dict[str, Any]:
     """Sample the initial policy pi_0 on ``problems``; keep one correct response per solved prompt.
 
     A prompt is solved when at least ``solved_fraction`` of its ``n_samples`` are correct.
-    Returns ``{"indices": [i into problems], "prompts": [N, L], "responses": [N, R],
-    "logprobs": [N, R] (log pi_0 per token), "mask": [N, R]}``.
+    Returns ``{"indices": [i into problems], "prompts": [N, L], "prompt_mask": [N, L] or None
+    (left padding of prompts of different lengths), "responses": [N, R], "logprobs": [N, R]
+    (log pi_0 per token), "mask": [N, R]}``.
     """
     device = _device(model)
-    keep_idx, keep_prompts, keep_responses = [], [], []
+    keep_idx, keep_prompts, keep_masks, keep_responses = [], [], [], []
+    padded = False
     for start in range(0, len(problems), batch_prompts):
         chunk = list(problems[start : start + batch_prompts])
-        prompts = task.encode_prompts(chunk).to(device)
+        prompts, prompt_mask = encode_prompts(task, chunk)
+        prompts = prompts.to(device)
+        padded = padded or prompt_mask is not None
         repeated = prompts.repeat_interleave(n_samples, dim=0)
+        repeated_mask = None if prompt_mask is None else prompt_mask.to(device).repeat_interleave(n_samples, dim=0)
         responses = sample_responses(model, repeated, max_new_tokens=max_new_tokens, eos_id=task.eos_id,
-                                     pad_id=task.pad_id, temperature=temperature, generator=generator)
+                                     pad_id=task.pad_id, temperature=temperature, generator=generator,
+                                     attention_mask=repeated_mask, top_p=top_p)
         texts, _ = _decode_all(task, responses)
-        rewards, _ = score_responses(task.reward, [p for p in chunk for _ in range(n_samples)], texts)
+        rewards, _ = score_batch(task, None, [p for p in chunk for _ in range(n_samples)], texts)
         correct = (rewards > 0).view(len(chunk), n_samples)
         for i in range(len(chunk)):
             if float(correct[i].float().mean()) >= solved_fraction - 1e-9:
                 first = int(torch.nonzero(correct[i])[0])
                 keep_idx.append(start + i)
-                keep_prompts.append(prompts[i])
+                if prompt_mask is None:
+                    keep_prompts.append(prompts[i])
+                else:  # without this chunk's padding, re-padded to the set's width below
+                    real = prompt_mask[i].bool()
+                    keep_prompts.append(prompts[i][real.to(device)])
+                    keep_masks.append(prompt_mask[i][real])
                 keep_responses.append(responses[i * n_samples + first])
     if not keep_idx:
-        width = task.encode_prompts(problems[:1]).shape[1]
+        first_ids, first_mask = encode_prompts(task, problems[:1])
         empty = torch.zeros(0, max_new_tokens, dtype=torch.long)
-        return {"indices": [], "prompts": torch.zeros(0, width, dtype=torch.long), "responses": empty,
-                "logprobs": torch.zeros(0, max_new_tokens), "mask": empty.bool()}
-    prompts = torch.stack(keep_prompts)
+        return {"indices": [], "prompts": torch.zeros(0, first_ids.shape[1], dtype=torch.long),
+                "prompt_mask": None if first_mask is None else torch.zeros(0, first_mask.shape[1], dtype=torch.long),
+                "responses": empty, "logprobs": torch.zeros(0, max_new_tokens), "mask": empty.bool()}
+    prompts, prompt_mask = _left_pad(keep_prompts, keep_masks if padded else None, task.pad_id)
+    prompts = prompts.to(device)
+    prompt_mask = None if prompt_mask is None else prompt_mask.to(device)
     responses = torch.stack(keep_responses)
     was_training = model.training
     model.eval()
-    logprobs, _ = response_logprobs(model, prompts, responses)
+    logprobs, _ = response_logprobs(model, prompts, responses, prompt_mask)
     model.train(was_training)
-    return {"indices": keep_idx, "prompts": prompts.cpu(), "responses": responses.cpu(),
+    return {"indices": keep_idx, "prompts": prompts.cpu(),
+            "prompt_mask": None if prompt_mask is None else prompt_mask.cpu(), "responses": responses.cpu(),
             "logprobs": logprobs.cpu(), "mask": response_mask(responses, task.eos_id).cpu()}
 
 
@@ -551,9 +687,9 @@ class GRPOTrainer:
         policy: the causal LM being trained (modified in place).
         task: provides problems, prompt encoding, decoding and the reward.
         config: :class:`GRPOConfig`.
-        teacher: frozen teacher for ``regulariser="kdrl"``.
-        run_dir: folder for checkpoints (``checkpoints/step_N.pt``); None = no checkpoints.
-        reward_fn: overrides ``task.reward`` (``reward_fn(problem, text) -> float``).
+        teacher: frozen teacher for a regulariser that needs one (``kdrl``).
+        run_dir: folder for checkpoints (``checkpoints/step_N.ckpt``) of :meth:`train`; None = no checkpoints.
+        reward_fn: overrides the task's reward (``reward_fn(problem, text) -> float``).
     """
 
     def __init__(self, policy: nn.Module, task, config: GRPOConfig, *, teacher: nn.Module | None = None,
@@ -562,7 +698,7 @@ class GRPOTrainer:
         if "teacher" in self.regulariser.needs and teacher is None:
             raise ValueError(f"regulariser={config.regulariser!r} needs a teacher model (teacher=...)")
         self.policy, self.task, self.config, self.teacher = policy, task, config, teacher
-        self.reward_fn = reward_fn if reward_fn is not None else task.reward
+        self.reward_fn = reward_fn
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.device = _device(policy)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -577,6 +713,10 @@ class GRPOTrainer:
         if teacher is not None:
             teacher.eval().requires_grad_(False)
 
+    @property
+    def total_steps(self) -> int:
+        return self.config.steps
+
     # ---------------------------------------------------------------- setup
     def _prepare(self) -> None:
         """Build what the regulariser needs from the initial policy (reference copy or rehearsal set)."""
@@ -588,78 +728,96 @@ class GRPOTrainer:
             self.rehearsal = build_rehearsal_set(
                 self.policy, self.task, probe, n_samples=config.dph_probe_samples,
                 solved_fraction=config.dph_solved_fraction, max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature, generator=self.generator,
+                temperature=config.temperature, top_p=config.top_p, generator=self.generator,
             )
             # Prompts pi_0 already solves are rehearsed, not explored: GRPO runs on the rest.
             solved = {probe[i] for i in self.rehearsal["indices"]}
             self.pool = [p for p in self.pool if p not in solved]
         self._prepared = True
 
-    # ---------------------------------------------------------------- checkpoints
-    def _state(self) -> dict[str, Any]:
+    # ---------------------------------------------------------------- state (for divergent.train.run.drive)
+    _CHECKED = ("regulariser", "seed", "prompts_per_step", "group_size", "max_new_tokens", "lr")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, random states, history, rehearsal, pool."""
         pool = set(self.pool)
+        version, python_state, gauss = self.rng.getstate()
         return {
             "step": self.step_index,
             "model": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.getstate(),
+            "python_rng": [version, list(python_state), gauss],
             "generator": self.generator.get_state(),
-            "history": self.history,
+            "torch_rng": torch.get_rng_state(),  # dropout in the policy's forward passes
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "history": [dict(h) for h in self.history],
             "config": asdict(self.config),
+            "n_train": len(self.task.train),
+            "prepared": self._prepared,
             "reference": None if self.reference is None else self.reference.state_dict(),
             "rehearsal": self.rehearsal,
-            "pool_size": len(self.pool),
             # Positions in task.train of the prompts moved to rehearsal (problems need only be hashable).
             "solved_indices": None if self.rehearsal is None else [
                 i for i, p in enumerate(self.task.train) if p not in pool
             ],
         }
 
-    def save(self) -> Path | None:
-        """Write ``checkpoints/step_N.pt`` atomically and prune old ones; returns the path."""
-        if self.run_dir is None:
-            return None
-        return save_rotating_checkpoint(self.run_dir, self.step_index, self._state(), self.config.keep_checkpoints)
-
-    def load(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save`."""
-        state = load_checkpoint(path, map_location="cpu")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by :meth:`state_dict` (a checkpoint of a run with the same settings and data)."""
+        saved = state.get("config", {})
+        for key in self._CHECKED:
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise ValueError(f"the checkpoint was written with {key}={saved[key]!r}, this run has {key}="
+                                 f"{getattr(self.config, key)!r}; resume with the run's own settings")
+        if state.get("n_train", len(self.task.train)) != len(self.task.train):
+            raise ValueError(f"the checkpoint was written for {state['n_train']} training prompts, this run has "
+                             f"{len(self.task.train)}; resume with the run's own data")
         self.policy.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.rng.setstate(state["rng"])
+        version, python_state, gauss = state["python_rng"]
+        self.rng.setstate((version, tuple(python_state), gauss))
         self.generator.set_state(state["generator"])
-        self.step_index = state["step"]
-        self.history = list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step_index = int(state["step"])
+        self.history = [dict(h) for h in state["history"]]
         if state["reference"] is not None:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.reference.load_state_dict(state["reference"])
         self.rehearsal = state["rehearsal"]
+        self.pool = list(self.task.train)
         if state.get("solved_indices") is not None:
             solved = set(state["solved_indices"])
             self.pool = [p for i, p in enumerate(self.task.train) if i not in solved]
-        self._prepared = True
+        self._prepared = bool(state.get("prepared", True))
 
     # ---------------------------------------------------------------- one step
-    def _rollouts(self) -> tuple[list[Any], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Sample groups (with difficulty filtering if on); returns problems, prompts, responses, rewards [P, G]."""
+    def _rollouts(self) -> tuple[list[Any], torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Sample groups (with difficulty filtering if on); returns problems, prompts, their mask, responses, rewards [P, G]."""
         config, task = self.config, self.task
         G = config.group_size
         rounds = config.filter_max_rounds if config.filter_low is not None else 1
         batch = BalancedBatch(config.prompts_per_step, low=config.filter_low or 0.0, high=config.filter_high) \
             if config.filter_low is not None else None
-        kept: list[tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        errors = 0
+        kept: list[tuple[Any, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        counts = dict.fromkeys(REWARD_COUNTS, 0)
         for _ in range(rounds):
             problems = self.rng.sample(self.pool, min(config.prompts_per_step, len(self.pool)))
-            prompts = task.encode_prompts(problems).to(self.device).repeat_interleave(G, dim=0)
+            prompts, prompt_mask = encode_prompts(task, problems)
+            prompts = prompts.to(self.device).repeat_interleave(G, dim=0)
+            if prompt_mask is not None:
+                prompt_mask = prompt_mask.to(self.device).repeat_interleave(G, dim=0)
             responses = sample_responses(self.policy, prompts, max_new_tokens=config.max_new_tokens,
-                                         eos_id=task.eos_id, pad_id=task.pad_id,
-                                         temperature=config.temperature, generator=self.generator)
+                                         eos_id=task.eos_id, pad_id=task.pad_id, temperature=config.temperature,
+                                         generator=self.generator, attention_mask=prompt_mask, top_p=config.top_p)
             texts, _ = _decode_all(task, responses)
-            rewards, n_errors = score_responses(self.reward_fn, [p for p in problems for _ in range(G)], texts)
-            errors += n_errors
-            groups = [(problems[i], prompts[i * G:(i + 1) * G], responses[i * G:(i + 1) * G],
-                       rewards[i * G:(i + 1) * G]) for i in range(len(problems))]
+            rewards, batch_counts = score_batch(task, self.reward_fn, [p for p in problems for _ in range(G)], texts)
+            for key, value in batch_counts.items():
+                counts[key] += value
+            groups = [(problems[i], prompts[i * G:(i + 1) * G],
+                       None if prompt_mask is None else prompt_mask[i * G:(i + 1) * G],
+                       responses[i * G:(i + 1) * G], rewards[i * G:(i + 1) * G]) for i in range(len(problems))]
             if batch is None:
                 kept = groups
                 break
@@ -668,34 +826,39 @@ class GRPOTrainer:
                 break
         if batch is not None:
             kept = batch.items
-        stats = {"reward_errors": errors, "groups_kept": len(kept),
+        stats = {**counts, "groups_kept": len(kept),
                  "groups_offered": batch.offered if batch is not None else len(kept)}
         if not kept:
-            return [], torch.empty(0), torch.empty(0), torch.empty(0, G), stats
+            return [], torch.empty(0), None, torch.empty(0), torch.empty(0, G), stats
         problems = [g[0] for g in kept]
-        prompts = torch.cat([g[1] for g in kept])
-        responses = torch.cat([g[2] for g in kept])
-        rewards = torch.stack([g[3] for g in kept])
-        return problems, prompts, responses, rewards, stats
+        masks = [g[2] for g in kept]
+        if masks[0] is None:
+            prompts, prompt_mask = torch.cat([g[1] for g in kept]), None
+        else:  # groups of different rounds may be padded to different widths
+            rows = [row[m.bool()] for g in kept for row, m in zip(g[1], g[2])]
+            prompts, prompt_mask = _left_pad(rows, [torch.ones_like(r) for r in rows], task.pad_id)
+            prompts, prompt_mask = prompts.to(self.device), prompt_mask.to(self.device)
+        responses = torch.cat([g[3] for g in kept])
+        rewards = torch.stack([g[4] for g in kept])
+        return problems, prompts, prompt_mask, responses, rewards, stats
 
-    def _rehearsal_minibatch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _rehearsal_minibatch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         rehearsal = self.rehearsal
         if rehearsal is None or rehearsal["prompts"].shape[0] == 0:
             return None
         n = rehearsal["prompts"].shape[0]
         rows = torch.tensor(self.rng.sample(range(n), min(self.config.dph_batch_size, n)))
-        return tuple(rehearsal[key][rows].to(self.device) for key in ("prompts", "responses", "logprobs", "mask"))
+        mask = rehearsal.get("prompt_mask")
+        return (rehearsal["prompts"][rows].to(self.device), None if mask is None else mask[rows].to(self.device),
+                *(rehearsal[key][rows].to(self.device) for key in ("responses", "logprobs", "mask")))
 
     def step(self) -> dict[str, Any]:
-        """One GRPO step; returns the logged metrics."""
+        """One GRPO step; returns the logged metrics. Raises NonFiniteLossError before updating on NaN/inf."""
         if not self._prepared:
             self._prepare()
         config, task = self.config, self.task
         started = time.perf_counter()
-        try:
-            problems, prompts, responses, rewards, stats = self._rollouts()
-        except NonFiniteLossError as exc:
-            raise self._non_finite("policy logits during sampling", float("nan")) from exc
+        problems, prompts, prompt_mask, responses, rewards, stats = self._rollouts()
         record: dict[str, Any] = {"step": self.step_index + 1, **stats}
         if problems:
             mask = response_mask(responses, task.eos_id)
@@ -703,25 +866,26 @@ class GRPOTrainer:
             flat_rewards = rewards.flatten().to(self.device)
             regulariser, params = self.regulariser, config.regulariser_values()
             with torch.no_grad():
-                old_logp, _ = response_logprobs(self.policy, prompts, responses)
+                old_logp, _ = response_logprobs(self.policy, prompts, responses, prompt_mask)
                 ref_logp = teacher_logp = teacher_logits = None
                 if "reference" in regulariser.needs:
-                    ref_logp, _ = response_logprobs(self.reference, prompts, responses)
+                    ref_logp, _ = response_logprobs(self.reference, prompts, responses, prompt_mask)
                 if "teacher" in regulariser.needs:
-                    teacher_logp, teacher_logits = response_logprobs(self.teacher, prompts, responses)
+                    teacher_logp, teacher_logits = response_logprobs(self.teacher, prompts, responses, prompt_mask)
             rehearsal = self._rehearsal_minibatch() if "rehearsal" in regulariser.needs else None
             coefficient = regulariser.coefficient(self.step_index, **params)
+            context = f"regulariser {config.regulariser!r}"
             for _ in range(config.num_iterations):
                 self.policy.train()
-                logp, logits = response_logprobs(self.policy, prompts, responses)
+                logp, logits = response_logprobs(self.policy, prompts, responses, prompt_mask)
                 policy_loss, clip_stats = ppo_clip_loss(
                     logp, old_logp, advantages, mask, clip_eps=config.clip_eps,
                     dual_clip=config.dual_clip, log_ratio_clamp=config.log_ratio_clamp,
                 )
                 r_logp = r_logp0 = r_mask = None
                 if rehearsal is not None:
-                    r_prompts, r_responses, r_logp0, r_mask = rehearsal
-                    r_logp, _ = response_logprobs(self.policy, r_prompts, r_responses)
+                    r_prompts, r_prompt_mask, r_responses, r_logp0, r_mask = rehearsal
+                    r_logp, _ = response_logprobs(self.policy, r_prompts, r_responses, r_prompt_mask)
                 regulariser_value = regulariser.value(RegulariserInputs(
                     logp=logp, logits=logits, mask=mask, rewards=flat_rewards, step=self.step_index,
                     ref_logp=ref_logp, teacher_logp=teacher_logp, teacher_logits=teacher_logits,
@@ -729,12 +893,12 @@ class GRPOTrainer:
                 ), **params)
                 loss = policy_loss + coefficient * regulariser_value
                 self.optimizer.zero_grad(set_to_none=True)
-                self._check_finite(loss, "loss")
+                check_finite(loss, "loss", step=self.step_index + 1, context=context)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.policy.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
                 )
-                self._check_finite(grad_norm, "gradient norm")
+                check_finite(grad_norm, "gradient norm", step=self.step_index + 1, context=context)
                 self.optimizer.step()
             lengths = mask.sum(1).float()
             record.update({
@@ -757,23 +921,17 @@ class GRPOTrainer:
         self.history.append(record)
         return record
 
-    def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
-            raise self._non_finite(what, float(value.detach()))
-
-    def _non_finite(self, what: str, value: float) -> NonFiniteLossError:
-        last = latest_checkpoint(self.run_dir / "checkpoints") if self.run_dir is not None else None
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return NonFiniteLossError(
-            f"non-finite {what} ({value}) at step {self.step_index + 1} with regulariser "
-            f"{self.config.regulariser!r}; stopping without updating the model — {where}. "
-            "Try a lower lr, a smaller regulariser coefficient or grad_clip > 0."
-        )
-
     # ---------------------------------------------------------------- loop
-    def train(self, *, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint in ``run_dir``.
+    def train(self, *, resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
+              on_save: Callable[[int, Path], None] | None = None) -> list[dict[str, Any]]:
+        """Run until ``config.steps`` under :func:`divergent.train.run.drive`; returns the whole history.
 
-        Ctrl-C writes a checkpoint of the last completed step before re-raising.
+        Checkpoints go to ``run_dir/checkpoints`` every ``checkpoint_every`` steps, at the end and
+        on Ctrl-C (which then raises :class:`divergent.train.run.RunInterrupted`); ``resume``
+        continues from the newest one. ``on_save(step, path)`` runs after each checkpoint.
         """
-        return run_resumable(self, resume=resume, on_step=on_step)
+        checkpointer = None if self.run_dir is None else Checkpointer(
+            self.run_dir / "checkpoints", keep=self.config.keep_checkpoints, on_save=on_save)
+        drive(self, checkpointer=checkpointer, checkpoint_every=self.config.checkpoint_every, resume=resume,
+              on_step=on_step)
+        return self.history
