@@ -521,32 +521,15 @@ def _teacher_row(setup: _Setup, config: DistillLMConfig, device: torch.device) -
 
 def _plot(rows: list[dict[str, Any]], teacher: dict[str, Any], path: Path, title: str) -> Path:
     """Evaluation curves of comparable quantities only, one panel each (never a shared 'training loss' axis)."""
-    import matplotlib
+    from divergent.experiments.plots import plot_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("eval_loss", "evaluation cross-entropy (nats/token)", teacher.get("loss")),
-              ("eval_kl_teacher", "KL(teacher ‖ student) (nats/token)", None),
-              ("eval_top1_agreement", "top-1 agreement with the teacher", None)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, (key, label, reference) in zip(axes.flat, panels):
-        for row in rows:
-            points = [(h["step"], h[key]) for h in row.get("history", []) if key in h]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", markersize=3, label=row.get("label", row["model"]))
-        if reference is not None:
-            ax.axhline(reference, color="gray", linestyle="--", label="teacher")
-        ax.set_xlabel("training step")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [("eval_loss", "evaluation cross-entropy (nats/token)"),
+              ("eval_kl_teacher", "KL(teacher ‖ student) (nats/token)"),
+              ("eval_top1_agreement", "top-1 agreement with the teacher")]
+    series = {row.get("label", row["model"]): {key: [(h["step"], h[key]) for h in row.get("history", []) if key in h]
+                                               for key, _ in panels} for row in rows}
+    references = {"eval_loss": ("teacher", teacher["loss"])} if teacher.get("loss") is not None else None
+    plot_panels(series, panels, path, xlabel="training step", references=references, title=title)
     return path
 
 
