@@ -184,3 +184,15 @@ def test_teacher_preparing_and_online_rows_run_in_compare(tmp_path, monkeypatch)
     assert [r["name"] for r in results["runs"]] == ["forward_kl", "mcmi", "dml"]
     assert all(r["status"] == "finished" for r in results["runs"])
     assert len(list((tmp_path / "cache" / "teachers").glob("*-mcmi.pt"))) == 1
+
+
+def test_report_opens_with_the_verdict_and_says_why_this_regime(finished):
+    _, results = finished
+    run_dir = Path(results["run_dir"])
+    lines = (run_dir / "report.md").read_text().splitlines()
+    assert lines[0].startswith("# divergent compare") and lines[2] == results["verdict"]["text"]
+    assert lines[2].startswith("Verdict (test accuracy, mean of 2 seeds): best row **")
+    text = "\n".join(lines)
+    assert "## Why this regime" in text and "labelled_fraction: 0.1" in text and "of the 1078 training examples" in text
+    header = next(csv.reader(open(run_dir / "summary.csv")))
+    assert {"accuracy_diff", "accuracy_diff_alone", "ece_diff_alone_std", "ece_significant_alone"} <= set(header)

@@ -160,3 +160,46 @@ def test_table_is_not_wrapped_when_the_output_is_a_file(tmp_path):
     assert "row" in header and "Δacc vs student alone" in header and "Δacc vs forward_kl" in header
     assert any(line.startswith("Verdict (test accuracy, mean of 2 seeds): best row ") for line in lines)
     assert any(line.startswith("teacher mlp-8: trained in ") and "cached at /" in line for line in lines)  # paths whole
+
+
+def test_verdict_when_the_student_alone_is_best_says_no_distilled_row_beats_it():
+    runs = []
+    for seed in range(3):
+        runs += [_run(NO_TEACHER, seed, 0.95 + 0.001 * seed), _run("forward_kl", seed, 0.90),
+                 _run("tvd", seed, 0.91), _run("js", seed, 0.945 + 0.002 * seed)]
+    _, verdict, _ = _answer(_config(), runs)
+    assert verdict["best"] == NO_TEACHER
+    assert "no distilled row beats the student trained without the teacher" in verdict["text"]
+    assert "vs forward_kl (baseline): accuracy +0.0510 ± 0.0010 (better)" in verdict["text"]
+    assert verdict["indistinguishable"] == ["js"]  # 0.005 ± 0.001 is under one test example (0.01)
+
+
+def test_verdict_without_the_student_alone_and_with_a_failed_row():
+    config = CompareConfig(divergences=["forward_kl", "tvd"], seeds=[0, 1, 2], include_student_alone=False)
+    runs = [_run("forward_kl", s, 0.9 + 0.01 * s) for s in range(3)]
+    runs += [{"name": "tvd", "seed": s, "status": "failed", "error": "NaN"} for s in range(3)]
+    summary, verdict, table = _answer(config, runs)
+    assert verdict["best"] == "forward_kl" and "student alone" not in verdict["text"]
+    assert summary["tvd"]["failed"] == 3 and table["tvd"]["test accuracy"] == "failed"
+    assert "Δacc vs student alone" not in table["forward_kl"]
+
+
+def test_paired_difference_resolution_is_a_floor_on_what_is_marked():
+    from divergent.experiments import report
+
+    a, b = {0: 0.905, 1: 0.905, 2: 0.905}, {0: 0.9, 1: 0.9, 2: 0.9}
+    assert report.paired_difference(a, b)["significant"]  # spread 0: the old rule marks half an example
+    assert not report.paired_difference(a, b, resolution=0.01)["significant"]
+    assert report.paired_difference({0: 0.95}, {0: 0.9}, resolution=0.01)["significant"] is False  # one seed
+
+
+@pytest.mark.slow
+def test_default_regime_answers_the_question(tmp_path, monkeypatch):
+    """The embedded default (fresh teacher cache): some distilled row beats the student alone beyond spread and one example."""
+    monkeypatch.setenv("DIVERGENT_CACHE_DIR", str(tmp_path / "cache"))
+    quiet = compare.Console(file=open(os.devnull, "w"))
+    results = compare.run_compare(CompareConfig(output_dir=str(tmp_path / "runs")), console=quiet)
+    marked = [e["name"] for e in results["summary"]
+              if e.get("accuracy_significant_alone") and e["accuracy_diff_alone"] > 0]
+    assert marked, results["verdict"]["text"]
+    assert results["verdict"]["best"] != NO_TEACHER
