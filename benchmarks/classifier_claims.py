@@ -25,7 +25,7 @@ disagreement says the claim does not carry over here, not that the paper is wron
 Writes ``benchmarks/results/classifier_claims.csv`` (one row per claim, with the command and
 machine) and ``benchmarks/results/classifier_claims.md`` (the table in docs/compare.md).
 
-Usage (one thread; about 5 minutes for 10 seeds on a shared 2-core machine)::
+Usage (one thread; 412 s for 10 seeds on the shared 2-core machine at a load average of about 3)::
 
     python benchmarks/classifier_claims.py                 # seeds 0..9
     python benchmarks/classifier_claims.py --seeds 0,1,2,3,4 --out-dir /tmp/claims

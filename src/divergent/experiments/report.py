@@ -221,6 +221,8 @@ def paired_difference(
     >>> r = paired_difference({0: 0.9, 1: 0.92, 2: 0.91}, {0: 0.8, 1: 0.83, 2: 0.80})
     >>> round(r["mean_diff"], 4), r["n"], r["significant"]
     (0.1, 3, True)
+    >>> paired_difference({0: 0.902, 1: 0.902}, {0: 0.9, 1: 0.9}, resolution=1 / 359)["significant"]
+    False
     """
     seeds = [s for s in a_by_seed if s in b_by_seed]
     if not seeds:
