@@ -203,3 +203,20 @@ def test_default_regime_answers_the_question(tmp_path, monkeypatch):
               if e.get("accuracy_significant_alone") and e["accuracy_diff_alone"] > 0]
     assert marked, results["verdict"]["text"]
     assert results["verdict"]["best"] != NO_TEACHER
+
+
+def test_print_table_to_a_non_terminal_keeps_every_cell_whole():
+    import io
+
+    from rich.console import Console
+
+    from divergent.experiments import report
+
+    console = Console(file=io.StringIO())  # not a terminal: rich would assume 80 columns
+    assert not console.is_terminal and console.width == 80
+    rows = [{"row": "sinkhorn-with-KD", **{f"Δ column {i}": "+0.0241 ± 0.0043 better" for i in range(6)}}]
+    report.print_table(rows, list(rows[0]), title="wide", console=console)
+    lines = console.file.getvalue().splitlines()
+    (line,) = [line for line in lines if "sinkhorn-with-KD" in line]
+    assert line.count("+0.0241 ± 0.0043 better") == 6
+    assert console.width == 80  # the console is left as it was

@@ -64,7 +64,7 @@ from divergent.train.classifier import (
     train_classifier,
 )
 
-__all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset", "get_teacher", "DEFAULT_ENTRIES", "NO_TEACHER"]
+__all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset", "get_teacher", "student_data", "DEFAULT_ENTRIES", "NO_TEACHER"]
 
 DEFAULT_ENTRIES = ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta", "bdkd", "sinkhorn-with-KD"]
 NO_TEACHER = "student alone (CE)"
