@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         command = exc.ctx.command_path if exc.ctx is not None else "divergent"
         sys.stderr.write(f"error: {' '.join(exc.format_message().split())} (see: {command} --help)\n")
         code = 2
-    except click_exceptions.Abort:
+    except typer.Abort:  # typer's own (click's in older typer); typer._click has none
         sys.stderr.write("aborted\n")
         code = 130
-    except click_exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
     except click_exceptions.ClickException as exc:
         sys.stderr.write(f"error: {' '.join(exc.format_message().split())}\n")
