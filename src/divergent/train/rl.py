@@ -78,7 +78,6 @@ from divergent.rl import (
 )
 from divergent.models.hf import is_hf_model
 from divergent.rl.registry import builtin_defaults
-from divergent.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from divergent.train.run import Checkpointer, NonFiniteLossError, check_finite, drive
 
 __all__ = [
@@ -93,8 +92,6 @@ __all__ = [
     "response_mask",
     "sample_responses",
     "score_batch",
-    "run_resumable",
-    "save_rotating_checkpoint",
     "score_responses",
     "supervised_warm_start",
 ]
@@ -637,47 +634,6 @@ def build_rehearsal_set(
 
 
 # ---------------------------------------------------------------------- trainer
-
-
-def run_resumable(trainer, *, resume: bool, on_step: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """The loop shared by the RL and preference trainers.
-
-    ``trainer`` has ``run_dir``, ``config.steps``, ``config.checkpoint_every``,
-    ``step_index``, ``history`` and the methods ``step()``, ``save()``, ``load(path)``.
-    With ``resume`` the latest ``run_dir/checkpoints/step_N.pt`` is loaded first;
-    Ctrl-C saves the last completed step and re-raises.
-    """
-    if resume:
-        if trainer.run_dir is None:
-            raise ValueError("resume=True needs run_dir")
-        last = latest_checkpoint(trainer.run_dir / "checkpoints")
-        if last is not None:
-            trainer.load(last)
-    try:
-        while trainer.step_index < trainer.config.steps:
-            record = trainer.step()
-            if on_step is not None:
-                on_step(record)
-            every = trainer.config.checkpoint_every
-            if every and trainer.step_index % every == 0 and trainer.step_index < trainer.config.steps:
-                trainer.save()
-    except KeyboardInterrupt:
-        trainer.save()
-        raise
-    trainer.save()
-    return trainer.history
-
-
-
-def save_rotating_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Atomically write ``run_dir/checkpoints/step_{step}.pt`` and delete all but the ``keep`` newest."""
-    folder = Path(run_dir) / "checkpoints"
-    path = save_checkpoint(folder / f"step_{step}.pt", state)
-    existing = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    for old in existing[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
 
 
 class GRPOTrainer:
