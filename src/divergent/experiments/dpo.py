@@ -130,7 +130,7 @@ class DPOInterrupted(RunInterrupted):
 def run_dpo(config: DPOConfig, *, run_dir: str | Path | None = None, console: Console | None = None,
             command: str | None = None) -> dict[str, Any]:
     """Run (or, when ``run_dir`` holds a partial run, resume) ``divergent dpo``; returns the results dict."""
-    console = console or Console()
+    console = console or report.output_console()
     previous = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -203,12 +203,10 @@ def plot_grid(results: list[ExploreResult], path: str | Path) -> Path:
 
 def run_explore(config: ExploreConfig, *, run_dir: str | Path | None = None, console=None) -> dict[str, Any]:
     """Fit every divergence, print the table, write results.csv/json and explore.png to a run folder."""
-    from rich.console import Console
-
     from divergent.config import save_config
     from divergent.experiments import report
 
-    console = console or Console()
+    console = console or report.output_console()
     names = list(config.divergences) or list(available())
     with report.run_folder(config.output_dir, "explore", resume=run_dir) as folder:
         save_config(config, folder.path / "config.yaml")

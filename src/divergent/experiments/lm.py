@@ -633,7 +633,7 @@ def run_distill_lm(config: DistillLMConfig, *, run_dir: str | Path | None = None
             "distill-lm runs in one process (each rank would repeat the whole comparison); under torchrun/"
             "accelerate launch use divergent.hf.DistillationTrainer or divergent.train.lm.LMTrainer (docs/llm.md)"
         )
-    console = console or Console()
+    console = console or report.output_console()
     previous = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -754,7 +754,7 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
     from divergent.data.teacher_cache import write_teacher_cache
     from divergent.models.hf import load_causal_lm, tokenizer_fingerprint
 
-    console = console or Console()
+    console = console or report.output_console()
     previous = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -393,7 +393,7 @@ def run_single(setup: RLSetup, config: GRPOConfig, run_dir: Path, *, eval_sample
     in ``run_dir``. A finished run (``results.json`` present) is read back, not retrained."""
     from divergent.models.hf import save_pretrained
 
-    console = console or Console()
+    console = console or report.output_console()
     label = label or config.regulariser
     done = run_dir / "results.json"
     if done.is_file():
@@ -520,7 +520,7 @@ def run_comparison(setup: RLSetup, base_config: RLConfig, run_dir: Path, *, seed
                    methods: dict[str, dict[str, Any]] | None = None, resume: bool = False,
                    console: Console | None = None) -> dict[str, Any]:
     """Every method in ``methods`` x every seed from the same initial policies; writes the report files."""
-    console = console or Console()
+    console = console or report.output_console()
     methods = methods or COMPARE_METHODS
     seeds = list(base_config.seeds if seeds is None else seeds)
     eval_samples = base_config.eval_samples
@@ -606,7 +606,7 @@ def _interrupted(run_dir: Path, exc: BaseException) -> RunInterrupted:
 def run_rl(config: RLConfig, *, run_dir: str | Path | None = None, console: Console | None = None,
            command: str | None = None) -> dict[str, Any]:
     """Run ``divergent rl`` (or continue the run in ``run_dir``); returns the results."""
-    console = console or Console()
+    console = console or report.output_console()
     previous = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     setup = None
