@@ -84,6 +84,12 @@ def test_npz_features_with_a_torchscript_teacher_used_as_given(tmp_path, blobs_f
     assert results["teacher"]["test"]["accuracy"] == pytest.approx(expected, abs=1e-6)
     assert results["teacher"]["name"] == str(tmp_path / "teacher.ts")
     assert run_dir.name.startswith("compare-blobs.npz-")
+    # The table's first row is the given teacher with its own accuracy; titles name the user's file.
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# divergent compare — blobs.npz")
+    teacher_line = next(line for line in report.splitlines() if line.startswith(f"| teacher {tmp_path / 'teacher.ts'} |"))
+    assert f"| {expected:.4f} |" in teacher_line and "| given |" in teacher_line
+    assert "digits" not in report.split("## Settings")[0]
 
 
 def test_npz_features_with_a_torch_export_teacher_of_fixed_batch(tmp_path, blobs_file):

@@ -705,6 +705,15 @@ def _table_rows(config: CompareConfig, summary: list[dict[str, Any]]) -> list[di
     return rows
 
 
+def _teacher_row(label: str, teacher_info: dict) -> dict[str, str]:
+    """The teacher's own test metrics, as the table's first row (one model: no ± and no differences)."""
+    test = teacher_info["test"]
+    return {"row": label, "test accuracy": f"{test['accuracy']:.4f}", "ECE": f"{test['ece']:.3f}",
+            "NLL": f"{test['nll']:.3f}", "agreement": "1.000",
+            "seconds": "given" if teacher_info.get("source") else "cached" if teacher_info.get("cached")
+            else f"{teacher_info.get('seconds', 0.0):.1f}"}
+
+
 def _table_note(config: CompareConfig, n_test: int, single_seed: bool) -> str:
     if single_seed:
         return ("One seed: the ± columns are n/a (no spread across seeds is known) and no row is marked better or "
@@ -750,11 +759,11 @@ def _write_report(
     n_test: int, verdict: dict[str, Any], regime: str,
 ) -> Path:
     settings = "\n".join(f"- `{k}`: `{v}`" for k, v in config_to_dict(config).items())
-    text = f"""# divergent compare — {config.dataset}
+    text = f"""# divergent compare — {data_name(config)}
 
 {verdict['text']}
 
-Teacher `{config.teacher_model}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
+Teacher `{teacher_info['name']}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
 student `{config.student_model}`; {len(config.seeds)} seed{'s' if len(config.seeds) > 1 else ''} ({', '.join(map(str, config.seeds))}), same data split (split seed {config.split_seed}).
 Mean ± sample standard deviation over seeds, on the test split ({n_test} examples).
 
@@ -816,9 +825,12 @@ def _report(
     n_test = len(test_labels)
     summary = _summarise(config, rows, n_test)
     verdict = _verdict(config, summary, rows, n_test)
-    table_rows = _table_rows(config, summary)
-    columns = list(table_rows[0])
-    report.print_table(table_rows, columns, title=f"{config.dataset}: teacher {config.teacher_model} → student {config.student_model}", console=console)
+    teacher_label = f"teacher {teacher_info['name']}"
+    table_rows = [_teacher_row(teacher_label, teacher_info), *_table_rows(config, summary)]
+    columns = list(table_rows[1])
+    table_rows[0] = {column: table_rows[0].get(column, "—") for column in columns}
+    report.print_table(table_rows, columns, console=console,
+                       title=f"{data_name(config)}: {teacher_label} → student {config.student_model}")
     console.print(_table_note(config, n_test, verdict.get("single_seed", False)))
     console.print(verdict["text"].replace("**", ""))
 
@@ -827,7 +839,7 @@ def _report(
     report.write_csv(summary, run_dir / "summary.csv")
     finished = [r for r in rows if r["status"] == "finished"]
     names = list(dict.fromkeys(r["name"] for r in finished))
-    teacher_name = f"teacher {config.teacher_model}"
+    teacher_name = teacher_label
     bins = {teacher_name: reliability_bins(teacher_test_logits, test_labels)}
     bins.update({name: [{**r["reliability"], "ece": r["ece"]} for r in finished if r["name"] == name] for name in names})
     figures = {
