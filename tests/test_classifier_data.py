@@ -68,11 +68,11 @@ def test_cifar100_reader_uses_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    for name, n in (("train", 20), ("test", 4)):
+    for name, n in (("train", 200), ("test", 4)):  # two training images per class: one each for train and val
         with open(folder / name, "wb") as handle:
             pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}, handle)
-    data = load_cifar(tmp_path, "cifar100", val_fraction=0.1)
+                         b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [0] * n}, handle)
+    data = load_cifar(tmp_path, "cifar100", val_fraction=0.5)
     assert data.num_classes == 100
     assert data.test.tensors[1].tolist() == [0, 1, 2, 3]
 
@@ -176,3 +176,15 @@ def test_image_layouts_are_detected_as_documented(tmp_path):
     for name, (x, shape) in cases.items():
         np.savez(tmp_path / name, X=x, y=y)
         assert load_user_data(tmp_path / name).input_shape == shape, name
+
+
+def test_an_empty_split_is_named_not_a_bare_torch_error():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from divergent.data.vision import ClassificationData
+
+    some = TensorDataset(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+    none = TensorDataset(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="tiny: the val split has no examples"):
+        ClassificationData("tiny", some, none, some, 2, (3,))

@@ -55,6 +55,14 @@ class ClassificationData:
     class_names: tuple[str, ...] | None = None
     fingerprint: str = ""
 
+    def __post_init__(self) -> None:
+        for split in ("train", "val", "test"):
+            if len(getattr(self, split)) == 0:
+                raise ValueError(
+                    f"{self.name}: the {split} split has no examples; every split needs some (for a split "
+                    f"drawn from the data: more examples per class, or other fractions)"
+                )
+
 
 class AugmentedImageDataset(Dataset):
     """Images held as one tensor, with the CIFAR training augmentation applied on access.
