@@ -163,7 +163,8 @@ def write_tables(out, seeds, name, *, title, setting, held_out, eval_samples) ->
         f"Wall time: {out['seconds'] / 60:.1f} min for {len(seeds)} seeds x 4 methods ({setting}).",
         "",
         "Mean ± std over seeds; `vs none` = paired mean difference to no regulariser on the same seeds "
-        "and initial policy, `*` when it exceeds its own spread across seeds. "
+        "and initial policy ± the std of the per-seed differences, `*` when it exceeds both that std and one "
+        "held-out prompt (the rule of `divergent compare`). "
         f"Held-out: {held_out}, pass@k from {eval_samples} samples each (unbiased estimator).",
         "",
         report.markdown_table(summary, columns),

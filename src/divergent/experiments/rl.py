@@ -486,8 +486,12 @@ def plot_pass_at_k(curves: dict[str, list[dict[int, float]]], path: Path, title:
     return path
 
 
-def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method: mean and std over seeds of the reported metrics, plus paired differences vs 'none'."""
+def aggregate(results: list[dict[str, Any]], *, n_test: int) -> list[dict[str, Any]]:
+    """One row per method: mean and std over seeds of the reported metrics, plus paired differences vs 'none'.
+
+    A difference is marked ``*`` by the rule ``compare`` uses (:func:`report.paired_difference`): its mean
+    exceeds both its spread across seeds and one held-out prompt (1/``n_test`` of pass@k).
+    """
     metrics = [f"pass@{k}" for k in REPORT_KS] + ["distinct_correct", "mean_length"]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in results:
@@ -506,8 +510,9 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for metric in ("pass@1", "pass@16"):
                 if metric in runs[0]:
                     diff = report.paired_difference({r["seed"]: r[metric] for r in runs},
-                                                    {s: r[metric] for s, r in baseline.items()})
-                    row[f"{metric} vs none"] = f"{diff['mean_diff']:+.3f}" + (" *" if diff["significant"] else "")
+                                                    {s: r[metric] for s, r in baseline.items()}, resolution=1 / n_test)
+                    spread = "n/a" if diff["n"] < 2 else f"{diff['std_diff']:.3f}"
+                    row[f"{metric} vs none"] = f"{diff['mean_diff']:+.3f} ± {spread}" + (" *" if diff["significant"] else "")
         rows.append(row)
     return rows
 
@@ -539,7 +544,7 @@ def run_comparison(setup: RLSetup, base_config: RLConfig, run_dir: Path, *, seed
                           f"({result['train_seconds']:.0f} s)")
             results.append(result)
     seconds = time.perf_counter() - started
-    table = aggregate(results)
+    table = aggregate(results, n_test=len(setup.test))
     columns = ["method", "seeds"] + [f"pass@{k}" for k in REPORT_KS if k <= eval_samples] + \
         ["distinct_correct", "mean_length", "pass@1 vs none", "pass@16 vs none"]
     grpo = base_config.grpo_config()
@@ -576,8 +581,9 @@ def _comparison_markdown(table, columns, config: GRPOConfig, seeds, eval_samples
         f"{config.group_size} samples, lr {config.lr}, up to {config.max_new_tokens} new tokens). "
         f"Seeds: {', '.join(map(str, seeds))}. pass@k is the unbiased estimator from {eval_samples} samples "
         "per held-out prompt (correct = reward > 0); `distinct_correct` counts distinct correct responses summed "
-        "over prompts. `vs none` is the paired mean difference to no regulariser over the same seeds; `*` marks a "
-        "difference larger than its spread across seeds.",
+        "over prompts. `vs none` is the paired mean difference to no regulariser over the same seeds ± the std of the "
+        f"per-seed differences; `*` marks a difference larger than both that std and one held-out prompt "
+        f"(1/{len(setup.test)}).",
         "",
         report.markdown_table(table, columns),
         "",
