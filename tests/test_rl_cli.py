@@ -102,3 +102,20 @@ def test_rl_grpo_options_are_config_keys(tmp_path):
     saved = load_state(run_dir / "checkpoints" / "step_2.ckpt")["config"]
     assert (saved["advantage_std"], saved["dual_clip"], saved["log_ratio_clamp"], saved["kl_log_ratio_clamp"],
             saved["kl_value_clamp"], saved["top_p"]) == ("population", 3.0, 20.0, 20.0, 10.0, 0.9)
+
+
+def test_comparison_marks_only_differences_beyond_spread_and_one_prompt():
+    from divergent.experiments.rl import aggregate
+
+    def run(method, seed, p1, p16):
+        return {"method": method, "seed": seed, "pass@1": p1, "pass@4": p1, "pass@16": p16,
+                "distinct_correct": 1, "mean_length": 3.0}
+
+    results = [run("none", s, 0.50, 0.80) for s in range(3)]
+    # pass@1: +0.10 with spread 0.01 -> marked; pass@16: +0.02 with spread 0.001, below one prompt (1/20) -> not.
+    results += [run("dph", s, 0.60 + 0.01 * (s - 1), 0.82 + 0.001 * (s - 1)) for s in range(3)]
+    rows = {r["method"]: r for r in aggregate(results, n_test=20)}
+    assert rows["dph"]["pass@1 vs none"] == "+0.100 ± 0.010 *"
+    assert rows["dph"]["pass@16 vs none"] == "+0.020 ± 0.001"
+    one_seed = {r["method"]: r for r in aggregate([results[0], results[3]], n_test=20)}
+    assert one_seed["dph"]["pass@1 vs none"] == "+0.090 ± n/a"
