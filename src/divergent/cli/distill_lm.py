@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         on_policy: Optional[float] = typer.Option(None, "--on-policy", help="GKD's lambda: fraction of steps on student-generated continuations (default 0)."),
         seq_kd: Optional[float] = typer.Option(None, "--seq-kd", help="Fraction of steps on teacher-generated continuations (default 0)."),
         fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Fused, chunked output-layer loss: the [tokens, vocab] logits are never formed (default: fused)."),
-        chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens per chunk of the fused loss (default: as many as fit 2^27 logits)."),
+        chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens per chunk of the fused loss (default: as many as fit 2^27 logits, 2^23 on the CPU)."),
         vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Compare the first N vocabulary entries (output layers padded beyond the tokenizer)."),
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order, splits and generation (default 0)."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),

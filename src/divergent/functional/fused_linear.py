@@ -36,7 +36,6 @@ place the math lives). On CUDA, when the GPU module
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -53,21 +52,30 @@ __all__ = [
     "resolve_vocab_size",
     "default_chunk_size",
     "AUTO_CHUNK_ELEMENTS",
+    "CPU_AUTO_CHUNK_ELEMENTS",
 ]
 
 # Entries of one chunk's logits when chunk_size is not given: 2^27 (256 MiB in bf16 per side)
-# gives 1024 rows at V = 128256 and 4096 at V = 32000.
+# gives 1024 rows at V = 128256 and 4096 at V = 32000. On the CPU, 2^23 (256 rows at V = 32000):
+# a CPU matmul is as fast per row at a few hundred rows, and the chunk's logits, probabilities
+# and gradient are what a step holds beyond the model (benchmarks/results/lm_trl_gkd*.csv:
+# 256 rows were faster than 4096 at half the memory beyond the model).
 AUTO_CHUNK_ELEMENTS = 2**27
+CPU_AUTO_CHUNK_ELEMENTS = 2**23
 
 
-def default_chunk_size(vocab_size: int, n_tokens: int | None = None) -> int:
+def default_chunk_size(vocab_size: int, n_tokens: int | None = None, *, device: torch.device | str | None = None) -> int:
     """Rows per chunk when ``chunk_size`` is None: the largest power of two with at most
-    ``AUTO_CHUNK_ELEMENTS`` logits per chunk (at least 1), and no more than ``n_tokens``.
+    ``AUTO_CHUNK_ELEMENTS`` logits per chunk (``CPU_AUTO_CHUNK_ELEMENTS`` when ``device`` is the
+    CPU; at least 1 row), and no more than ``n_tokens``.
 
     >>> default_chunk_size(128256), default_chunk_size(32000), default_chunk_size(256, n_tokens=3000)
     (1024, 4096, 3000)
+    >>> default_chunk_size(32000, device="cpu"), default_chunk_size(32000, device="meta")
+    (256, 4096)
     """
-    rows = max(1, AUTO_CHUNK_ELEMENTS // max(int(vocab_size), 1))
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    rows = max(1, (CPU_AUTO_CHUNK_ELEMENTS if on_cpu else AUTO_CHUNK_ELEMENTS) // max(int(vocab_size), 1))
     rows = 1 << (rows.bit_length() - 1)
     return min(rows, n_tokens) if n_tokens else rows
 
@@ -563,7 +571,7 @@ def fused_linear_distillation(
     options.update(
         normalizer=normalizer,
         vocab_size=vocab,
-        chunk_size=options["chunk_size"] or default_chunk_size(vocab, n_tokens),
+        chunk_size=options["chunk_size"] or default_chunk_size(vocab, n_tokens, device=student_flat.device),
         hard_weight=options["hard_weight"] if labels is not None else 0.0,
     )
     return _FusedLinearDistillation.apply(

@@ -61,7 +61,7 @@ class DistillationConfig(transformers.TrainingArguments):
     fused: bool = field(default=True, metadata={
         "help": "Fuse the loss with the output layer, chunked over tokens: [tokens, vocab] logits are never formed."})
     chunk_size: int | None = field(default=None, metadata={
-        "help": "Tokens per chunk of the fused loss (None: as many as fit 2^27 logits)."})
+        "help": "Tokens per chunk of the fused loss (None: as many as fit 2^27 logits, 2^23 on the CPU)."})
     vocab_size: int | None = field(default=None, metadata={
         "help": "Compare the first vocab_size entries only, when the output layers are padded beyond the tokenizer."})
     teacher_cache: str | None = field(default=None, metadata={

@@ -41,7 +41,7 @@ class LinearDistillationLoss(nn.Module):
     ``teacher_weight`` with ``teacher_input=None``). Divergences that couple the
     rows of a batch (``sinkhorn``) cannot be chunked and raise. ``chunk_size=None``
     picks as many tokens as fit 2^27 logits per chunk (1024 at V = 128256, 4096 at
-    V = 32000); ``accumulation_dtype`` sets the dtype of the weight-gradient
+    V = 32000; on the CPU 2^23: 256 at V = 32000); ``accumulation_dtype`` sets the dtype of the weight-gradient
     accumulators (None: float32 on CPU, the weight's dtype on GPUs; see
     :func:`divergent.functional.fused_linear.fused_linear_distillation`).
 

@@ -58,6 +58,7 @@ from torch import nn
 from divergent.data.lm_data import Example, collate
 from divergent.functional import divergence
 from divergent.functional.topk import TopK
+from divergent.functional.fused_linear import default_chunk_size
 from divergent.losses.linear import LinearDistillationLoss
 from divergent.losses.modules import DistillationLoss
 from divergent.models.hf import check_plain_output_layer, is_hf_model, output_layer_input, replace_output
@@ -95,7 +96,7 @@ class LMTrainingSettings:
     t2_scale: multiply the divergence by T^2 (Hinton's convention).
     fused: compute the loss with the output layer fused and chunked over tokens
         (``LinearDistillationLoss``): the [tokens, vocab] logits are never formed.
-    chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits).
+    chunk_size: tokens per chunk of the fused loss (None: as many as fit 2^27 logits, 2^23 on the CPU).
     vocab_size: compare only the first ``vocab_size`` entries (output layers padded beyond
         the tokenizer's vocabulary); None = both output layers have the same size.
     steps: optimisation steps.
@@ -425,7 +426,7 @@ class LMObjective:
 
         vocab = self.vocab_size or weight.shape[0]
         weight = weight[:vocab]
-        rows = self.chunk_size or max(1, 2**27 // vocab)
+        rows = self.chunk_size or default_chunk_size(vocab, device=hidden.device)
         if hidden.shape[0] <= rows:
             return _ce_sum(hidden, weight, labels)
         # Each chunk's logits are recomputed in the backward pass instead of kept.
