@@ -165,10 +165,10 @@ def test_every_file_format_reads_the_same_pairs(tmp_path, suffix):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, model_dir):
-    data = lm_helpers.write_jsonl(tmp_path / "pairs.jsonl", _rows(6) + [{"prompt": "hi", "chosen": "hello"}])
+    data = lm_helpers.write_jsonl(tmp_path / "pairs.jsonl", _rows(6) + [{"prompt": "hi", "chosen": "hello"}])  # the 7th row
     out = tmp_path / "runs"
     cases = [
-        (["--model", model_dir, "--data", data], f"{data} row 6: missing 'rejected'"),
+        (["--model", model_dir, "--data", data], f"{data} row 7: missing 'rejected'"),
         (["--model", tmp_path / "nope", "--data", data], "--model: "),
         (["--model", model_dir, "--data", data, "--divergence", "revers_kl"], "did you mean 'reverse_kl'"),
         (["--model", model_dir, "--data", tmp_path / "missing.jsonl"], "missing.jsonl not found"),

@@ -146,7 +146,7 @@ def tokenize_preference_rows(rows: list[Mapping[str, Any]], tokenizer: Any, *, m
     stats = DataStats(source=source, format="", rows=len(rows))
     triples: list[TokenTriple] = []
     _check_rows(rows, source)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=1):  # rows numbered from 1, as lines are
         kind, prompt, chosen, rejected = _row_parts(row, source, index)
         kinds.add(kind)
         prompt_ids, chosen_ids, rejected_ids = _tokenize_row(tokenizer, kind, prompt, chosen, rejected, source, index)
@@ -178,7 +178,7 @@ def _read(path: str | Path, what: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def _check_rows(rows: list[Any], source: str) -> None:
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=1):
         if not isinstance(row, Mapping):
             raise ValueError(f"{source} row {index}: is a {type(row).__name__}; expected an object with {ROW_FORMATS}")
         _row_parts(row, source, index)
