@@ -20,7 +20,10 @@ def test_exact_compares_the_first_line_or_first_token():
     ("first 3 then 7", "7", 1.0),         # the last number
     ("first 7 then 3", "7", 0.0),
     ("\\boxed{3/4} but maybe 5", "0.75", 1.0),  # \boxed wins over the last number
-    ("\\boxed{\\frac{1}{2}}", "0.5", 0.0),  # LaTeX fractions are not parsed: compared as text
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),  # LaTeX fractions parse
+    ("\\boxed{-\\dfrac{3}{4}}", "-0.75", 1.0),
+    ("\\boxed{\\frac12}", "1/2", 1.0),
+    ("\\boxed{\\frac{1}{3}}", "0.5", 0.0),
     ("x = -2.5", "-5/2", 1.0),
     ("0.3333", "1/3", 0.0),               # off by 3.3e-5: beyond the 1e-6 tolerance
     ("0.3333333", "1/3", 1.0),            # off by 3.3e-8

@@ -17,7 +17,8 @@ Specs (:func:`resolve_reward`):
 - ``math``: numeric equality. The candidate is the content of the last ``\\boxed{...}`` in
   the completion when there is one, else the last number in it (``-1,234.5``, ``3/4``,
   ``.5``). Both candidate and answer are normalised — strip, remove ``,``, ``$`` and
-  spaces and a trailing ``.`` — then parsed as an integer, a decimal or a fraction ``a/b``;
+  spaces and a trailing ``.`` — then parsed as an integer, a decimal, a fraction ``a/b`` or a
+  LaTeX fraction (``\\frac{a}{b}``, ``\\dfrac``, ``\\tfrac``, ``\\frac12``);
   equal within ``1e-6 * max(1, |answer|)``. An answer that does not parse as a number is
   compared as the normalised string.
 - ``regex:PATTERN``: ``re.search(PATTERN, completion)``; no match → 0.0. A match → 1.0,
@@ -107,13 +108,26 @@ def _normalise(text: str) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
+# LaTeX fractions: \frac{a}{b}, \dfrac{a}{b}, \tfrac{a}{b} and the shorthand \frac12 (one digit each).
+_LATEX_FRACTION = re.compile(r"^([-+]?)\\[dt]?frac(?:\{([^{}]+)\}\{([^{}]+)\}|(\d)(\d))$")
+
+
 def parse_number(text: Any) -> Fraction | None:
     """``text`` normalised (strip; no ``,``, ``$``, spaces, trailing ``.``) as an exact number, or None.
 
+    Integers, decimals, ``a/b`` and LaTeX fractions (``\\frac{a}{b}``, ``\\dfrac``, ``\\tfrac``,
+    ``\\frac12``, with a sign in front) parse.
+
     >>> parse_number("$1,234.50."), parse_number("3/4"), parse_number("-7"), parse_number("x")
     (Fraction(2469, 2), Fraction(3, 4), Fraction(-7, 1), None)
+    >>> parse_number("-\\\\frac{3}{4}"), parse_number("\\\\dfrac{1}{2}"), parse_number("\\\\frac12")
+    (Fraction(-3, 4), Fraction(1, 2), Fraction(1, 2))
     """
     text = _normalise(text)
+    latex = _LATEX_FRACTION.match(text)
+    if latex:
+        sign, top, bottom = latex.group(1), latex.group(2) or latex.group(4), latex.group(3) or latex.group(5)
+        text = f"{sign}{top}/{bottom}"
     try:
         if "/" in text:
             top, bottom = text.split("/", 1)
