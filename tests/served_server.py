@@ -46,14 +46,17 @@ class ServedModel:
 
     @torch.no_grad()
     def logprobs(self, ids: list[int]) -> torch.Tensor:
-        with self._lock:
-            logits = self.model(torch.tensor([ids])).logits[0].float()
+        logits = self.model(torch.tensor([ids])).logits[0].float()  # requests in flight run side by side
         return torch.log_softmax(logits, dim=-1)
 
     def next_fault(self) -> str | None:
         with self._lock:
             self.requests += 1
             return self.faults.pop(0) if self.faults else None
+
+    def count(self) -> None:
+        with self._lock:
+            self.sequences += 1
 
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
@@ -100,7 +103,7 @@ def _vllm_completion(served: ServedModel, body: dict) -> tuple[int, dict]:
             "prompt_logprobs": prompt_logprobs if k else None,
             "prompt_token_ids": list(ids) if body.get("return_token_ids") else None,
         })
-        served.sequences += 1
+        served.count()
     total = sum(len(p) for p in prompts)
     return 200, {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()), "model": body["model"],
                  "choices": choices, "usage": {"prompt_tokens": total, "total_tokens": total + len(prompts),
@@ -131,7 +134,7 @@ def _sglang_generate(served: ServedModel, body: dict) -> tuple[int, object]:
             "input_token_logprobs": tokens, "input_top_logprobs": tops,
             "output_token_logprobs": [[float(last[chosen]), chosen, None]],
             "output_top_logprobs": [[[v, t, None] for v, t in zip(top.values.tolist(), top.indices.tolist())]]}})
-        served.sequences += 1
+        served.count()
     return 200, out[0] if single else out
 
 
@@ -217,3 +220,24 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def main() -> None:
+    """``python tests/served_server.py MODEL_DIR PORT [vllm|sglang]``: serve until killed (benchmarks)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, port = sys.argv[1], int(sys.argv[2])
+    api = sys.argv[3] if len(sys.argv) > 3 else "vllm"
+    torch.set_num_threads(1)
+    served = ServedModel(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), api=api,
+                         max_logprobs=64)
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(served))
+    httpd.daemon_threads = True
+    print(f"serving {folder} on http://127.0.0.1:{port}/v1", flush=True)
+    httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from divergent.cli import app
 from divergent.data.teacher_cache import TeacherCache, write_teacher_cache
 from divergent.models.served import ServedTeacher, ServedTeacherError
-from tests import lm_helpers
-from tests.served_server import Server, ServedModel
+import lm_helpers
+from served_server import Server, ServedModel
 
 runner = CliRunner()
 K = 8
@@ -142,7 +142,7 @@ def test_persistent_failure_is_reported_and_nothing_is_cached(server, pair, tmp_
 def test_more_logprobs_than_the_server_allows_says_what_to_change(server, pair):
     tok = pair[2]
     ids = torch.tensor([tok("the cat")["input_ids"]])
-    with pytest.raises(ServedTeacherError, match=r"greater than max allowed: 20.*--max-logprobs 64"):
+    with pytest.raises(ServedTeacherError, match=r"greater than max allowed: 20.*`vllm serve MODEL --max-logprobs 32`"):
         _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=32, vocab_size=len(tok))
 
 
@@ -204,7 +204,7 @@ def test_cache_teacher_and_distill_lm_with_a_served_teacher(server, pair, tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--teacher-model", "nope"], "--teacher-model 'nope' is not served"),
-    (["--k", "40"], "--max-logprobs 64"),
+    (["--k", "40"], "--max-logprobs 40"),
 ])
 def test_cli_errors_are_one_line(server, pair, tmp_path, args, message):
     data = lm_helpers.write_jsonl(tmp_path / "rows.jsonl", lm_helpers.text_rows(4))
@@ -213,6 +213,18 @@ def test_cli_errors_are_one_line(server, pair, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c" / "index.json").exists()
+
+
+def test_cli_unreachable_server_is_one_line(pair, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = lm_helpers.write_jsonl(tmp_path / "rows.jsonl", lm_helpers.text_rows(4))
+    result = runner.invoke(app, ["cache-teacher", "--teacher", f"http://127.0.0.1:{port}/v1", "--teacher-tokenizer",
+                                 str(pair[0]), "--data", str(data), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach the teacher server at http://127.0.0.1:{port}/v1: connection failed" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_full_logits_divergence_is_refused(server, pair, tmp_path):
@@ -237,6 +249,40 @@ def test_distillation_trainer_with_a_served_teacher(server, pair, tmp_path):
     assert server.sequences >= 12
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_kdrl_teacher_logprobs_equal_the_local_models(server, pair):
+    """Left-padded prompts + responses: the served log-probs equal response_logprobs of the model in-process."""
+    from divergent.models.served import served_response_logprobs
+    from divergent.train.rl import response_logprobs
+
+    _, _, tok, model = pair
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    responses = torch.tensor([[20, 21, 2], [22, 2, 0], [23, 24, 25]])
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        local, _ = response_logprobs(model, ids, responses, mask)
+    served = served_response_logprobs(_teacher(server, tok), ids, responses, mask)
+    torch.testing.assert_close(served, local, rtol=1e-5, atol=1e-5)
+
+
+def test_rl_kdrl_with_a_served_teacher(server, pair, tmp_path):
+    teacher_dir, student_dir, tok, _ = pair
+    prompts = lm_helpers.write_jsonl(tmp_path / "prompts.jsonl",
+                                     [{"prompt": f"what is {i % 5} plus {i % 3}?", "answer": str(i % 5 + i % 3)}
+                                      for i in range(12)])
+    base = ["rl", "--model", str(student_dir), "--prompts", str(prompts), "--reward", "exact", "--steps", "2",
+            "--max-new-tokens", "4", "--eval-samples", "2", "--set", "prompts_per_step=3", "--set", "group_size=2",
+            "--regulariser", "kdrl", "--teacher", server.url, "-o", str(tmp_path / "runs")]
+    result = runner.invoke(app, [*base, "--estimator", "k2"])
+    assert result.exit_code == 0, result.output
+    assert server.sequences >= 6  # 2 steps x 3 prompts x 2 responses scored by the server
+    (run_dir,) = (tmp_path / "runs").glob("rl-*")
+    assert "kdrl_beta" in (run_dir / "history.csv").read_text().splitlines()[0]
+    result = runner.invoke(app, [*base, "--estimator", "full"])
+    assert result.exit_code == 2 and "needs the teacher's full logits" in result.output, result.output
 
 
 # -- a real vLLM server ---------------------------------------------------------------------

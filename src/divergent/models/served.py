@@ -25,8 +25,8 @@ Temperature: the server's log-probs are read at temperature 1 (vLLM's default
 also sets ``temperature=1``). A distillation temperature is applied here, locally, to the
 top-k log-probs and the tail, as for a cached teacher.
 
-Robustness: a batch is split into requests of ``sequences_per_request`` sequences, at most
-``max_in_flight`` in flight at once. Server errors (5xx), time-outs, dropped connections and
+Robustness: a batch is split into requests of ``sequences_per_request`` sequences (default:
+evenly over the requests in flight), at most ``max_in_flight`` in flight at once. Server errors (5xx), time-outs, dropped connections and
 malformed answers are retried ``retries`` times with exponential back-off
 (``backoff · 2^attempt`` seconds); after that, and at once for a 4xx (e.g. more log-probs
 than ``vllm serve --max-logprobs`` allows), a :class:`ServedTeacherError` (a ``ValueError``)
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ServedTeacher", "ServedTeacherError", "is_served", "check_topk_divergences", "PROBE_TEXT"]
+__all__ = ["ServedTeacher", "ServedTeacherError", "is_served", "check_topk_divergences", "served_response_logprobs",
+           "PROBE_TEXT"]
 
 # Text tokenized on the server and locally to check that both tokenizers agree.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789 def f(x):\n    return x ** 2  # ok?"
@@ -53,6 +55,12 @@ _APIS = ("auto", "vllm", "sglang")
 
 class ServedTeacherError(ValueError):
     """The teacher server cannot be used as asked; the message says what to change."""
+
+
+class _Unreachable(ServedTeacherError):
+    def __init__(self, message: str, last: str) -> None:
+        super().__init__(message)
+        self.last = last
 
 
 class _Transient(Exception):
@@ -97,7 +105,7 @@ class ServedTeacher:
     model: the served model's name; ``None`` = the one model ``/v1/models`` lists.
     api: ``"vllm"``, ``"sglang"`` or ``"auto"`` (from ``owned_by`` in ``/v1/models``).
     max_in_flight: requests sent at once.
-    sequences_per_request: sequences in one request.
+    sequences_per_request: sequences in one request (``None``: a batch split evenly over ``max_in_flight``).
     timeout: seconds to wait for one answer.
     retries: extra tries after a transient failure (5xx, time-out, dropped connection,
         malformed answer), waiting ``backoff * 2**attempt`` seconds before each.
@@ -111,7 +119,7 @@ class ServedTeacher:
         model: str | None = None,
         api: str = "auto",
         max_in_flight: int = 4,
-        sequences_per_request: int = 4,
+        sequences_per_request: int | None = None,
         timeout: float = 120.0,
         retries: int = 4,
         backoff: float = 0.5,
@@ -122,7 +130,7 @@ class ServedTeacher:
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
         if api not in _APIS:
             raise ValueError(f"api must be one of {', '.join(_APIS)}, got {api!r}")
-        for name, value in (("max_in_flight", max_in_flight), ("sequences_per_request", sequences_per_request)):
+        for name, value in (("max_in_flight", max_in_flight), ("sequences_per_request", sequences_per_request or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -172,12 +180,14 @@ class ServedTeacher:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def _call(self, method: str, url: str, body: dict[str, Any] | None = None, *, what: str) -> Any:
+    def _call(self, method: str, url: str, body: dict[str, Any] | None = None, *, what: str,
+              retries: int | None = None) -> Any:
         """The JSON answer; transient failures retried with back-off, a 4xx raised at once."""
         import httpx
 
         last = ""
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 self.retried += 1
                 time.sleep(self.backoff * 2 ** (attempt - 1))
@@ -200,15 +210,16 @@ class ServedTeacher:
             except ValueError:
                 last = "malformed JSON in the answer"
                 continue
-        raise ServedTeacherError(f"teacher server {url}: {what} failed after {self.retries + 1} tries, last: {last}; "
-                                 f"check that the server is up (`curl {self.url}/models`)")
+        raise _Unreachable(f"teacher server {url}: {what} failed after {retries + 1} tries, last: {last}; "
+                           f"check that the server is up (`curl {self.url}/models`)", last)
 
     def _refused(self, response, what: str):
         message = _error_message(response)
         hint = ""
         if "logprobs" in message and ("max" in message or "greater" in message):
-            hint = (" — ask for fewer (--k / top_k) or restart the server allowing more, e.g. "
-                    "`vllm serve MODEL --max-logprobs 64`")
+            asked = re.search(r"logprobs of (\d+)", message)
+            hint = (" — ask for fewer (--k / teacher_top_k) or restart the server allowing more: "
+                    f"`vllm serve MODEL --max-logprobs {asked.group(1) if asked else 'K'}`")
         elif response.status_code == 404 and "model" in message.lower():
             hint = " — check --teacher-model against the names `/v1/models` lists"
         elif response.status_code == 404:
@@ -218,13 +229,11 @@ class ServedTeacher:
     def _pick_model(self, model: str | None) -> tuple[str, str]:
         import httpx
 
-        try:
-            listing = self._call("GET", f"{self.url}/models", what="listing models")
-        except ServedTeacherError as exc:
-            if "failed after" in str(exc):
-                raise ServedTeacherError(f"cannot reach the teacher server at {self.url} ({str(exc).split('last: ')[-1]}"
-                                         ) from None
-            raise
+        try:  # a wrong address is the likely cause here: two retries, not the full back-off
+            listing = self._call("GET", f"{self.url}/models", what="listing models", retries=min(self.retries, 2))
+        except _Unreachable as exc:
+            raise ServedTeacherError(f"cannot reach the teacher server at {self.url}: {exc.last}; start it (e.g. "
+                                     f"`vllm serve MODEL --max-logprobs 64`) or correct --teacher") from None
         except httpx.InvalidURL as exc:
             raise ServedTeacherError(f"--teacher {self.url} is not a valid URL: {exc}") from None
         data = listing.get("data") if isinstance(listing, dict) else None
@@ -287,8 +296,8 @@ class ServedTeacher:
         rows = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
         if any(n < 1 for n in lengths):
             raise ValueError("every row needs at least one token (attention_mask sums to 0 in a row)")
-        groups = [list(range(i, min(i + self.sequences_per_request, len(rows))))
-                  for i in range(0, len(rows), self.sequences_per_request)]
+        size = self.sequences_per_request or -(-len(rows) // self.max_in_flight)
+        groups = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
         ask = self._vllm if self.api == "vllm" else self._sglang
         with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(groups))) as pool:
             answers = list(pool.map(lambda group: ask([rows[i] for i in group], k), groups))
@@ -388,6 +397,8 @@ class ServedTeacher:
             for number, (item, sent) in enumerate(zip(answer, rows)):
                 meta = item["meta_info"]
                 tokens, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+                if len(tokens) == len(tops) == len(sent) - 1:  # without the first token's empty entry
+                    tokens, tops = [[None, sent[0], None], *tokens], [None, *tops]
                 if len(tokens) != len(sent) or len(tops) != len(sent):
                     raise _Transient(f"input logprobs of {len(tokens)} entries for {len(sent)} tokens")
                 self._check_ids(sent, [int(t[1]) for t in tokens], number)
@@ -412,3 +423,25 @@ class ServedTeacher:
         if any(not (math.isfinite(v) or v == -math.inf) or v > 1e-3 for _, v in ranked):
             raise _Transient("a log-prob that is NaN, +inf or above 0")
         return [t for t, _ in ranked], [v for _, v in ranked]
+
+
+def served_response_logprobs(teacher: ServedTeacher, prompt_ids: torch.Tensor, responses: torch.Tensor,
+                             prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs ``[N, R]`` of ``responses`` after ``prompt_ids`` (left-padded, ``prompt_mask`` 0 = padding).
+
+    What ``train.rl.response_logprobs`` gives for a local model (KDRL's sampled-token
+    estimators k1/k2/k3 need nothing more), read from the server's prompt log-probs.
+    """
+    n, width = prompt_ids.shape
+    mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+    lengths = mask.long().sum(1).tolist()
+    total = max(lengths) + responses.shape[1]
+    ids = torch.zeros(n, total, dtype=torch.long)
+    attention = torch.zeros(n, total, dtype=torch.long)
+    for row, length in enumerate(lengths):  # left padding out, responses right after the prompt
+        sequence = torch.cat([prompt_ids[row, width - length:].cpu(), responses[row].cpu()])
+        ids[row, : sequence.numel()] = sequence
+        attention[row, : sequence.numel()] = 1
+    _, _, next_logprob = teacher.served_topk(ids, attention, k=1, vocab_size=2**62)
+    picked = [next_logprob[row, length - 1 : length - 1 + responses.shape[1]] for row, length in enumerate(lengths)]
+    return torch.stack(picked).to(responses.device)
