@@ -127,6 +127,23 @@ def test_transient_faults_are_retried(server, pair, faults):
         assert torch.equal(x, y)
 
 
+def test_sglang_faults_are_retried_too(pair):
+    _, _, tok, model = pair
+    ids = torch.tensor([tok("the cat sat on the mat")["input_ids"]])
+    mask = torch.ones_like(ids)
+    served = ServedModel(model, tok, api="sglang")
+    with Server(served) as url:
+        served.url = url
+        clean = _teacher(served, tok).served_topk(ids, mask, k=K, vocab_size=len(tok))
+        served.faults[:] = ["500", "cut", "malformed", "schema"]
+        teacher = _teacher(served, tok)
+        assert teacher.api == "sglang" and not teacher.tokenizer_checked
+        again = teacher.served_topk(ids, mask, k=K, vocab_size=len(tok))
+    assert not served.faults
+    for x, y in zip(clean, again):
+        assert torch.equal(x, y)
+
+
 def test_persistent_failure_is_reported_and_nothing_is_cached(server, pair, tmp_path):
     tok = pair[2]
     teacher = _teacher(server, tok, retries=2)

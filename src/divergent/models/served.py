@@ -373,8 +373,12 @@ class ServedTeacher:
                     ids, values = self._top(entry, k)
                     top_ids.append(ids)
                     top_values.append(values)
-                last = choice["logprobs"]["top_logprobs"][0]
-                ids, values = self._top({int(str(t).removeprefix("token_id:")): float(v) for t, v in last.items()}, k)
+                last = choice["logprobs"]["top_logprobs"][0]  # after the last prompt token
+                if not all(str(t).startswith("token_id:") for t in last):
+                    raise ServedTeacherError(
+                        "the teacher server keyed its top_logprobs by text, not \"token_id:<id>\": it ignores "
+                        "return_tokens_as_token_ids; use a vLLM whose /v1/completions takes it")
+                ids, values = self._top({int(str(t)[len("token_id:"):]): float(v) for t, v in last.items()}, k)
                 out.append((top_ids + [ids], top_values + [values], nexts))
             return out
         except ServedTeacherError:
