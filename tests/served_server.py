@@ -11,7 +11,7 @@ which is greater than max allowed: M") and 404 for an unknown model, and SGLang'
 ``output_top_logprobs`` as ``[logprob, token_id, text]`` lists, null at position 0).
 
 Faults for the robustness tests are queued in ``server.faults`` and consumed one per
-log-prob request: ``"500"``, ``"slow"`` (answers after ``server.slow_seconds``), ``"cut"``
+log-prob request: ``"500"``, ``"429"``, ``"long"`` (vLLM's 400 for a prompt beyond max_model_len), ``"slow"`` (answers after ``server.slow_seconds``), ``"cut"``
 (closes the connection mid-answer), ``"malformed"`` (invalid JSON), ``"schema"`` (valid JSON,
 wrong shape), ``"retokenize"`` (``prompt_token_ids`` with one id changed).
 """
@@ -176,6 +176,15 @@ def make_handler(served: ServedModel):
             if fault == "500":
                 self._send(500, {"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError",
                                            "param": None, "code": 500}})
+                return
+            if fault == "429":
+                self._send(429, {"error": {"message": "Too many requests", "type": "TooManyRequests", "param": None,
+                                           "code": 429}})
+                return
+            if fault == "long" and served.api == "vllm":
+                self._send(400, {"error": {"message": "This model's maximum context length is 256 tokens. However, "
+                                                      "your request has 300 input tokens.", "type": "BadRequestError",
+                                           "param": None, "code": 400}})
                 return
             if fault == "cut":
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"ch")

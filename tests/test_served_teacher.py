@@ -110,7 +110,7 @@ def test_reference_logprobs_are_the_models(pair, server):
     assert float(next_lp[0, -1]) == 0.0
 
 
-@pytest.mark.parametrize("faults", [["500", "500"], ["cut"], ["malformed"], ["schema"], ["slow"],
+@pytest.mark.parametrize("faults", [["500", "500"], ["429"], ["cut"], ["malformed"], ["schema"], ["slow"],
                                     ["500", "cut", "malformed"]])
 def test_transient_faults_are_retried(server, pair, faults):
     """5xx, a connection cut mid-answer, malformed JSON, a wrong shape and a time-out are retried."""
@@ -161,6 +161,14 @@ def test_more_logprobs_than_the_server_allows_says_what_to_change(server, pair):
     ids = torch.tensor([tok("the cat")["input_ids"]])
     with pytest.raises(ServedTeacherError, match=r"greater than max allowed: 20.*`vllm serve MODEL --max-logprobs 32`"):
         _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=32, vocab_size=len(tok))
+
+
+def test_prompt_beyond_the_context_says_what_to_change(server, pair):
+    tok = pair[2]
+    ids = torch.tensor([tok("the cat")["input_ids"]])
+    server.faults[:] = ["long"]
+    with pytest.raises(ServedTeacherError, match=r"\(400\): This model's maximum context length .*\(--max-length\)"):
+        _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=K, vocab_size=len(tok))
 
 
 def test_model_names(pair):

@@ -26,7 +26,7 @@ also sets ``temperature=1``). A distillation temperature is applied here, locall
 top-k log-probs and the tail, as for a cached teacher.
 
 Robustness: a batch is split into requests of ``sequences_per_request`` sequences (default:
-evenly over the requests in flight), at most ``max_in_flight`` in flight at once. Server errors (5xx), time-outs, dropped connections and
+evenly over the requests in flight), at most ``max_in_flight`` in flight at once. Server errors (5xx, and 429), time-outs, dropped connections and
 malformed answers are retried ``retries`` times with exponential back-off
 (``backoff · 2^attempt`` seconds); after that, and at once for a 4xx (e.g. more log-probs
 than ``vllm serve --max-logprobs`` allows), a :class:`ServedTeacherError` (a ``ValueError``)
@@ -200,7 +200,7 @@ class ServedTeacher:
             except httpx.TransportError as exc:  # refused, reset, cut mid-answer
                 last = f"connection failed ({type(exc).__name__}: {str(exc)[:120] or 'no detail'})"
                 continue
-            if response.status_code >= 500:
+            if response.status_code >= 500 or response.status_code == 429:  # 429: too many requests, wait
                 last = f"server error {response.status_code}: {_error_message(response)}"
                 continue
             if response.status_code >= 400:
@@ -220,6 +220,8 @@ class ServedTeacher:
             asked = re.search(r"logprobs of (\d+)", message)
             hint = (" — ask for fewer (--k / teacher_top_k) or restart the server allowing more: "
                     f"`vllm serve MODEL --max-logprobs {asked.group(1) if asked else 'K'}`")
+        elif "context length" in message or "max_model_len" in message:
+            hint = " — shorten the rows (--max-length) or serve the model with a longer --max-model-len"
         elif response.status_code == 404 and "model" in message.lower():
             hint = " — check --teacher-model against the names `/v1/models` lists"
         elif response.status_code == 404:
