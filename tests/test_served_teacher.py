@@ -156,19 +156,21 @@ def test_persistent_failure_is_reported_and_nothing_is_cached(server, pair, tmp_
         TeacherCache(tmp_path / "c")
 
 
-def test_more_logprobs_than_the_server_allows_says_what_to_change(server, pair):
+@pytest.mark.parametrize("fault, k, message", [
+    (None, 32, r"\(400\): Requested prompt logprobs of 32, which is greater than max allowed: 20.*"
+               r"`vllm serve MODEL --max-logprobs 32`"),
+    ("long", K, r"\(400\): This model's maximum context length .*\(--max-length\)"),
+    ("retokenize", K, r"prompt_token_ids differ from the local tokenization at position 2"),
+])
+def test_refusals_say_what_to_change(server, pair, fault, k, message):
+    """A 4xx is not retried: one message naming what to change; a server that re-tokenizes names the position."""
     tok = pair[2]
-    ids = torch.tensor([tok("the cat")["input_ids"]])
-    with pytest.raises(ServedTeacherError, match=r"greater than max allowed: 20.*`vllm serve MODEL --max-logprobs 32`"):
-        _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=32, vocab_size=len(tok))
-
-
-def test_prompt_beyond_the_context_says_what_to_change(server, pair):
-    tok = pair[2]
-    ids = torch.tensor([tok("the cat")["input_ids"]])
-    server.faults[:] = ["long"]
-    with pytest.raises(ServedTeacherError, match=r"\(400\): This model's maximum context length .*\(--max-length\)"):
-        _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=K, vocab_size=len(tok))
+    ids = torch.tensor([tok("the cat sat on the mat")["input_ids"]])
+    server.faults[:] = [fault] if fault else []
+    teacher = _teacher(server, tok)
+    with pytest.raises(ServedTeacherError, match=message):
+        teacher.served_topk(ids, torch.ones_like(ids), k=k, vocab_size=len(tok))
+    assert teacher.retried == 0
 
 
 def test_model_names(pair):
@@ -194,14 +196,6 @@ def test_tokenizer_mismatch(server, pair):
     other = lm_helpers.tokenizer(280)
     with pytest.raises(ServedTeacherError, match=r"tokenizer differs from --teacher-tokenizer: .* from token \d+ on"):
         _teacher(server, other)
-
-
-def test_server_that_retokenizes_is_an_error(server, pair):
-    tok = pair[2]
-    ids = torch.tensor([tok("the cat sat on the mat")["input_ids"]])
-    server.faults[:] = ["retokenize"]
-    with pytest.raises(ServedTeacherError, match=r"prompt_token_ids differ from the local tokenization at position 2"):
-        _teacher(server, tok).served_topk(ids, torch.ones_like(ids), k=K, vocab_size=len(tok))
 
 
 # -- commands -----------------------------------------------------------------------------
