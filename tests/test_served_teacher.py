@@ -309,8 +309,12 @@ def test_rl_kdrl_with_a_served_teacher(server, pair, tmp_path):
 
 @pytest.mark.vllm
 def test_against_real_vllm_serve(pair, tmp_path):
-    """`vllm serve` of the tiny teacher: its cache equals the in-process one within float16 rounding."""
-    teacher_dir, _, tok, model = pair
+    """`vllm serve` of a tiny Llama: its cache equals the in-process one within float16 rounding."""
+    tok = pair[2]
+    model = lm_helpers.llama(len(tok), hidden=256, layers=2, seed=1).eval()  # head size 64: vLLM's kernels take it
+    teacher_dir = tmp_path / "teacher"
+    model.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
