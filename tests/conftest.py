@@ -1,10 +1,11 @@
-"""Shared test configuration: `slow` and `gpu` markers.
+"""Shared test configuration: `slow`, `gpu` and `vllm` markers.
 
 Slow tests run with ``pytest --runslow`` or ``DIVERGENT_SLOW=1``; GPU tests run
-whenever CUDA is available.
+whenever CUDA is available; `vllm` tests when CUDA and the `vllm` command are there.
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -19,11 +20,15 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     skip_slow = pytest.mark.skip(reason="slow: use --runslow or DIVERGENT_SLOW=1")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_vllm = pytest.mark.skip(reason="needs vllm (the `vllm` command) and a CUDA device")
+    has_vllm = has_gpu and shutil.which("vllm") is not None
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        if item.get_closest_marker("vllm") is not None and not has_vllm:
+            item.add_marker(skip_vllm)
 
 
 # The tests' models and tensors are tiny: one thread avoids thread-pool overhead that made

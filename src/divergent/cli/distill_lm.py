@@ -26,11 +26,20 @@ def _command(name: str) -> str | None:
     return "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == [name] else None
 
 
+ServedTokenizerOption = typer.Option(
+    None, "--teacher-tokenizer", help="Served teacher: a local copy of its tokenizer (distill-lm: default the student's).")
+ServedModelOption = typer.Option(None, "--teacher-model", help="Served teacher: the model's name (default: the one the server lists).")
+ServedApiOption = typer.Option(None, "--teacher-api", help="Served teacher: auto (default), vllm or sglang.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("distill-lm")
     def distill_lm(
         config_file: ConfigOption = None,
-        teacher: Optional[Path] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder (default: a byte-level GPT trained once and cached)."),
+        teacher: Optional[str] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: a byte-level GPT trained once and cached)."),
+        teacher_tokenizer: Optional[Path] = ServedTokenizerOption,
+        teacher_model: Optional[str] = ServedModelOption,
+        teacher_api: Optional[str] = ServedApiOption,
         student: Optional[Path] = typer.Option(None, help="Local folder of the student's initial weights and tokenizer (save_pretrained)."),
         data: Optional[Path] = typer.Option(None, help="Training data: .jsonl/.json/.csv/.parquet/.txt or a save_to_disk folder; rows of 'messages', 'prompt'+'completion' or 'text' (default: Python stdlib source)."),
         eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data in the same formats (default: a held-out fraction of --data)."),
@@ -80,7 +89,8 @@ def register(app: typer.Typer) -> None:
             config = settings(
                 DistillLMConfig, config_file=config_file, sets=set_, resume=resume,
                 options={
-                    "teacher": text(teacher), "student": text(student), "data": text(data), "eval_data": text(eval_data),
+                    "teacher": text(teacher), "teacher_tokenizer": text(teacher_tokenizer),
+                    "teacher_model": teacher_model, "teacher_api": teacher_api, "student": text(student), "data": text(data), "eval_data": text(eval_data),
                     "eval_fraction": eval_fraction, "max_length": max_length, "packing": packing,
                     "teacher_cache": text(teacher_cache), "divergences": split_list(divergences), "steps": steps,
                     "teacher_steps": teacher_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
@@ -100,7 +110,10 @@ def register(app: typer.Typer) -> None:
     @app.command("cache-teacher")
     def cache_teacher(
         config_file: ConfigOption = None,
-        teacher: Optional[Path] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder (default: distill-lm's default teacher)."),
+        teacher: Optional[str] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: distill-lm's default teacher)."),
+        teacher_tokenizer: Optional[Path] = ServedTokenizerOption,
+        teacher_model: Optional[str] = ServedModelOption,
+        teacher_api: Optional[str] = ServedApiOption,
         data: Optional[Path] = typer.Option(None, help="Data as distill-lm takes it (default: Python stdlib source)."),
         eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (default: a held-out fraction of --data)."),
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example; longer rows are truncated and counted."),
@@ -133,7 +146,8 @@ def register(app: typer.Typer) -> None:
 
             config = settings(
                 CacheTeacherConfig, config_file=config_file, sets=set_, resume=resume,
-                options={"teacher": text(teacher), "data": text(data), "eval_data": text(eval_data),
+                options={"teacher": text(teacher), "teacher_tokenizer": text(teacher_tokenizer),
+                    "teacher_model": teacher_model, "teacher_api": teacher_api, "data": text(data), "eval_data": text(eval_data),
                          "max_length": max_length, "k": k, "logprob_dtype": logprob_dtype, "batch_size": batch_size,
                          "max_sequences": max_sequences, "sequences_per_shard": sequences_per_shard,
                          "teacher_steps": teacher_steps, "device": device, "num_threads": threads,

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from divergent.cli.distill_lm import ServedApiOption, ServedModelOption, ServedTokenizerOption
 from divergent.cli._common import (
     ConfigOption,
     DebugOption,
@@ -48,7 +49,10 @@ def register(app: typer.Typer) -> None:
         test_prompts: Optional[Path] = typer.Option(None, "--test-prompts", help="Held-out prompts for pass@k (default: a --set test_fraction=0.1 split of --prompts)."),
         reward: Optional[str] = typer.Option(None, help="exact | math | regex:PATTERN | module:function (called as TRL calls reward functions)."),
         reward_timeout: Optional[float] = typer.Option(None, "--reward-timeout", help="Seconds a module:function reward call may take before it is cut off and counted (default 60; 0 = no limit, in this process)."),
-        teacher: Optional[Path] = typer.Option(None, help="Teacher folder for kdrl: a Hugging Face causal LM with the policy's tokenizer (embedded task default: a longer warm start)."),
+        teacher: Optional[str] = typer.Option(None, help="Teacher for kdrl: a Hugging Face causal LM folder with the policy's tokenizer, or a served teacher http://HOST:PORT/v1 (embedded task default: a longer warm start)."),
+        teacher_tokenizer: Optional[Path] = ServedTokenizerOption,
+        teacher_model: Optional[str] = ServedModelOption,
+        teacher_api: Optional[str] = ServedApiOption,
         regulariser: Optional[str] = typer.Option(None, help=f"One of {', '.join(available_regularisers())} (default none)."),
         divergence: Optional[str] = typer.Option(None, help="The regulariser's divergence, e.g. the DPH generator forward_kl, js or alpha."),
         estimator: Optional[str] = typer.Option(None, help="The regulariser's estimator: k1/k2/k3 (reverse_kl), or k1/k2/k3/full (kdrl)."),
@@ -92,7 +96,8 @@ def register(app: typer.Typer) -> None:
 
             options: dict[str, Any] = {
                 "model": text(model), "prompts": text(prompts), "test_prompts": text(test_prompts), "reward": reward,
-                "reward_timeout": reward_timeout, "teacher": text(teacher), "regulariser": regulariser,
+                "reward_timeout": reward_timeout, "teacher": text(teacher), "teacher_tokenizer": text(teacher_tokenizer),
+                "teacher_model": teacher_model, "teacher_api": teacher_api, "regulariser": regulariser,
                 "steps": steps, "seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "lr": lr, "compare": compare,
                 "seeds": None if seeds is None else [s.strip() for s in seeds.split(",") if s.strip()],

@@ -87,8 +87,11 @@ def teacher_topk(
     ``teacher``: a causal LM (its output layer's input and weight are used chunk by chunk,
     at most ``max_logits`` logits at a time) or a function ``(input_ids, attention_mask) ->
     logits [B, T, V]``. ``next_logprob[:, t]`` is the log-prob of ``input_ids[:, t + 1]``
-    (0 at the last position).
+    (0 at the last position). A served teacher (:class:`divergent.models.served.ServedTeacher`,
+    anything with ``served_topk``) answers the same triple from its server.
     """
+    if hasattr(teacher, "served_topk"):
+        return teacher.served_topk(input_ids.cpu(), attention_mask.cpu(), k=k, vocab_size=vocab_size)
     if isinstance(teacher, torch.nn.Module):
         from divergent.models.hf import output_layer_input
 
@@ -123,7 +126,7 @@ def _settings_hash(settings: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def write_teacher_cache(
-    teacher: torch.nn.Module | Callable[..., torch.Tensor],
+    teacher: Any,
     splits: dict[str, Sequence[dict[str, Any]]],
     out_dir: str | Path,
     *,

@@ -73,7 +73,14 @@ class LMDataSettings:
     """The models and data of ``distill-lm`` and ``cache-teacher`` (shared by both configs).
 
     teacher: local Hugging Face (or TinyGPT) folder of the teacher; "" = the default byte-level
-        GPT teacher, trained on the standard-library corpus once and cached.
+        GPT teacher, trained on the standard-library corpus once and cached; or a served teacher,
+        ``http://HOST:PORT/v1`` (vLLM or SGLang; :mod:`divergent.models.served`), read as a
+        top-k teacher (log-probs at temperature 1; the distillation temperature is applied locally).
+    teacher_tokenizer: a served teacher's tokenizer (a local copy; distill-lm: default the student's).
+    teacher_model: the served model's name ("" = the one model the server lists).
+    teacher_api: auto, vllm or sglang (auto: from the server's /v1/models).
+    teacher_in_flight: requests sent to a served teacher at once.
+    teacher_top_k: log-probs per token asked of a served teacher by distill-lm (cache-teacher: k).
     data: the training data: a .jsonl/.json/.csv/.parquet/.txt file or a save_to_disk folder,
         rows of 'messages', 'prompt' + 'completion' or 'text'; "" = the Python standard
         library's source files (as bytes, or tokenized with the models' tokenizer).
@@ -94,6 +101,11 @@ class LMDataSettings:
     """
 
     teacher: str = ""
+    teacher_tokenizer: str = ""
+    teacher_model: str = ""
+    teacher_api: str = "auto"
+    teacher_in_flight: int = 4
+    teacher_top_k: int = 20
     data: str = ""
     eval_data: str = ""
     eval_fraction: float = 0.05
@@ -121,6 +133,9 @@ class LMDataSettings:
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available; use cpu or auto")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+        from divergent.experiments.served_teacher import check_served_settings
+
+        check_served_settings(self)
 
     def length(self) -> int:
         if self.max_length:
@@ -303,13 +318,18 @@ def _tokenizer_for(path: str, what: str, model: torch.nn.Module):
                      f"({vocab}) is not bytes; save the tokenizer beside the model (tokenizer.save_pretrained({path!r}))")
 
 
-def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _Setup:
+def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_dir: Path | None = None) -> _Setup:
     from divergent.data.lm_data import ByteTokenizer, is_byte_tokenizer
     from divergent.models.gpt import GPTConfig, TinyGPT
     from divergent.models.hf import check_same_tokenizer, load_causal_lm
+    from divergent.models.served import is_served
 
     if config.teacher_cache:
         return _setup_from_cache(config, console)
+    if is_served(config.teacher):  # a remote cache: its top-k written once into the run folder
+        from divergent.experiments.served_teacher import served_cache
+
+        return _setup_from_cache(config, console, served_cache(config, Path(run_dir or "."), console))
     if config.teacher:
         teacher = load_causal_lm(config.teacher, what="--teacher")
         student = load_causal_lm(config.student, what="--student")
@@ -339,13 +359,14 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _
                   teacher_description=teacher_description)
 
 
-def _setup_from_cache(config: DistillLMConfig, console: Console) -> _Setup:
+def _setup_from_cache(config: DistillLMConfig, console: Console, directory: str | Path | None = None) -> _Setup:
     from divergent.data.lm_data import ByteTokenizer, is_byte_tokenizer
     from divergent.data.teacher_cache import TeacherCache
     from divergent.models.gpt import GPTConfig, TinyGPT
     from divergent.models.hf import load_causal_lm, tokenizer_fingerprint
 
-    cache = TeacherCache(config.teacher_cache)
+    directory = str(directory or config.teacher_cache)
+    cache = TeacherCache(directory)
     cache.verify_all()
     metadata = cache.index.get("metadata", {})
     if config.student:
@@ -373,7 +394,7 @@ def _setup_from_cache(config: DistillLMConfig, console: Console) -> _Setup:
     if "eval" not in splits or not splits["eval"]:
         raise ValueError(f"the teacher cache {config.teacher_cache} has no eval split; rebuild it with "
                          f"`divergent cache-teacher` (it caches evaluation rows too)")
-    evaluation = TeacherCache(config.teacher_cache, "eval").examples()[: config.max_eval_examples]
+    evaluation = TeacherCache(directory, "eval").examples()[: config.max_eval_examples]
     vocab = config.vocab_size
     if vocab is None and _model_vocab(student) != cache.vocab_size:
         vocab = cache.vocab_size
@@ -650,7 +671,7 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
     device = config.torch_device()
     save_config(config, run_dir / "config.yaml")
     command = command or f"divergent distill-lm --config {shlex.quote(str(run_dir / 'config.yaml'))}"
-    setup = _setup(config, console, device)
+    setup = _setup(config, console, device, run_dir)
     console.print(f"run folder: {run_dir}")
     console.print(f"data: {setup.data_description}")
     fingerprint = {"config_hash": _config_hash(config), "train": _hash([e["input_ids"] for e in setup.train]),
@@ -753,6 +774,7 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
     from divergent.data.lm_data import ByteTokenizer, is_byte_tokenizer
     from divergent.data.teacher_cache import write_teacher_cache
     from divergent.models.hf import load_causal_lm, tokenizer_fingerprint
+    from divergent.models.served import is_served
 
     console = console or report.output_console()
     previous = torch.get_num_threads()
@@ -767,7 +789,12 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
             if not (out / "index.json").is_file():
                 raise ValueError(f"{out} is not empty and holds no finished cache; continue an interrupted cache "
                                  f"with --resume {out}, or choose an empty folder")
-        if config.teacher:
+        if is_served(config.teacher):
+            from divergent.experiments.served_teacher import open_served_teacher
+
+            teacher = open_served_teacher(config, console=console)
+            tokenizer = teacher.tokenizer
+        elif config.teacher:
             teacher = load_causal_lm(config.teacher, what="--teacher")
             tokenizer = _tokenizer_for(config.teacher, "--teacher", teacher)
         else:
@@ -778,8 +805,8 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
             teacher, _ = default_teacher(train, config, console=console, device=device)
         if config.max_sequences:
             train = train[: config.max_sequences]
-        teacher = teacher.to(device).eval()
-        vocab = _model_vocab(teacher)
+        teacher = teacher if is_served(config.teacher) else teacher.to(device).eval()
+        vocab = len(tokenizer) if is_served(config.teacher) else _model_vocab(teacher)
         if not is_byte_tokenizer(tokenizer) and len(tokenizer) < vocab:
             vocab = len(tokenizer)  # padding rows beyond the tokenizer are never a token
         out.mkdir(parents=True, exist_ok=True)

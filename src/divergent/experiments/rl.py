@@ -100,7 +100,11 @@ class RLConfig(GRPOConfig):
     reward_timeout: seconds a call of a module:function reward may take (it runs in a worker
         process); a call cut off scores 0 and is counted. 0 = run it in this process, no limit.
     teacher: teacher folder for a regulariser that needs one (kdrl): a Hugging Face causal LM with
-        the policy's tokenizer (or a TinyGPT folder on the embedded task; "" there = a longer warm start).
+        the policy's tokenizer (or a TinyGPT folder on the embedded task; "" there = a longer warm start),
+        or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; kdrl's k1/k2/k3 estimators read the
+        log-probs of the sampled tokens from it).
+    teacher_tokenizer, teacher_model, teacher_api: a served teacher's local tokenizer copy (default:
+        the model's), model name ("" = the one listed) and protocol (auto, vllm, sglang).
     chat_template: render prompts with the tokenizer's chat template when it has one.
     max_prompt_length: prompts longer than this many tokens keep their last ones (counted).
     compare: run none / reverse_kl / dph forward KL / dph JS over seeds and compare them.
@@ -124,6 +128,9 @@ class RLConfig(GRPOConfig):
     reward: str = ""
     reward_timeout: float = 60.0
     teacher: str = ""
+    teacher_tokenizer: str = ""
+    teacher_model: str = ""
+    teacher_api: str = "auto"
     chat_template: bool = True
     max_prompt_length: int = 512
     compare: bool = False
@@ -251,6 +258,7 @@ def build_setup(config: RLConfig, console: Console) -> RLSetup:
         return _embedded_setup(config, console)
     from divergent.data.prompts import PromptTask, read_prompt_rows, split_prompt_rows
     from divergent.models.hf import check_same_tokenizer, is_hf_model, load_causal_lm, load_tokenizer
+    from divergent.models.served import ServedTeacher, is_served
     from divergent.rl.rewards import RewardScorer, resolve_reward
 
     device = torch.device(config.device)
@@ -285,8 +293,13 @@ def build_setup(config: RLConfig, console: Console) -> RLSetup:
         if not config.teacher:
             raise ValueError(f"regulariser {config.regulariser!r} needs a teacher: give --teacher PATH (a Hugging Face "
                              f"causal LM with the policy's tokenizer)")
-        teacher_model = load_causal_lm(config.teacher, what="--teacher")
-        teacher_tokenizer = load_tokenizer(config.teacher, "--teacher")
+        if is_served(config.teacher):
+            teacher_model = ServedTeacher(config.teacher, config.teacher_tokenizer or tokenizer,
+                                          model=config.teacher_model or None, api=config.teacher_api)
+            teacher_tokenizer = teacher_model.tokenizer
+        else:
+            teacher_model = load_causal_lm(config.teacher, what="--teacher")
+            teacher_tokenizer = load_tokenizer(config.teacher, "--teacher")
         if teacher_tokenizer is None:
             raise ValueError(f"--teacher {config.teacher} has no tokenizer; save the teacher's tokenizer beside it so "
                              f"that it can be checked against the policy's")
@@ -294,7 +307,8 @@ def build_setup(config: RLConfig, console: Console) -> RLSetup:
             check_same_tokenizer(tokenizer, teacher_tokenizer)
         except ValueError as exc:
             raise ValueError(f"--teacher {config.teacher} and --model {config.model}: {exc}") from None
-        teacher_model = teacher_model.to(device).eval()
+        if not is_served(config.teacher):
+            teacher_model = teacher_model.to(device).eval()
     model = model.to(device)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -315,6 +329,9 @@ def build_setup(config: RLConfig, console: Console) -> RLSetup:
 def _embedded_setup(config: RLConfig, console: Console) -> RLSetup:
     from divergent.data.arithmetic import ArithmeticTask
 
+    if config.teacher.startswith(("http://", "https://")):
+        raise ValueError("a served teacher (--teacher http://...) needs --model: a Hugging Face policy whose tokenizer "
+                         "the server's model shares (the embedded task's TinyGPT is byte-level)")
     task = ArithmeticTask(max_operand=config.max_operand, operations=config.operations, n_test=config.n_test, seed=0)
 
     def policy(seed: int):

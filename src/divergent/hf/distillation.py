@@ -38,6 +38,7 @@ from torch import nn
 
 from divergent.data.lm_data import collate, pack_examples, tokenize_rows
 from divergent.models.hf import check_same_tokenizer, load_causal_lm, load_tokenizer
+from divergent.models.served import ServedTeacher, check_topk_divergences, is_served
 from divergent.train.lm import Batch, LMObjective, count_targets, generated_batch
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "DistillationCollator"]
@@ -66,6 +67,11 @@ class DistillationConfig(transformers.TrainingArguments):
         "help": "Compare the first vocab_size entries only, when the output layers are padded beyond the tokenizer."})
     teacher_cache: str | None = field(default=None, metadata={
         "help": "Folder written by `divergent cache-teacher`: train on its rows and cached top-k teacher, no teacher model."})
+    teacher_top_k: int = field(default=20, metadata={
+        "help": "Served teacher (teacher_model='http://HOST:PORT/v1'): log-probs per token asked of the server."})
+    teacher_model_name: str | None = field(default=None, metadata={
+        "help": "Served teacher: the model's name (None: the one model /v1/models lists)."})
+    teacher_api: str = field(default="auto", metadata={"help": "Served teacher: auto, vllm or sglang."})
     on_policy_fraction: float = field(default=0.0, metadata={
         "help": "GKD's lambda: probability that a micro-batch is replaced by the student's own continuations."})
     seq_kd_fraction: float = field(default=0.0, metadata={
@@ -122,6 +128,19 @@ class DistillationCollator:
         return collate(examples, self.pad_token_id, extra=extra)
 
 
+class _ServedCollator:
+    """Adds a served teacher's top-k (``teacher_indices``/``teacher_logprobs``) to each collated batch."""
+
+    def __init__(self, collator: Any, served: ServedTeacher, k: int, vocab_size: int) -> None:
+        self.collator, self.served, self.k, self.vocab_size = collator, served, k, vocab_size
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(examples)
+        indices, logprobs, _ = self.served.served_topk(batch["input_ids"], batch["attention_mask"], k=self.k,
+                                                       vocab_size=self.vocab_size)
+        return {**batch, "teacher_indices": indices, "teacher_logprobs": logprobs}
+
+
 def _rows(dataset: Any) -> list[dict[str, Any]] | None:
     if isinstance(dataset, list):
         return dataset
@@ -166,6 +185,10 @@ class DistillationTrainer(transformers.Trainer):
     teacher model is needed. ``teacher_processing_class``: the teacher's tokenizer, checked
     to be the student's (cross-tokenizer distillation is not supported yet).
     ``data_stats``: what became of the rows (truncated, skipped with nothing to learn).
+    ``teacher_model="http://HOST:PORT/v1"``: a served teacher (vLLM/SGLang, :mod:`divergent.models.served`)
+    whose top-k log-probs (``args.teacher_top_k``, at temperature 1) are fetched for each batch,
+    as a cache's rows are read; ``teacher_processing_class`` is then a local copy of its tokenizer
+    (default: the student's).
     """
 
     def __init__(
@@ -190,6 +213,15 @@ class DistillationTrainer(transformers.Trainer):
             path = model
             model = load_causal_lm(path, what="model")
             processing_class = processing_class if processing_class is not None else load_tokenizer(path, "model")
+        served = None
+        if is_served(teacher_model):  # a remote cache: each batch's top-k comes from the server
+            check_topk_divergences([args.divergence])
+            if args.on_policy_fraction + args.seq_kd_fraction > 0:
+                raise ValueError("on_policy_fraction / seq_kd_fraction need a local teacher_model to score generated "
+                                 "continuations; a served teacher gives log-probs of the data only")
+            served = ServedTeacher(teacher_model, teacher_processing_class or processing_class,
+                                   model=args.teacher_model_name, api=args.teacher_api)
+            teacher_processing_class, teacher_model = served.tokenizer, None
         if isinstance(teacher_model, (str, bytes)) or hasattr(teacher_model, "__fspath__"):
             path = teacher_model
             teacher_model = load_causal_lm(path, what="teacher_model")
@@ -214,7 +246,7 @@ class DistillationTrainer(transformers.Trainer):
             train_dataset = _Examples(cache.examples())
             if eval_dataset is None and "eval" in cache.index.get("splits", {}):
                 eval_dataset = _Examples(TeacherCache(args.teacher_cache, "eval").examples())
-        if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None)):
+        if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None and served is None)):
             raise ValueError(
                 "teacher_model is required: soft_weight > 0 needs a teacher (or args.teacher_cache), and "
                 "on_policy_fraction / seq_kd_fraction need one to score generated continuations"
@@ -225,8 +257,12 @@ class DistillationTrainer(transformers.Trainer):
         self.eos_token_id = getattr(processing_class, "eos_token_id", None)
         pad = getattr(processing_class, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
+        data_collator = data_collator or DistillationCollator(self.pad_token_id)
+        if served is not None:
+            data_collator = _ServedCollator(data_collator, served, args.teacher_top_k, len(served.tokenizer))
+        self.served_teacher = served
         super().__init__(
-            model=model, args=args, data_collator=data_collator or DistillationCollator(self.pad_token_id),
+            model=model, args=args, data_collator=data_collator,
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
         )
         # The Trainer counts num_items_in_batch (over labels[..., 1:], all micro-batches of a step,

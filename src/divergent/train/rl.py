@@ -666,7 +666,11 @@ class GRPOTrainer:
         self.rehearsal: dict[str, Any] | None = None
         self.pool: list[Any] = list(task.train)
         self._prepared = False
-        if teacher is not None:
+        if hasattr(teacher, "served_topk"):  # a served teacher (divergent.models.served): sampled-token log-probs
+            if config.regulariser_values().get("kdrl_estimator") == "full":
+                raise ValueError("kdrl_estimator='full' needs the teacher's full logits; a served teacher gives "
+                                 "log-probs of the sampled tokens: use k1, k2 or k3, or a local teacher folder")
+        elif teacher is not None:
             teacher.eval().requires_grad_(False)
 
     @property
@@ -826,7 +830,11 @@ class GRPOTrainer:
                 ref_logp = teacher_logp = teacher_logits = None
                 if "reference" in regulariser.needs:
                     ref_logp, _ = response_logprobs(self.reference, prompts, responses, prompt_mask)
-                if "teacher" in regulariser.needs:
+                if "teacher" in regulariser.needs and hasattr(self.teacher, "served_topk"):
+                    from divergent.models.served import served_response_logprobs
+
+                    teacher_logp = served_response_logprobs(self.teacher, prompts, responses, prompt_mask)
+                elif "teacher" in regulariser.needs:
                     teacher_logp, teacher_logits = response_logprobs(self.teacher, prompts, responses, prompt_mask)
             rehearsal = self._rehearsal_minibatch() if "rehearsal" in regulariser.needs else None
             coefficient = regulariser.coefficient(self.step_index, **params)
