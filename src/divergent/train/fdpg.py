@@ -62,7 +62,7 @@ class FDPGConfig:
 
     divergence: str = "js"  # an f-divergence of divergent.rl.generators (forward_kl, reverse_kl, js, tvd, ...)
     alpha: float = 0.2  # order of the alpha divergence
-    steps: int = 40
+    steps: int = 100
     prompts_per_step: int = 4
     samples_per_prompt: int = 16
     lr: float = 1e-4
@@ -76,12 +76,16 @@ class FDPGConfig:
     estimate_window: int = 256  # samples in the windowed KL estimates that decide a proposal update
     max_zero_samples: int = 1024  # Z still 0 after this many samples: stop with an error
     moment_samples: int = 512  # samples of a(x) that λ is fitted on (feature targets)
+    eval_every: int = 10  # evaluate (fresh samples of π on the evaluation prompts) every this many steps
+    eval_samples: int = 16  # samples per evaluation prompt
+    bleu_tokenize: str = "13a"  # sacrebleu tokenizer of self-BLEU ("char" for short unspaced text)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_f_divergence(self.divergence, alpha=self.alpha)
         for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "baseline_window",
-                     "proposal_update_every", "estimate_window", "max_zero_samples", "moment_samples"):
+                     "proposal_update_every", "estimate_window", "max_zero_samples", "moment_samples",
+                     "eval_every", "eval_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -186,6 +190,7 @@ class FDPGTrainer:
         self.history: list[dict[str, Any]] = []
         self.samples_seen = 0
         self.proposal_updates = 0
+        self.evaluations: list[dict[str, Any]] = []
         if target.kind == "feature" and target.lam is None:
             self._fit_lambda()
 
@@ -236,8 +241,16 @@ class FDPGTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _evaluate_now(self) -> None:
+        config = self.config
+        result = self.evaluate(samples_per_prompt=config.eval_samples, seed=config.seed + 10_000,
+                               bleu_tokenize=config.bleu_tokenize)
+        self.evaluations.append({"step": self.step_index, **result})
+
     def step(self) -> dict[str, Any]:
         config, step = self.config, self.step_index
+        if not self.evaluations and step == 0:
+            self._evaluate_now()  # the initial policy a (its Z-based metrics need Z: left out here)
         indices = self._batch_prompts(step)
         proposal = self.proposal if self.proposal is not None else self.policy
         problems, ids, prompt_mask, responses, mask, texts = self._sample(proposal, indices, config.samples_per_prompt,
@@ -259,8 +272,14 @@ class FDPGTrainer:
         valid = torch.tensor([self.z.z(k) > 0 for k in keys])
         record: dict[str, Any] = {"step": step + 1, "samples": self.samples_seen}
         if not bool(valid.any()):
-            if sum(self.z.weight.values()) >= config.max_zero_samples:
-                self.z.log_z([keys[0]])  # raises: Z = 0 naming the target, the samples and what to do
+            seen = sum(self.z.weight.values())
+            if seen >= config.max_zero_samples and not any(v > 0 for v in self.z.value.values()):
+                failed = self.counts["reward_errors"] + self.counts["reward_timeouts"]
+                why = f" ({failed} target calls failed and scored 0)" if failed else ""
+                raise ValueError(
+                    f"Z = 0 after {seen} samples over {len(self.z.value)} prompts: none satisfies {self.target.name}"
+                    f"{why}; draw more samples (--set max_zero_samples=N, more prompts_per_step or "
+                    f"samples_per_prompt) or loosen the constraint")
             record.update({"loss": math.nan, "skipped": len(keys)})
         else:
             kept = [k for k, v in zip(keys, valid.tolist()) if v]
@@ -284,7 +303,7 @@ class FDPGTrainer:
                                                   proposal_lp[valid])
             weights = torch.exp(policy_lp.detach().double() - proposal_lp)
             record.update({
-                "loss": float(loss), "grad_norm": float(grad_norm), "pseudo_reward": float(rewards.mean()),
+                "loss": float(loss.detach()), "grad_norm": float(grad_norm), "pseudo_reward": float(rewards.mean()),
                 "baseline": b if b is not None else 0.0, "skipped": int((~valid).sum()),
                 "z": float(log_z.exp().mean()), "alignment": float((weights * values).mean()),
                 "kl_target_policy": estimates["kl"], "tv_target_policy": estimates["tv"],
@@ -296,6 +315,8 @@ class FDPGTrainer:
                 record["proposal_updates"] = self.proposal_updates
         self.step_index = step + 1
         self.history.append(record)
+        if self.step_index % config.eval_every == 0 or self.step_index == self.total_steps:
+            self._evaluate_now()
         return record
 
     def _maybe_update_proposal(self, target_log, policy_lp, proposal_lp, log_z, step) -> None:
@@ -364,6 +385,7 @@ class FDPGTrainer:
             "counts": dict(self.counts),
             "samples_seen": self.samples_seen,
             "proposal_updates": self.proposal_updates,
+            "evaluations": [dict(e) for e in self.evaluations],
             "lam": self.target.lam,
             "config": asdict(self.config),
         }
@@ -391,6 +413,7 @@ class FDPGTrainer:
         self.counts = dict(state["counts"])
         self.samples_seen = int(state["samples_seen"])
         self.proposal_updates = int(state["proposal_updates"])
+        self.evaluations = [dict(e) for e in state["evaluations"]]
         if state.get("lam") is not None:
             self.target.lam = state["lam"]
 
