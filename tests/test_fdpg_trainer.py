@@ -169,3 +169,34 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_on_a_hugging_face_model_and_prompts_file_end_to_end(tmp_path):
+    """--model/--prompts/--constraint over two divergences: report, curves, table, save_pretrained folders;
+    then --resume of the finished run reads it back."""
+    pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    import lm_helpers
+    from divergent.cli import app
+
+    tok = lm_helpers.tokenizer()
+    lm_helpers.llama(len(tok), 32, 1, seed=0).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    lm_helpers.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count {i} and"} for i in range(4)])
+    args = ["fdpg", "--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--constraint", "regex:[aeiou]", "--compare", "--divergences", "js,forward_kl", "--seeds", "0,1",
+            "--steps", "2", "--max-new-tokens", "4", "--set", "samples_per_prompt=4", "--set", "eval_samples=2",
+            "-o", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    report_md = (run_dir / "report.md").read_text()
+    assert report_md.startswith("# divergent fdpg\n\nVerdict (KL(p‖π) to the target, mean of 2 seeds)")
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "js-seed1" / "model" / "config.json").is_file()
+    assert (run_dir / "js-seed1" / "model" / "tokenizer.json").is_file()
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and "kl_target_policy" in rows[0]
+    again = CliRunner().invoke(app, ["fdpg", "--resume", str(run_dir)])
+    assert again.exit_code == 0, again.output

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         compare: Optional[bool] = typer.Option(None, "--compare", help="Run every divergence of --divergences over --seeds and compare them."),
         divergences: Optional[str] = typer.Option(None, help="Divergences of --compare, comma-separated (default forward_kl,reverse_kl,js,tvd)."),
         seeds: Optional[str] = typer.Option(None, help="Seeds of --compare, comma-separated (default 0,1,2)."),
-        steps: Optional[int] = typer.Option(None, help="Gradient steps (default 100)."),
+        steps: Optional[int] = typer.Option(None, help="Gradient steps (default 80)."),
         seed: Optional[int] = typer.Option(None, help="Seed of a single run (default 0)."),
         lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 1e-4)."),
         offline: Optional[bool] = typer.Option(None, "--offline", help="Sample from a frozen proposal, replaced by π when KL(p‖π) < KL(p‖q) (DPG)."),

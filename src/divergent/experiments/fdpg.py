@@ -288,10 +288,11 @@ def run_comparison(setup: FDPGSetup, config: FDPGRunConfig, run_dir: Path, *, re
     seconds = time.perf_counter() - started
     n_eval = len(setup.prompts) * config.eval_samples
     kl = verdict_module.Metric("kl_target_policy", "KL(p‖π) to the target", higher_is_better=False, short="KL(p‖π)",
-                               unit="nothing", resolution=0.0)
+                               unit="no fixed resolution", resolution=0.0)
     alignment = verdict_module.Metric("alignment", "alignment E_π[b]", resolution=1 / n_eval, short="alignment",
                                       unit="one evaluation sample")
-    diversity = verdict_module.Metric("distinct_2", "distinct-2", resolution=0.0, short="distinct-2", unit="nothing")
+    diversity = verdict_module.Metric("distinct_2", "distinct-2", resolution=0.0, short="distinct-2",
+                                      unit="no fixed resolution")
     baseline = "forward_kl" if "forward_kl" in divergences else divergences[0]
     flat = [{k: v for k, v in r.items() if k != "evaluations"} for r in results]
     summary = verdict_module.summarise(flat, divergences, [kl, alignment, diversity], {"": baseline},
@@ -312,7 +313,7 @@ def run_comparison(setup: FDPGSetup, config: FDPGRunConfig, run_dir: Path, *, re
              f"{'offline proposal' if config.offline else 'on-policy'}, baseline {'on' if config.baseline else 'off'}). "
              f"Metrics from {config.eval_samples} fresh samples per prompt of the final policy: alignment E_π[b], "
              f"KL(p‖π), TV, JS by importance sampling with the running Z (naver/disco's metrics), KL(π‖a), "
-             f"distinct-n over response tokens, self-BLEU ({config.trainer_config().bleu_tokenize} tokens). "
+             f"distinct-n over response tokens and self-BLEU among each prompt's samples (averaged over prompts; sacrebleu {config.trainer_config().bleu_tokenize} tokens). "
              f"Initial alignment (seed mean): "
              f"{sum(r['initial_alignment'] for r in results) / len(results):.3f}. Target calls: "
              f"{errors['reward_errors']} errors, {errors['reward_timeouts']} time-outs (scored 0). "

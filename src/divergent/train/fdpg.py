@@ -62,7 +62,7 @@ class FDPGConfig:
 
     divergence: str = "js"  # an f-divergence of divergent.rl.generators (forward_kl, reverse_kl, js, tvd, ...)
     alpha: float = 0.2  # order of the alpha divergence
-    steps: int = 100
+    steps: int = 80
     prompts_per_step: int = 4
     samples_per_prompt: int = 16
     lr: float = 1e-4
@@ -334,7 +334,8 @@ class FDPGTrainer:
     @torch.no_grad()
     def evaluate(self, *, samples_per_prompt: int = 8, seed: int = 12345, bleu_tokenize: str = "13a") -> dict[str, float]:
         """Fresh samples of π on ``eval_prompts``: alignment E_π[b] (or E_π[φ], E_π[r]), KL(p‖π),
-        TV, JS with the current Z (prompts without Z > 0 left out), KL(π‖a), distinct-1/2/3, self-BLEU."""
+        TV, JS with the current Z (prompts without Z > 0 left out), KL(π‖a), and distinct-1/2/3 and
+        self-BLEU among the samples of each prompt, averaged over prompts."""
         generator = torch.Generator().manual_seed(seed)
         indices = list(range(len(self.eval_prompts)))
         saved, self.prompts = self.prompts, self.eval_prompts
@@ -357,10 +358,13 @@ class FDPGTrainer:
             sel = torch.tensor(known)
             out.update({f"{name}_target_policy": value for name, value in
                         fdpg_divergence_estimates(target_log[sel], policy_lp[sel], log_z).items()})
+        # diversity among the samples of one prompt (as CDPG reports it), averaged over prompts
         tokens = [row[: int(m.sum())] for row, m in zip(responses.tolist(), mask)]
+        groups = [range(i * samples_per_prompt, (i + 1) * samples_per_prompt) for i in indices]
         for n in (1, 2, 3):
-            out[f"distinct_{n}"] = distinct_n(tokens, n)
-        out["self_bleu"] = self_bleu(texts, tokenize=bleu_tokenize) if len(texts) >= 2 else math.nan
+            out[f"distinct_{n}"] = sum(distinct_n([tokens[j] for j in g], n) for g in groups) / len(groups)
+        out["self_bleu"] = (sum(self_bleu([texts[j] for j in g], tokenize=bleu_tokenize) for g in groups) / len(groups)
+                            if samples_per_prompt >= 2 else math.nan)
         return out
 
     # ------------------------------------------------------------------ run layer
