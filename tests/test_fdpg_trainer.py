@@ -192,7 +192,7 @@ def test_cli_on_a_hugging_face_model_and_prompts_file_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
     report_md = (run_dir / "report.md").read_text()
-    assert report_md.startswith("# divergent fdpg\n\nVerdict (KL(p‖π) to the target, mean of 2 seeds)")
+    assert report_md.startswith("# divergent fdpg\n\nVerdict (TV(p, π) to the target, mean of 2 seeds)")
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert (run_dir / "js-seed1" / "model" / "config.json").is_file()
     assert (run_dir / "js-seed1" / "model" / "tokenizer.json").is_file()

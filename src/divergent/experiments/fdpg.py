@@ -287,18 +287,20 @@ def run_comparison(setup: FDPGSetup, config: FDPGRunConfig, run_dir: Path, *, re
             results.append(result)
     seconds = time.perf_counter() - started
     n_eval = len(setup.prompts) * config.eval_samples
-    kl = verdict_module.Metric("kl_target_policy", "KL(p‖π) to the target", higher_is_better=False, short="KL(p‖π)",
-                               unit="no fixed resolution", resolution=0.0)
+    # TV(p, π) is the compared distance to the target: bounded and far less noisy than the KL(p‖π)
+    # estimate, whose −log Z + (1/Z)·(...) form turns every error of a per-prompt Z into bias
+    tv = verdict_module.Metric("tv_target_policy", "TV(p, π) to the target", higher_is_better=False,
+                               short="TV(p, π)", unit="no fixed resolution", resolution=0.0)
     alignment = verdict_module.Metric("alignment", "alignment E_π[b]", resolution=1 / n_eval, short="alignment",
                                       unit="one evaluation sample")
     diversity = verdict_module.Metric("distinct_2", "distinct-2", resolution=0.0, short="distinct-2",
                                       unit="no fixed resolution")
     baseline = "forward_kl" if "forward_kl" in divergences else divergences[0]
     flat = [{k: v for k, v in r.items() if k != "evaluations"} for r in results]
-    summary = verdict_module.summarise(flat, divergences, [kl, alignment, diversity], {"": baseline},
+    summary = verdict_module.summarise(flat, divergences, [tv, alignment, diversity], {"": baseline},
                                        described=list(_METRICS))
-    verdict = verdict_module.verdict(summary, flat, kl, baseline=baseline, secondary=[alignment, diversity])
-    table = [_row(e, [kl, alignment, diversity], baseline) for e in summary]
+    verdict = verdict_module.verdict(summary, flat, tv, baseline=baseline, secondary=[alignment, diversity])
+    table = [_row(e, [tv, alignment, diversity], baseline) for e in summary]
     columns = list(table[0])
     report.print_table(table, columns, title=f"f-DPG over {len(seeds)} seed(s), {config.steps} steps", console=console)
     console.print(verdict["text"])
@@ -314,12 +316,14 @@ def run_comparison(setup: FDPGSetup, config: FDPGRunConfig, run_dir: Path, *, re
              f"Metrics from {config.eval_samples} fresh samples per prompt of the final policy: alignment E_π[b], "
              f"KL(p‖π), TV, JS by importance sampling with the running Z (naver/disco's metrics), KL(π‖a), "
              f"distinct-n over response tokens and self-BLEU among each prompt's samples (averaged over prompts; sacrebleu {config.trainer_config().bleu_tokenize} tokens). "
+             f"The verdict compares TV(p, π): the KL(p‖π) estimate, −log Z + (1/Z)·mean[(P/π)(log P − log π)], "
+             f"turns every error of a per-prompt Z into bias and can come out negative. "
              f"Initial alignment (seed mean): "
              f"{sum(r['initial_alignment'] for r in results) / len(results):.3f}. Target calls: "
              f"{errors['reward_errors']} errors, {errors['reward_timeouts']} time-outs (scored 0). "
-             f"Wall time {seconds / 60:.1f} min.")
+             f"Training time {sum(r['train_seconds'] for r in results) / 60:.1f} min (sum over runs).")
     note = verdict_module.table_note(len(seeds) < 2, f"one evaluation sample of alignment (1/{n_eval})",
-                                     extra="Lower KL(p‖π) is better. ")
+                                     extra="Lower TV(p, π) is better. ")
     sections = [("Results", report.markdown_table(table, columns) + "\n\n" + note),
                 ("Curves", "![curves](curves.png)"),
                 ("Reproduce", "```\n" + (command or f"divergent fdpg --config {run_dir / 'config.yaml'}") + "\n```")]
@@ -360,4 +364,4 @@ def resume_fdpg(run_dir: str | Path, *, console: Console | None = None) -> dict[
     """Continue the run in ``run_dir`` with its own ``config.yaml``; finished runs are read back."""
     run_dir = Path(run_dir)
     config = load_run_config(FDPGRunConfig, run_dir)
-    return run_fdpg(config, run_dir=run_dir, console=console, command=f"divergent fdpg --resume {shlex.quote(str(run_dir))}")
+    return run_fdpg(config, run_dir=run_dir, console=console)
