@@ -200,3 +200,27 @@ def test_cli_on_a_hugging_face_model_and_prompts_file_end_to_end(tmp_path):
     assert len(rows) == 5 and "kl_target_policy" in rows[0]
     again = CliRunner().invoke(app, ["fdpg", "--resume", str(run_dir)])
     assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("target_args", [
+    ["--feature", "regex:[aeiou]", "--moment", "0.5", "--set", "moment_samples=32"],
+    ["--reward", "regex:[aeiou]", "--beta", "0.5", "--divergence", "reverse_kl", "--offline"],
+], ids=["feature", "reward-offline"])
+def test_cli_feature_and_reward_targets_run(tmp_path, target_args):
+    pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    import lm_helpers
+    from divergent.cli import app
+
+    tok = lm_helpers.tokenizer()
+    lm_helpers.llama(len(tok), 32, 1, seed=0).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    lm_helpers.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"count {i} and"} for i in range(3)])
+    args = ["fdpg", "--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"), *target_args,
+            "--steps", "2", "--max-new-tokens", "4", "--set", "samples_per_prompt=4", "--set", "eval_samples=2",
+            "-o", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "Verdict" in (run_dir / "report.md").read_text()
