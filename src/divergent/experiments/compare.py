@@ -43,7 +43,7 @@ from torch.utils.data import Dataset, TensorDataset
 from rich.console import Console
 
 from divergent.train.distributed import init_distributed_from_env, rank
-from divergent.experiments import report
+from divergent.experiments import report, verdict
 from divergent.config import config_to_dict, load_run_config, save_config
 from divergent.io import atomic_write_text, CorruptFileError, read_json
 from divergent.train.run import RunInterrupted
@@ -559,148 +559,54 @@ def _run_one(
     return row
 
 
-def _paired(runs: dict, reference: dict, metric: str, one_example: float) -> dict[str, Any] | None:
-    """Paired difference (row − reference) of ``metric`` over the seeds both finished; None without one."""
-    if not any(seed in reference for seed in runs):
-        return None
-    return report.paired_difference({s: r[metric] for s, r in runs.items()}, {s: r[metric] for s, r in reference.items()},
-                                    resolution=one_example)
+def _metrics(n_test: int) -> tuple[verdict.Metric, verdict.Metric]:
+    """Test accuracy and ECE as compared (resolution: one test example, 1/n_test, for both)."""
+    return (verdict.Metric("accuracy", "test accuracy", resolution=1 / n_test, digits=4, short="accuracy"),
+            verdict.Metric("ece", "ECE", higher_is_better=False, resolution=1 / n_test, digits=3))
+
+
+def _references(config: CompareConfig) -> dict[str, str]:
+    return {"": config.baseline, **({"_alone": NO_TEACHER} if config.include_student_alone else {})}
 
 
 def _summarise(config: CompareConfig, rows: list[dict[str, Any]], n_test: int) -> list[dict[str, Any]]:
     """One entry per row: mean and std over seeds, and paired differences to the baseline and the student alone.
 
     ``{metric}_diff``/``_diff_std``/``_significant`` compare with the baseline, the same keys ending in
-    ``_alone`` with the student alone, for accuracy and ECE. A difference is marked (``_significant``)
-    only when |mean| exceeds both the std of the per-seed differences and one test example (1/n_test);
-    with one seed a std is ``None`` (no spread is known) and nothing is marked.
+    ``_alone`` with the student alone, for accuracy and ECE, by the rule of :mod:`divergent.experiments.verdict`
+    (marked only when |mean| exceeds both the std of the per-seed differences and one test example, 1/n_test;
+    with one seed a std is ``None`` and nothing is marked).
     """
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
-    finished = [r for r in rows if r["status"] == "finished"]
-    by_name = {name: {r["seed"]: r for r in finished if r["name"] == name} for name in names}
-    references = {"": config.baseline, **({"_alone": NO_TEACHER} if config.include_student_alone else {})}
-    summary = []
-    for name in names:
-        runs = by_name[name]
-        entry: dict[str, Any] = {"name": name, "runs": len(runs), "failed": sum(1 for r in rows if r["name"] == name and r["status"] != "finished")}
-        if not runs:
-            summary.append(entry)
-            continue
-        for metric in ("accuracy", "nll", "ece", "brier", "agreement", "seconds"):
-            mean, std = report.mean_std([r[metric] for r in runs.values()])
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, (std if len(runs) > 1 else None)
-        for suffix, reference in references.items():
-            if name == reference:
-                continue
-            for metric in ("accuracy", "ece"):
-                paired = _paired(runs, by_name[reference], metric, 1 / n_test)
-                if paired is None:
-                    continue
-                entry[f"{metric}_diff{suffix}"] = paired["mean_diff"]
-                entry[f"{metric}_diff{suffix}_std"] = paired["std_diff"] if paired["n"] > 1 else None
-                entry[f"{metric}_significant{suffix}"] = paired["significant"]
-        summary.append(entry)
-    return summary
+    return verdict.summarise(rows, names, _metrics(n_test), _references(config),
+                             described=("accuracy", "nll", "ece", "brier", "agreement", "seconds"))
 
 
 def _verdict(config: CompareConfig, summary: list[dict[str, Any]], rows: list[dict[str, Any]], n_test: int) -> dict[str, Any]:
-    """What to use: the row of best mean test accuracy, its paired gains, and the rows indistinguishable from it.
-
-    Paired by seed with the same rule as the table (|mean difference| above both the std of the
-    per-seed differences and one test example). One seed gives no spread: the gains are shown
-    with "n/a" and no row is called better or indistinguishable.
-    """
-    one_example = 1 / n_test
-    ranked = [e for e in summary if e["runs"]]
-    if not ranked:
-        return {"metric": "test accuracy", "best": None, "text": "Verdict: no row finished; nothing to compare."}
-    best = max(ranked, key=lambda e: e["accuracy_mean"])
-    by_name = {e["name"]: {r["seed"]: r for r in rows if r["status"] == "finished" and r["name"] == e["name"]} for e in ranked}
-    single_seed = max(e["runs"] for e in ranked) < 2
-
-    def gain(metric: str, suffix: str, digits: int, lower_is_better: bool = False) -> str:
-        if f"{metric}_diff{suffix}" not in best:
-            return "no shared seed"
-        text, mark = _difference(best, metric, suffix, digits, lower_is_better)
-        return text if mark is None else f"{text} ({mark or 'not distinguishable'})"
-
-    clauses = []
-    if config.include_student_alone and best["name"] != NO_TEACHER:
-        clauses.append(f"vs {NO_TEACHER}: accuracy {gain('accuracy', '_alone', 4)}, ECE {gain('ece', '_alone', 3, True)}")
-    if best["name"] != config.baseline:
-        clauses.append(f"vs {config.baseline} (baseline): accuracy {gain('accuracy', '', 4)}, ECE {gain('ece', '', 3, True)}")
-    indistinguishable = []
-    if not single_seed:
-        for entry in ranked:
-            if entry is best:
-                continue
-            paired = _paired(by_name[best["name"]], by_name[entry["name"]], "accuracy", one_example)
-            if paired is not None and not paired["significant"]:
-                indistinguishable.append(entry["name"])
-    seeds = f"mean of {best['runs']} seeds" if not single_seed else "one seed"
-    text = f"Verdict (test accuracy, {seeds}): best row **{best['name']}** at {best['accuracy_mean']:.4f}"
-    if best["name"] == NO_TEACHER:
-        text += " — no distilled row beats the student trained without the teacher"
-    if clauses:
-        text += "; " + "; ".join(clauses)
-    text += "."
-    if single_seed:
-        text += (" With one seed there is no spread across seeds, so no difference can be told from seed noise"
-                 " (n/a); run with several seeds (--seeds 0,1,2).")
-    elif indistinguishable:
-        text += f" Indistinguishable from it: {', '.join(indistinguishable)}."
-    else:
-        text += " Every other row is distinguishable from it."
-    if not single_seed:
-        text += (f" A difference counts when its mean over seeds exceeds both the std of the per-seed differences"
-                 f" and one test example ({one_example:.4f}).")
-    return {"metric": "test accuracy", "best": best["name"], "accuracy": best["accuracy_mean"],
-            "single_seed": single_seed, "indistinguishable": indistinguishable, "one_example": one_example, "text": text}
-
-
-def _difference(entry: dict[str, Any], metric: str, suffix: str, digits: int, lower_is_better: bool) -> tuple[str, str | None]:
-    """A summary entry's paired difference as ``"+0.0241 ± 0.0043"`` and its mark: "better", "worse", "" or None (one seed)."""
-    mean, std = entry[f"{metric}_diff{suffix}"], entry[f"{metric}_diff{suffix}_std"]
-    if std is None:
-        return f"{mean:+.{digits}f} ± n/a", None
-    mark = ""
-    if entry[f"{metric}_significant{suffix}"]:
-        mark = "better" if (mean < 0) == lower_is_better else "worse"
-    return f"{mean:+.{digits}f} ± {std:.{digits}f}", mark
+    """What to use: the row of best mean test accuracy, its paired gains (accuracy, ECE), and the rows indistinguishable from it."""
+    accuracy, ece = _metrics(n_test)
+    return verdict.verdict(summary, rows, accuracy, secondary=[ece], baseline=config.baseline,
+                           alone=NO_TEACHER if config.include_student_alone else None)
 
 
 def _table_rows(config: CompareConfig, summary: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The printed and reported table; the first column is "row" (divergences and methods alike)."""
-
-    def pm(entry, metric, digits=4):
-        if f"{metric}_mean" not in entry:
-            return "failed"
-        std = entry[f"{metric}_std"]
-        return f"{entry[f'{metric}_mean']:.{digits}f} ± " + ("n/a" if std is None else f"{std:.{digits}f}")
-
-    def diff(entry, metric, suffix, reference, digits, lower_is_better=False):
-        if entry["name"] == reference:
-            return "reference"
-        if f"{metric}_diff{suffix}" not in entry:
-            return "failed" if not entry["runs"] else "no shared seed"
-        text, mark = _difference(entry, metric, suffix, digits, lower_is_better)
-        return f"{text} {mark}" if mark else text
-
+    accuracy, ece = _metrics(1)  # the marks are in the summary already; here only digits and direction are read
     rows = []
     for entry in summary:
         row = {
             "row": entry["name"],
-            "test accuracy": pm(entry, "accuracy"),
-            "ECE": pm(entry, "ece", 3),
-            "NLL": pm(entry, "nll", 3),
-            "agreement": pm(entry, "agreement", 3),
-            "seconds": pm(entry, "seconds", 1),
+            "test accuracy": verdict.mean_std_cell(entry, "accuracy"),
+            "ECE": verdict.mean_std_cell(entry, "ece", 3),
+            "NLL": verdict.mean_std_cell(entry, "nll", 3),
+            "agreement": verdict.mean_std_cell(entry, "agreement", 3),
+            "seconds": verdict.mean_std_cell(entry, "seconds", 1),
         }
         if config.include_student_alone:
-            row["Δacc vs student alone"] = diff(entry, "accuracy", "_alone", NO_TEACHER, 4)
-            row["ΔECE vs student alone"] = diff(entry, "ece", "_alone", NO_TEACHER, 3, True)
-        row[f"Δacc vs {config.baseline}"] = diff(entry, "accuracy", "", config.baseline, 4)
-        row[f"ΔECE vs {config.baseline}"] = diff(entry, "ece", "", config.baseline, 3, True)
+            row["Δacc vs student alone"] = verdict.difference_column(entry, accuracy, "_alone", NO_TEACHER)
+            row["ΔECE vs student alone"] = verdict.difference_column(entry, ece, "_alone", NO_TEACHER)
+        row[f"Δacc vs {config.baseline}"] = verdict.difference_column(entry, accuracy, "", config.baseline)
+        row[f"ΔECE vs {config.baseline}"] = verdict.difference_column(entry, ece, "", config.baseline)
         rows.append(row)
     return rows
 
@@ -715,13 +621,8 @@ def _teacher_row(label: str, teacher_info: dict) -> dict[str, str]:
 
 
 def _table_note(config: CompareConfig, n_test: int, single_seed: bool) -> str:
-    if single_seed:
-        return ("One seed: the ± columns are n/a (no spread across seeds is known) and no row is marked better or "
-                "worse; run with several seeds (--seeds 0,1,2) to tell a difference from seed noise.")
-    return (f"Δ = mean over seeds of the per-seed difference (row − reference, same seed and split) ± its standard "
-            f"deviation; marked better/worse only when |Δ| exceeds both that deviation and one test example "
-            f"(1/{n_test} = {1 / n_test:.4f}). Lower ECE is better. Without a mark a row is indistinguishable from the "
-            f"reference at this number of seeds.")
+    return verdict.table_note(single_seed, f"one test example (1/{n_test} = {1 / n_test:.4f})",
+                              extra="Lower ECE is better. ")
 
 
 def _regime_text(config: CompareConfig, teacher_info: dict, summary: list[dict[str, Any]], n_train: int, n_labelled: int) -> str:
@@ -756,34 +657,20 @@ def _regime_text(config: CompareConfig, teacher_info: dict, summary: list[dict[s
 
 def _write_report(
     config: CompareConfig, run_dir: Path, teacher_info: dict, table_rows, columns, command: str, total_seconds: float,
-    n_test: int, verdict: dict[str, Any], regime: str,
+    n_test: int, answer: dict[str, Any], regime: str,
 ) -> Path:
     settings = "\n".join(f"- `{k}`: `{v}`" for k, v in config_to_dict(config).items())
-    text = f"""# divergent compare — {data_name(config)}
-
-{verdict['text']}
-
-Teacher `{teacher_info['name']}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
+    intro = f"""Teacher `{teacher_info['name']}` (test accuracy {teacher_info['test']['accuracy']:.4f}, ECE {teacher_info['test']['ece']:.4f});
 student `{config.student_model}`; {len(config.seeds)} seed{'s' if len(config.seeds) > 1 else ''} ({', '.join(map(str, config.seeds))}), same data split (split seed {config.split_seed}).
-Mean ± sample standard deviation over seeds, on the test split ({n_test} examples).
+Mean ± sample standard deviation over seeds, on the test split ({n_test} examples)."""
+    results = f"""{report.markdown_table(table_rows, columns)}
 
-## Why this regime
-
-{regime}
-
-## Results
-
-{report.markdown_table(table_rows, columns)}
-
-{_table_note(config, n_test, verdict.get('single_seed', False))} This is a plain rule a reader can check, not a
+{_table_note(config, n_test, answer.get('single_seed', False))} This is a plain rule a reader can check, not a
 significance test. Agreement is with the cached teacher on the test split (for online rows too, whose own
 teacher is trained alongside).
 
-Total wall time: {total_seconds:.1f}s.
-
-## Figures
-
-Reliability pooled over seeds, with the number of predictions per confidence bin:
+Total wall time: {total_seconds:.1f}s."""
+    figures = """Reliability pooled over seeds, with the number of predictions per confidence bin:
 
 ![reliability](reliability.png)
 
@@ -793,11 +680,8 @@ Training objectives, one panel per row (each row optimises its own objective), a
 
 Test accuracy against ECE, mean ± std over seeds; top left is better:
 
-![accuracy vs ECE](accuracy_vs_ece.png)
-
-## Reproduce
-
-As run:
+![accuracy vs ECE](accuracy_vs_ece.png)"""
+    reproduce = f"""As run:
 
 ```
 {command}
@@ -808,12 +692,10 @@ Every setting is in `config.yaml` in this folder; this repeats the run exactly
 
 ```
 divergent compare --config {run_dir / 'config.yaml'}
-```
-
-## Settings
-
-{settings}
-"""
+```"""
+    text = verdict.report_markdown(f"divergent compare — {data_name(config)}", answer["text"], intro, [
+        ("Why this regime", regime), ("Results", results), ("Figures", figures), ("Reproduce", reproduce),
+        ("Settings", settings)])
     return atomic_write_text(run_dir / "report.md", text)
 
 
@@ -824,15 +706,15 @@ def _report(
     """Table and verdict in the terminal; results.csv/json, summary.csv, report.md and the figures in ``run_dir``."""
     n_test = len(test_labels)
     summary = _summarise(config, rows, n_test)
-    verdict = _verdict(config, summary, rows, n_test)
+    answer = _verdict(config, summary, rows, n_test)
     teacher_label = f"teacher {teacher_info['name']}"
     table_rows = [_teacher_row(teacher_label, teacher_info), *_table_rows(config, summary)]
     columns = list(table_rows[1])
     table_rows[0] = {column: table_rows[0].get(column, "—") for column in columns}
     report.print_table(table_rows, columns, console=console,
                        title=f"{data_name(config)}: {teacher_label} → student {config.student_model}")
-    console.print(_table_note(config, n_test, verdict.get("single_seed", False)))
-    console.print(verdict["text"].replace("**", ""))
+    console.print(_table_note(config, n_test, answer.get("single_seed", False)))
+    console.print(answer["text"].replace("**", ""))
 
     flat_rows = [{k: v for k, v in r.items() if k not in ("reliability", "history")} for r in rows]
     report.write_csv(flat_rows, run_dir / "results.csv")
@@ -855,13 +737,13 @@ def _report(
         plot_accuracy_vs_ece(finished, figures["accuracy_vs_ece"])
     total_seconds = time.perf_counter() - started
     results = {
-        "command": command, "config": config_to_dict(config), "teacher": teacher_info, "verdict": verdict,
+        "command": command, "config": config_to_dict(config), "teacher": teacher_info, "verdict": answer,
         "summary": summary, "runs": rows, "figures": {k: str(v) for k, v in figures.items()},
         "total_seconds": total_seconds, "run_dir": str(run_dir),
     }
     report.write_json(results, run_dir / "results.json")
     regime = _regime_text(config, teacher_info, summary, n_train, n_labelled)
-    _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, n_test, verdict, regime)
+    _write_report(config, run_dir, teacher_info, table_rows, columns, command, total_seconds, n_test, answer, regime)
     console.print(f"wrote {run_dir}/results.csv, results.json, report.md and PNGs in {total_seconds:.1f}s")
     return results
 

@@ -13,7 +13,6 @@ import io
 import math
 import os
 import shutil
-import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +24,8 @@ from rich.table import Table
 
 from divergent.io import atomic_write_text, cache_dir, write_json
 from divergent.train.run import progress
+# The marking rule lives with the verdict (one module for every comparison); re-exported here for old callers.
+from divergent.experiments.verdict import mean_std, paired_difference
 
 __all__ = [
     "run_folder",
@@ -188,52 +189,3 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
         cells = [format_value(row.get(c)).replace("|", "\\|") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value).
-
-    >>> mean_std([1.0, 2.0, 3.0])
-    (2.0, 1.0)
-    """
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("mean_std needs at least one value, got an empty sequence")
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def paired_difference(
-    a_by_seed: Mapping[Any, float], b_by_seed: Mapping[Any, float], *, resolution: float = 0.0
-) -> dict[str, Any]:
-    """Paired comparison of two methods run on the same seeds (and splits).
-
-    The differences d_s = a_s - b_s over the shared seeds s give ``mean_diff`` and
-    ``std_diff`` (sample standard deviation; 0 for one seed, where no spread is known).
-    ``significant`` is True when at least two seeds are shared and |mean_diff| exceeds
-    both std_diff and ``resolution`` — the smallest difference the measurement can
-    show, e.g. one test example (1/n_test) of accuracy: the difference is larger than
-    its own spread across seeds and than one example, so it is unlikely to be seed noise
-    or a single example alone. This is deliberately a plain rule a reader can check, not
-    a p-value.
-
-    >>> r = paired_difference({0: 0.9, 1: 0.92, 2: 0.91}, {0: 0.8, 1: 0.83, 2: 0.80})
-    >>> round(r["mean_diff"], 4), r["n"], r["significant"]
-    (0.1, 3, True)
-    >>> paired_difference({0: 0.902, 1: 0.902}, {0: 0.9, 1: 0.9}, resolution=1 / 359)["significant"]
-    False
-    """
-    seeds = [s for s in a_by_seed if s in b_by_seed]
-    if not seeds:
-        raise ValueError("paired_difference needs at least one seed present in both inputs")
-    diffs = [float(a_by_seed[s]) - float(b_by_seed[s]) for s in seeds]
-    mean, std = mean_std(diffs)
-    return {
-        "mean_diff": mean,
-        "std_diff": std,
-        "n": len(diffs),
-        "significant": len(diffs) >= 2 and abs(mean) > std and abs(mean) > resolution,
-    }
-
-

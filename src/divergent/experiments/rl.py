@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 
 from divergent.config import config_to_dict, load_run_config, save_config
-from divergent.experiments import report
+from divergent.experiments import report, verdict
 from divergent.io import read_json, write_json
 from divergent.rl import get_regulariser
 from divergent.train.rl import GRPOConfig, GRPOTrainer, evaluate_policy, supervised_warm_start
@@ -506,7 +506,7 @@ def plot_pass_at_k(curves: dict[str, list[dict[int, float]]], path: Path, title:
 def aggregate(results: list[dict[str, Any]], *, n_test: int) -> list[dict[str, Any]]:
     """One row per method: mean and std over seeds of the reported metrics, plus paired differences vs 'none'.
 
-    A difference is marked ``*`` by the rule ``compare`` uses (:func:`report.paired_difference`): its mean
+    A difference is marked ``*`` by the rule every comparison uses (:func:`divergent.experiments.verdict.paired_difference`): its mean
     exceeds both its spread across seeds and one held-out prompt (1/``n_test`` of pass@k).
     """
     metrics = [f"pass@{k}" for k in REPORT_KS] + ["distinct_correct", "mean_length"]
@@ -520,16 +520,15 @@ def aggregate(results: list[dict[str, Any]], *, n_test: int) -> list[dict[str, A
         for metric in metrics:
             if metric not in runs[0]:
                 continue
-            mean, std = report.mean_std([r[metric] for r in runs])
+            mean, std = verdict.mean_std([r[metric] for r in runs])
             row[metric] = f"{mean:.3f} ± {std:.3f}" if metric.startswith("pass") else f"{mean:.1f} ± {std:.1f}"
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
         if baseline and method != "none" and not method.startswith("base"):
             for metric in ("pass@1", "pass@16"):
                 if metric in runs[0]:
-                    diff = report.paired_difference({r["seed"]: r[metric] for r in runs},
-                                                    {s: r[metric] for s, r in baseline.items()}, resolution=1 / n_test)
-                    spread = "n/a" if diff["n"] < 2 else f"{diff['std_diff']:.3f}"
-                    row[f"{metric} vs none"] = f"{diff['mean_diff']:+.3f} ± {spread}" + (" *" if diff["significant"] else "")
+                    diff = verdict.paired_difference({r["seed"]: r[metric] for r in runs},
+                                                     {s: r[metric] for s, r in baseline.items()}, resolution=1 / n_test)
+                    row[f"{metric} vs none"] = verdict.format_difference(diff, 3, star=True)
         rows.append(row)
     return rows
 

@@ -17,10 +17,10 @@ reference on a response; the loss is computed in float64 to push that limit out.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from divergent.rl.generators import f_prime, f_prime_at_one
 
 __all__ = ["FDPO_DIVERGENCES", "fdpo_loss", "fdpo_psi"]
 
@@ -39,17 +39,12 @@ def fdpo_psi(log_ratio: torch.Tensor, divergence: str, *, alpha: float = 0.5) ->
         raise TypeError("log_ratio must be a floating-point torch.Tensor")
     if divergence not in FDPO_DIVERGENCES:
         raise ValueError(f"divergence must be one of {FDPO_DIVERGENCES}, got {divergence!r}")
-    if divergence == "reverse_kl":
-        return log_ratio
-    if divergence == "forward_kl":
-        return -torch.exp(-log_ratio)
-    if divergence == "js":
-        # log(2u / (1 + u)) = log 2 + l - softplus(l) = log 2 - softplus(-l)
-        return math.log(2.0) - F.softplus(-log_ratio)
-    if not 0.0 < alpha < 1.0:
+    if divergence == "alpha" and not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1) for f-DPO, got {alpha}")
-    # (1 - u^-a) / a = -expm1(-a l) / a
-    return -torch.expm1(-alpha * log_ratio) / alpha
+    # f' from the one table (divergent.rl.generators). reverse_kl and alpha drop f'(1) so that
+    # reverse KL is standard DPO's log u; forward_kl keeps the paper's -1/u (constants cancel).
+    shift = 0.0 if divergence == "forward_kl" else f_prime_at_one(divergence, alpha=alpha)
+    return f_prime(log_ratio, divergence, alpha=alpha) - shift
 
 
 def fdpo_loss(
