@@ -53,6 +53,7 @@ _COMMAND_MODULES = [
     "divergent.cli.distill_lm",
     "divergent.cli.compare",
     "divergent.cli.dpo",
+    "divergent.cli.refine_data",
 ]
 
 for _module in _COMMAND_MODULES:
