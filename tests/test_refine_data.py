@@ -291,3 +291,69 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path, models)
     assert "vocabularies do not match" in line and "280" in line
     assert "no column 'body'" in _error(_run([*both, "--data", str(data), "--text-column", "body", "-o", str(out)]))
     assert not out.exists() or not any(out.iterdir())
+
+
+def _subprocess(args, tmp_path, nproc=1, timeout=240):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] \
+        if nproc > 1 else [sys.executable, "-m"]
+    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
+           "DIVERGENT_CACHE_DIR": os.environ["DIVERGENT_CACHE_DIR"]}
+    return subprocess.run([*launcher, "divergent.cli", "refine-data", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_torchrun_processes_give_the_files_of_one(tmp_path, models):
+    """torchrun (gloo, 2 CPU processes): each rank scores every other shard, rank 0 merges; the same bytes."""
+    teacher_dir, reference_dir, *_ = models
+    data = H.write_jsonl(tmp_path / "rows.jsonl", [{"text": t, "domain": "ab"[i % 2]} for i, t in enumerate(TEXTS * 3)])
+    args = ["--teacher", str(teacher_dir), "--reference", str(reference_dir), "--data", str(data),
+            "--rows-per-shard", "5", "--keep", "0.4", "--device", "cpu"]
+    assert _run([*args, "-o", str(tmp_path / "one")]).exit_code == 0
+    done = _subprocess([*args, "-o", str(tmp_path / "two")], tmp_path, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _run_dir(tmp_path / "one"), _run_dir(tmp_path / "two")
+    assert len(list((two / "shards").iterdir())) == 6
+    for name in ("data.jsonl", "scores.parquet"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def test_sigkill_then_resume_gives_the_bytes_of_an_uninterrupted_run(tmp_path, models):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    teacher_dir, reference_dir, *_ = models
+    data = H.write_jsonl(tmp_path / "rows.jsonl", [{"text": f"{t} {i}"} for i, t in enumerate(TEXTS * 60)])
+    args = ["--teacher", str(teacher_dir), "--reference", str(reference_dir), "--data", str(data),
+            "--rows-per-shard", "6", "--keep", "0.5", "--device", "cpu", "--threads", "1"]
+    assert _run([*args[:-2], "-o", str(tmp_path / "whole")]).exit_code == 0
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {"PYTHONPATH": src, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
+           "DIVERGENT_CACHE_DIR": os.environ["DIVERGENT_CACHE_DIR"]}
+    process = subprocess.Popen([sys.executable, "-m", "divergent.cli", "refine-data", *args, "-o", str(tmp_path / "cut")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    shards = []
+    while time.time() < deadline and process.poll() is None:
+        runs = list((tmp_path / "cut").glob("refine-data-*/shards/shard_*.ckpt"))
+        if len(runs) >= 3:
+            shards = runs
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert shards, "the run ended before it could be killed"
+    cut = _run_dir(tmp_path / "cut")
+    assert not (cut / "data.jsonl").exists()  # killed while scoring: no output yet
+    result = _run(["--resume", str(cut)])
+    assert result.exit_code == 0, result.output
+    whole = _run_dir(tmp_path / "whole")
+    for name in ("data.jsonl", "scores.parquet"):
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
