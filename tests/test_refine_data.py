@@ -357,3 +357,45 @@ def test_sigkill_then_resume_gives_the_bytes_of_an_uninterrupted_run(tmp_path, m
     whole = _run_dir(tmp_path / "whole")
     for name in ("data.jsonl", "scores.parquet"):
         assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_the_embedded_default_runs_with_no_data_and_counts_its_parts(tmp_path):
+    """The default path at toy sizes (3 training steps per model): hard, easy and noise rows, a domain table."""
+    result = _run(["--set", "teacher_steps=3", "--set", "reference_steps=3", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    run_dir = _run_dir(tmp_path / "out")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["part"] for r in results["table"]] == ["all", "easy", "hard", "noise"]
+    assert [r["rows in"] for r in results["table"]] == [400, 80, 240, 80]
+    assert results["units_kept"] == 200 and len((run_dir / "data.jsonl").read_text().splitlines()) == 200
+    assert "reference: training" in result.output
+    again = _run(["--set", "teacher_steps=3", "--set", "reference_steps=3", "-o", str(tmp_path / "again")])
+    assert again.exit_code == 0 and "reference: loaded from cache" in again.output
+
+
+@pytest.mark.slow
+def test_the_default_selection_drops_the_noise(tmp_path):
+    """The full default (teacher 1500 steps, reference 300; about a minute on 2 cores): no noise row is kept."""
+    result = _run(["-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    table = {r["part"]: r for r in json.loads((_run_dir(tmp_path / "out") / "results.json").read_text())["table"]}
+    assert table["noise"]["rows kept"] <= 4
+    assert table["hard"]["kept %"] > 50
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv", ".parquet", ".txt", "saved"])
+def test_packed_chunks_are_written_in_the_input_format(tmp_path, models, suffix):
+    from divergent.data.lm_data import read_rows
+
+    teacher_dir, reference_dir, *_ = models
+    data = _write(tmp_path / ("saved" if suffix == "saved" else f"rows{suffix}"), [{"text": t} for t in TEXTS])
+    result = _run(["--teacher", str(teacher_dir), "--reference", str(reference_dir), "--data", str(data),
+                   "--packing", "--max-length", "16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    run_dir = _run_dir(tmp_path / "out")
+    kept = [i for i, k in enumerate(_scores(run_dir)["kept"]) if k]
+    read = read_rows(run_dir / ("data" if suffix == "saved" else f"data{suffix}"))["train"]
+    if suffix == ".txt":
+        assert len(read) >= len(kept)  # a chunk's text may hold several lines
+    else:
+        assert [int(r["chunk"]) for r in read] == kept

@@ -92,10 +92,17 @@ def mean_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, lengths: 
     """
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [B, T, V] for input_ids {tuple(input_ids.shape)}")
+    batch, width, vocab = logits.shape
     counted = counted_predictions(input_ids, lengths, masked_id)
-    # log p(x_{t+1} | x_{<=t}) = -CE(logits_t, x_{t+1}), in float32 whatever the logits' dtype
-    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:].long(), reduction="none")
-    total = (logp.double() * counted).sum(dim=1)
+    # Position t is scored against token t+1; the last position and uncounted ones get ignore_index,
+    # so the [B*T, V] logits are used in place (no shifted copy).
+    labels = torch.full_like(input_ids, -100, dtype=torch.long)
+    labels[:, :-1] = torch.where(counted, input_ids[:, 1:].long(), -100)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # half-precision logits: the log-softmax in float32
+    # log p(x_{t+1} | x_{<=t}) = -CE(logits_t, x_{t+1})
+    nll = F.cross_entropy(logits.reshape(batch * width, vocab), labels.reshape(-1), reduction="none")
+    total = -nll.view(batch, width)[:, :-1].double().sum(dim=1)
     count = counted.sum(dim=1)
     return total / count, count
 

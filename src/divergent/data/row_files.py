@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -205,28 +206,47 @@ class RowFile:
         return target
 
     def write_rows(self, rows: Iterable[dict[str, Any]], target: str | Path) -> Path:
-        """Write new rows (e.g. packed chunks) in this file's format, atomically to ``target``."""
+        """Write new rows (e.g. packed chunks) in this file's format, atomically to ``target``, as they come."""
         target = Path(target)
-        rows = list(rows)
         with atomic_output(target, folder=self.kind == "save_to_disk") as tmp:
-            if self.kind == ".jsonl":
-                Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            elif self.kind == ".txt":
-                Path(tmp).write_text("".join(r["text"] + "\n" for r in rows), encoding="utf-8")
-            elif self.kind == ".json":
-                Path(tmp).write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-            elif self.kind == ".csv":
+            if self.kind in (".jsonl", ".txt", ".json", ".csv"):
                 with open(tmp, "w", encoding="utf-8", newline="") as out:
-                    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["text"])
-                    writer.writeheader()
-                    writer.writerows(rows)
+                    writer, index = None, -1
+                    for index, row in enumerate(rows):
+                        if self.kind == ".jsonl":
+                            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        elif self.kind == ".txt":
+                            out.write(row["text"] + "\n")
+                        elif self.kind == ".json":
+                            out.write(("[\n" if index == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+                        else:
+                            if writer is None:
+                                writer = csv.DictWriter(out, fieldnames=list(row))
+                                writer.writeheader()
+                            writer.writerow(row)
+                    if self.kind == ".json":
+                        out.write("\n]\n" if index >= 0 else "[]\n")
             elif self.kind == ".parquet":
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                pq.write_table(pa.Table.from_pylist(rows), tmp)
+                writer = None
+                batch: list[dict[str, Any]] = []
+                for row in itertools.chain(rows, [None]):
+                    if row is not None:
+                        batch.append(row)
+                    if batch and (row is None or len(batch) == _PARQUET_BATCH):
+                        table = pa.Table.from_pylist(batch)
+                        writer = writer or pq.ParquetWriter(tmp, table.schema)
+                        writer.write_table(table)
+                        batch = []
+                if writer is None:
+                    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp)
+                else:
+                    writer.close()
             else:
                 import datasets
 
-                datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+                collected = list(rows)  # datasets builds a folder from an in-memory list; kept chunks only
+                datasets.Dataset.from_list(collected).save_to_disk(str(tmp))
         return target

@@ -19,7 +19,7 @@ Under ``torchrun`` rank r scores the shards k with k mod world = r and rank 0 me
 With no teacher, reference or data it runs on embedded parts: the default byte-level
 teacher of ``distill-lm`` (cached), a small reference trained once on a held-out slice of
 the standard-library corpus (cached), and a corpus of ``hard`` rows (held-out standard
-library source), ``easy`` rows (one short line repeated) and ``noise`` rows (random
+library source), ``easy`` rows (one short line of source repeated) and ``noise`` rows (random
 printable characters), with a ``domain`` column naming the part.
 
 Python API::
@@ -61,7 +61,7 @@ from divergent.io import CorruptFileError, atomic_write_text, load_state, read_j
 from divergent.train import distributed
 
 __all__ = ["RefineDataConfig", "run_refine_data", "resume_refine_data", "default_reference", "default_corpus",
-           "score_units", "REFERENCE_CONFIG"]
+           "score_units", "padded_batches", "REFERENCE_CONFIG"]
 
 # The default reference: smaller than the default teacher and trained on far less text, as
 # MiniPLM's 104M reference beside its 1.8B teacher.
@@ -69,9 +69,6 @@ REFERENCE_CONFIG = dict(vocab_size=256, d_model=64, n_layers=1, n_heads=2, max_s
 _REFERENCE_RECIPE_VERSION = 1
 _DEFAULT_ROW_BYTES = 64  # the default models were trained on 65-byte windows: later positions are untrained
 _DEFAULT_PARTS = {"hard": 240, "easy": 80, "noise": 80}
-_EASY_LINES = ("    pass\n", "import os\n", "return None\n", "self.value = value\n", "# " + "-" * 30 + "\n",
-               "x = x + 1\n", "print('hello')\n", "if x is None:\n")
-
 
 @dataclass
 class RefineDataConfig:
@@ -301,7 +298,7 @@ def default_corpus(config: RefineDataConfig, parts: dict[str, int] | None = None
     """The embedded corpus: rows ``{"text", "domain"}`` of ``_DEFAULT_ROW_BYTES`` characters, parts interleaved.
 
     hard: consecutive pieces of standard-library source from the teacher's training slice;
-    easy: one short line of Python repeated; noise: random printable ASCII. ``seed_offset``
+    easy: one short line of the same source repeated; noise: random printable ASCII. ``seed_offset``
     draws other rows (held-out evaluation rows use another part of the source).
     """
     parts = dict(_DEFAULT_PARTS if parts is None else parts)
@@ -310,6 +307,7 @@ def default_corpus(config: RefineDataConfig, parts: dict[str, int] | None = None
     source_text = source.decode("utf-8", errors="replace")
     pieces = [source_text[i:i + _DEFAULT_ROW_BYTES] for i in range(0, len(source_text) - _DEFAULT_ROW_BYTES, _DEFAULT_ROW_BYTES)]
     pieces = [p for p in pieces if p.isascii() and p.strip()]
+    lines = sorted({line.strip() + "\n" for line in source_text.splitlines() if 8 <= len(line.strip()) <= 32 and line.isascii()})
     if seed_offset:  # evaluation rows: from the other end of the source
         pieces = pieces[::-1]
     rows = []
@@ -318,7 +316,7 @@ def default_corpus(config: RefineDataConfig, parts: dict[str, int] | None = None
             if part == "hard":
                 text = pieces[i % len(pieces)]
             elif part == "easy":
-                line = rng.choice(_EASY_LINES)
+                line = rng.choice(lines)
                 text = (line * (_DEFAULT_ROW_BYTES // len(line) + 1))[:_DEFAULT_ROW_BYTES]
             else:
                 text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:()[]{}=+-*/#'\"\n")
@@ -448,21 +446,27 @@ def _forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-@torch.no_grad()
-def score_units(scorer: _Scorer, units: list[list[int]], *, batch_tokens: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(mean log-prob float64, counted predictions int64) of each unit under one model, batched by length."""
-    means = np.full(len(units), np.nan)
-    counts = np.zeros(len(units), dtype=np.int64)
+def padded_batches(units: list[list[int]], batch_tokens: int, pad_id: int):
+    """Yield ``(members, input_ids, attention_mask)``: the units of 2 or more tokens, batched by length, right-padded."""
     lengths = [len(u) for u in units]
     scorable = [i for i, n in enumerate(lengths) if n >= 2]
     for batch in length_batches([lengths[i] for i in scorable], batch_tokens):
         members = [scorable[j] for j in batch]
         width = max(lengths[i] for i in members)
-        ids = torch.full((len(members), width), scorer.pad_id, dtype=torch.long)
+        ids = torch.full((len(members), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(members), width), dtype=torch.long)
         for row, i in enumerate(members):
             ids[row, :lengths[i]] = torch.as_tensor(units[i])
             mask[row, :lengths[i]] = 1
+        yield members, ids, mask
+
+
+@torch.no_grad()
+def score_units(scorer: _Scorer, units: list[list[int]], *, batch_tokens: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(mean log-prob float64, counted predictions int64) of each unit under one model, batched by length."""
+    means = np.full(len(units), np.nan)
+    counts = np.zeros(len(units), dtype=np.int64)
+    for members, ids, mask in padded_batches(units, batch_tokens, scorer.pad_id):
         ids, mask = ids.to(device), mask.to(device)
         mean, count = mean_token_logprobs(_forward_logits(scorer.model, ids, mask), ids, mask.sum(1), scorer.masked_id)
         means[members] = mean.cpu().numpy()
