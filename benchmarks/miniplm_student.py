@@ -75,12 +75,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--default-rows", type=int, default=4000, help="Rows of the embedded corpus.")
+    parser.add_argument("--out", default="miniplm_student", help="Name of the result files in benchmarks/results.")
     parser.add_argument("--out-dir", default=None, help="Where refine-data's run folder goes (default: a temporary folder).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
-    config = RefineDataConfig(output_dir=args.out_dir or tempfile.mkdtemp(), num_threads=1)
+    config = RefineDataConfig(output_dir=args.out_dir or tempfile.mkdtemp(), num_threads=1, default_rows=args.default_rows)
     results = run_refine_data(config, console=report.output_console())
     import pyarrow.parquet as pq
 
@@ -88,7 +90,7 @@ def main() -> None:
     kept = pq.read_table(run_dir / "scores.parquet").column("kept").to_pylist()
     rows = [__import__("json").loads(line) for line in (run_dir / "input" / "corpus.jsonl").read_text().splitlines()]
     top = [r for r, k in zip(rows, kept) if k]
-    held_out = default_corpus(config, {"hard": 60, "easy": 30, "noise": 30}, seed_offset=1)
+    held_out = default_corpus(config, {"hard": 300, "easy": 100, "noise": 100}, seed_offset=1)
     held_texts = {r["text"] for r in held_out} & {r["text"] for r in rows}
     held_out = [r for r in held_out if r["text"] not in held_texts]  # never a training row
     table, losses = [], {"top": {}, "random": {}}
@@ -116,7 +118,7 @@ def main() -> None:
     report.print_table(summary, columns, title=f"student on the top half vs a random half ({len(seeds)} seeds)")
     seconds = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
-    write_results(table, RESULTS / "miniplm_student.csv")
+    write_results(table, RESULTS / f"{args.out}.csv")
     kept_parts = {p: sum(r["domain"] == p for r in top) for p in PARTS}
     all_parts = {p: sum(r["domain"] == p for r in rows) for p in PARTS}
     text = "\n".join([
@@ -128,7 +130,7 @@ def main() -> None:
         + f") after {args.steps} steps of {args.batch_size} rows, mean ± std over seeds {args.seeds}:", "",
         report.markdown_table(summary, columns), "",
     ])
-    atomic_write_text(RESULTS / "miniplm_student.md", text)
+    atomic_write_text(RESULTS / f"{args.out}.md", text)
     print(text)
 
 

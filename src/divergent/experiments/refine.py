@@ -68,7 +68,7 @@ __all__ = ["RefineDataConfig", "run_refine_data", "resume_refine_data", "default
 REFERENCE_CONFIG = dict(vocab_size=256, d_model=64, n_layers=1, n_heads=2, max_seq_len=128)
 _REFERENCE_RECIPE_VERSION = 1
 _DEFAULT_ROW_BYTES = 64  # the default models were trained on 65-byte windows: later positions are untrained
-_DEFAULT_PARTS = {"hard": 240, "easy": 80, "noise": 80}
+_DEFAULT_SHARES = {"hard": 0.6, "easy": 0.2, "noise": 0.2}
 
 @dataclass
 class RefineDataConfig:
@@ -95,6 +95,7 @@ class RefineDataConfig:
     reference_steps: training steps of the default reference (when not cached).
     teacher_steps: training steps of the default teacher (distill-lm's recipe and cache; 1500
         here, not distill-lm's 300: at 300 steps the teacher hardly knows more than the reference).
+    default_rows: rows of the embedded corpus (60% hard, 20% easy, 20% noise) when there is no data.
     seed: seed of the default models and the embedded corpus.
     device: cpu, cuda or auto. num_threads: CPU threads for torch (0 = torch's default).
     output_dir: folder in which the run folder is created.
@@ -112,6 +113,7 @@ class RefineDataConfig:
     rows_per_shard: int = 1024
     reference_steps: int = 300
     teacher_steps: int = 1500
+    default_rows: int = 4000
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0
@@ -121,7 +123,7 @@ class RefineDataConfig:
         keep_count(self.keep, 1)  # keep outside (0, 1] fails here, naming it
         if self.max_length < 0 or self.max_length == 1:
             raise ValueError(f"max_length must be 0 (automatic) or >= 2 tokens, got {self.max_length}")
-        for name in ("batch_tokens", "rows_per_shard", "reference_steps", "teacher_steps"):
+        for name in ("batch_tokens", "rows_per_shard", "reference_steps", "teacher_steps", "default_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.reference and not self.teacher:
@@ -301,7 +303,8 @@ def default_corpus(config: RefineDataConfig, parts: dict[str, int] | None = None
     easy: one short line of the same source repeated; noise: random printable ASCII. ``seed_offset``
     draws other rows (held-out evaluation rows use another part of the source).
     """
-    parts = dict(_DEFAULT_PARTS if parts is None else parts)
+    if parts is None:
+        parts = {part: round(share * config.default_rows) for part, share in _DEFAULT_SHARES.items()}
     rng = random.Random(config.seed * 1000 + 17 + seed_offset)
     _, source = _stdlib_text(config)
     source_text = source.decode("utf-8", errors="replace")
@@ -615,6 +618,8 @@ def _run(config: RefineDataConfig, folder: report.RunFolder, console: Console, c
     if done:
         console.print(f"resuming: {len(done)} shard(s) already scored in {run_dir / 'shards'}")
     n_rows = rows.count()
+    if not config.packing and keep_count(config.keep, n_rows) == 0:
+        raise ValueError(f"keep {config.keep:g} of {n_rows} rows keeps none (int(keep * N) = 0); raise --keep")
     console.print(f"run folder: {run_dir}")
     console.print(f"teacher: {teacher.description}; reference: {reference.description}")
     console.print(f"data: {source}: {n_rows:,} rows; units: {'chunks of ' + str(max_length) + ' teacher tokens' if config.packing else 'rows'} "
@@ -736,13 +741,9 @@ def _finish(config: RefineDataConfig, run_dir: Path, rows: RowFile, console: Con
 
 def _kept_chunks(config, rows: RowFile, teacher: _Scorer, merged, kept, max_length: int):
     """The kept chunks as rows {'text', 'chunk', 'first_row', 'last_row'}: re-cut from the data (a second pass)."""
-    class _All:
-        def __contains__(self, number):
-            return False
-
     eos_text = getattr(teacher.tokenizer, "eos_token", None) or ""
     wanted = set(np.asarray(merged["ids"])[kept].tolist())
-    for chunk, ids, _, _, (first, last) in _packed_units(iter(rows), config, teacher, teacher, max_length, "", "", _All()):
+    for chunk, ids, _, _, (first, last) in _packed_units(iter(rows), config, teacher, teacher, max_length, "", "", frozenset()):
         if chunk in wanted:
             text = eos_text.join(t for t, _ in _chunk_texts(teacher, ids))
             yield {"text": text, "chunk": chunk, "first_row": first, "last_row": last}
