@@ -289,6 +289,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_run_folder(tmp_path, models)
     line = _error(_run(["--teacher", str(teacher_dir), "--reference", str(tmp_path / "bare"), "--data", str(data),
                         "-o", str(out)]))
     assert "vocabularies do not match" in line and "280" in line
+    assert "keeps none" in _error(_run([*both, "--data", str(data), "--keep", "0.1", "-o", str(out)]))  # int(0.9) = 0
     assert "no column 'body'" in _error(_run([*both, "--data", str(data), "--text-column", "body", "-o", str(out)]))
     assert not out.exists() or not any(out.iterdir())
 

@@ -603,6 +603,9 @@ def _run(config: RefineDataConfig, folder: report.RunFolder, console: Console, c
         raise ValueError(f"--data: {data_path} holds no rows")
     domain_column = _check_columns(first, config, source)
     max_length = _max_length(config, teacher, reference)
+    n_rows = rows.count()
+    if not config.packing and keep_count(config.keep, n_rows) == 0:
+        raise ValueError(f"keep {config.keep:g} of {n_rows} rows keeps none (int(keep * N) = 0); raise --keep")
     fingerprint = _fingerprint(config, data_path)
     fingerprint_file = run_dir / "fingerprint.json"
     if fingerprint_file.is_file():
@@ -617,9 +620,6 @@ def _run(config: RefineDataConfig, folder: report.RunFolder, console: Console, c
         _load_shard(run_dir, number)  # a corrupt shard is an error naming it, before any work
     if done:
         console.print(f"resuming: {len(done)} shard(s) already scored in {run_dir / 'shards'}")
-    n_rows = rows.count()
-    if not config.packing and keep_count(config.keep, n_rows) == 0:
-        raise ValueError(f"keep {config.keep:g} of {n_rows} rows keeps none (int(keep * N) = 0); raise --keep")
     console.print(f"run folder: {run_dir}")
     console.print(f"teacher: {teacher.description}; reference: {reference.description}")
     console.print(f"data: {source}: {n_rows:,} rows; units: {'chunks of ' + str(max_length) + ' teacher tokens' if config.packing else 'rows'} "
