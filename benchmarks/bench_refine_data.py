@@ -19,6 +19,11 @@ process's CPU time (with one thread, the work done however loaded the machine is
 at most 1.2. Tokens/s count every token of every unit, of both models.
 
     python benchmarks/bench_refine_data.py                     # CPU, writes results/refine_data_cpu.csv
+    python benchmarks/bench_refine_data.py --memory            # peak memory at 10k and 100k rows, results/refine_data_memory.csv
+
+``--memory``: the whole ``divergent refine-data`` command in a child process on 10,000 and 100,000
+short rows (tiny 1-layer Llama teacher and reference, width 32), its peak resident memory
+(``ru_maxrss``) and wall time: flat memory means the same peak for ten times the rows.
     python benchmarks/bench_refine_data.py --device cuda --rows 4096 --teacher-width 1024 --out refine_data_gpu.csv
 """
 
@@ -67,6 +72,38 @@ def _llama(vocab: int, width: int, layers: int, max_length: int):
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def memory(args) -> None:
+    import os
+    import random
+    import subprocess
+
+    folder = Path(tempfile.mkdtemp())
+    tok = _tokenizer(decode_bytes(load_stdlib_corpus(max_train_bytes=200_000, max_val_bytes=20_000).val), 300)
+    for name, width in (("teacher", 32), ("reference", 32)):
+        _llama(len(tok), width, 1, 256).save_pretrained(folder / name)
+        tok.save_pretrained(folder / name)
+    rng = random.Random(0)
+    words = "the cat sat on a mat while python reads plain text and numbers count one two three".split()
+    rows_out = []
+    for n in (10_000, 100_000):
+        data = folder / f"rows{n}.jsonl"
+        data.write_text("".join(json.dumps({"text": " ".join(rng.choices(words, k=12))}) + "\n" for _ in range(n)))
+        command = [sys.executable, "-m", "divergent.cli", "refine-data", "--teacher", str(folder / "teacher"),
+                   "--reference", str(folder / "reference"), "--data", str(data), "--threads", "1",
+                   "-o", str(folder / f"out{n}")]
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(child.pid, 0)
+        if status != 0:
+            raise SystemExit(f"refine-data failed on {n} rows: {child.stderr.read()[-2000:]}")
+        rows_out.append({"rows": n, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                         "wall_s": round(time.perf_counter() - start, 1)})
+        print(rows_out[-1])
+    RESULTS.mkdir(exist_ok=True)
+    print("wrote", write_results(rows_out, RESULTS / "refine_data_memory.csv"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=128)
@@ -82,7 +119,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="refine_data_cpu.csv")
+    parser.add_argument("--memory", action="store_true", help="Peak memory of the command at 10k and 100k rows.")
     args = parser.parse_args()
+    if args.memory:
+        return memory(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
