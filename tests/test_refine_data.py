@@ -402,3 +402,38 @@ def test_packed_chunks_are_written_in_the_input_format(tmp_path, models, suffix)
         assert len(read) >= len(kept)  # a chunk's text may hold several lines
     else:
         assert [int(r["chunk"]) for r in read] == kept
+
+
+def test_packing_with_different_tokenizers_scores_the_chunk_text_with_each(tmp_path, models):
+    """A chunk is cut by the teacher's tokens; the reference reads its text: the pieces between the
+    teacher's EOS tokens, each followed by the reference's own EOS where the teacher had one."""
+    teacher_dir, _, teacher, _, tok = models
+    other = H.tokenizer(270)
+    reference = H.llama(len(other), 32, 1, seed=3)
+    reference.save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
+    texts = TEXTS[:3] + TEXTS[4:8]  # no EOS inside a row
+    data = H.write_jsonl(tmp_path / "rows.jsonl", [{"text": t} for t in texts])
+    result = _run(["--teacher", str(teacher_dir), "--reference", str(tmp_path / "other"), "--data", str(data),
+                   "--packing", "--max-length", "24", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    stream, owner = [], []
+    for row, text in enumerate(texts):
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        stream += ids
+        owner += [(row, k) for k in range(len(ids))]
+    expected = []
+    for start in range(0, len(stream), 24):
+        chunk = stream[start:start + 24]
+        pieces, current = [], []
+        for token in chunk:  # split at the teacher's EOS, decode each piece, re-encode with the reference's
+            if token == tok.eos_token_id:
+                pieces += other.encode(tok.decode(current), add_special_tokens=False) + [other.eos_token_id]
+                current = []
+            else:
+                current.append(token)
+        if current:
+            pieces += other.encode(tok.decode(current), add_special_tokens=False)
+        expected.append(_official_loss(reference, pieces, other.eos_token_id)
+                        - _official_loss(teacher, chunk, tok.eos_token_id))
+    np.testing.assert_allclose(_scores(_run_dir(tmp_path / "out"))["score"], expected, atol=2e-5)

@@ -408,7 +408,8 @@ def _packed_units(rows, config: RefineDataConfig, teacher: _Scorer, reference: _
     """Yield chunks of ``max_length`` teacher tokens of the concatenated rows (each row + EOS).
 
     The reference reads the chunk's text with its own tokenizer: the pieces between the teacher's
-    EOS tokens, each followed by the reference's EOS where the teacher had one.
+    EOS tokens, each followed by the reference's EOS where the teacher had one (all of it, however
+    many tokens that is, up to the reference's positions).
     """
     shared = reference.tokenizer is teacher.tokenizer
     buffer: list[int] = []
@@ -429,7 +430,9 @@ def _packed_units(rows, config: RefineDataConfig, teacher: _Scorer, reference: _
                 eos = getattr(reference.tokenizer, "eos_token_id", None)
                 if ended and eos is not None:
                     reference_ids.append(int(eos))
-            unit = (chunk, ids, reference_ids[:max_length], len(reference_ids) > max_length, (first, last))
+            # The same text may take the reference more tokens: cut only where its positions end.
+            limit = _max_positions(reference.model) or len(reference_ids)
+            unit = (chunk, ids, reference_ids[:limit], len(reference_ids) > limit, (first, last))
         chunk += 1
         return unit
 
