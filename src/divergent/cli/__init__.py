@@ -54,6 +54,7 @@ _COMMAND_MODULES = [
     "divergent.cli.compare",
     "divergent.cli.dpo",
     "divergent.cli.fdpg",
+    "divergent.cli.refine_data",
 ]
 
 for _module in _COMMAND_MODULES:
