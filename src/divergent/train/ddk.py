@@ -67,6 +67,12 @@ class DomainMixingSettings:
             close = get_close_matches(self.mixing, list(MIXINGS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}{hint}")
+        if self.domain_column and getattr(self, "teacher_cache", ""):
+            raise ValueError("domain_column with teacher_cache is not supported: a teacher cache keeps no domain "
+                             "column; give --data FILE with the domain column instead")
+        if self.domain_column and hasattr(self, "data") and not self.data:
+            raise ValueError(f"domain_column {self.domain_column!r} needs --data FILE with that column (the embedded "
+                             f"standard-library corpus has no domains)")
         if self.mixing and not self.domain_column:
             raise ValueError(f"mixing {self.mixing!r} draws rows by domain and needs a domain column: give "
                              f"--domain-column COL (the column of the data naming each row's domain)")
