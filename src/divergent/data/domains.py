@@ -41,6 +41,8 @@ __all__ = [
     "mixing_weights",
     "DomainSampler",
     "DomainData",
+    "split_domains",
+    "tokenize_domains",
     "load_domain_data",
 ]
 
@@ -279,6 +281,74 @@ def _total(stats: list[Any], source: str, fmt: str) -> Any:
     return total
 
 
+def split_domains(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]] | None, domain_column: str, *,
+                  eval_fraction: float = 0.05, seed: int = 0, source: str = "data",
+                  eval_source: str = "eval data") -> tuple[dict[str, list], dict[str, list], str]:
+    """Rows grouped by ``domain_column``: ``(train groups, eval groups, eval source)``.
+
+    Without ``eval_rows`` a seeded ``eval_fraction`` of each domain's rows is held out
+    (stratified, so every domain has evaluation rows). A domain without evaluation rows, or
+    with evaluation rows but no training rows, is an error naming it.
+    """
+    from divergent.data.lm_data import split_rows
+
+    if not isinstance(domain_column, str) or not domain_column:
+        raise ValueError(f"domain_column must be a column name, got {domain_column!r}")
+    train_groups = _by_domain(train_rows, domain_column, source)
+    if eval_rows is not None:
+        eval_groups = _by_domain(eval_rows, domain_column, eval_source)
+    else:
+        eval_source = f"{source} (held-out {eval_fraction:g} of each domain)"
+        eval_groups = {}
+        for name, rows in train_groups.items():
+            if len(rows) < 2:
+                raise ValueError(f"{source}: domain {name!r} has {len(rows)} row, too few to hold evaluation rows "
+                                 f"out; give evaluation data (--eval-data) with rows of every domain")
+            train_groups[name], eval_groups[name] = split_rows(rows, eval_fraction, seed, f"{source} [{name}]")
+    missing = [name for name in train_groups if name not in eval_groups]
+    if missing:
+        raise ValueError(f"{eval_source}: domain {missing[0]!r} has no evaluation rows (DDK measures each domain's "
+                         f"perplexity on its own evaluation rows); evaluation domains found: {sorted(eval_groups)}")
+    extra = [name for name in eval_groups if name not in train_groups]
+    if extra:
+        raise ValueError(f"{eval_source}: domain {extra[0]!r} has evaluation rows but no training rows in {source}")
+    return train_groups, eval_groups, eval_source
+
+
+def tokenize_domains(train_groups: dict[str, list], eval_groups: dict[str, list], tokenizer: Any, *,
+                     max_length: int = 512, packing: bool = False, max_eval_examples: int | None = None,
+                     source: str = "data", eval_source: str = "eval data", column: str = "domain") -> DomainData:
+    """Tokenize each domain's rows (:func:`divergent.data.lm_data.tokenize_rows`); domains sorted by name."""
+    from divergent.data.lm_data import _columns, detect_format, pack_examples, tokenize_rows
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2 (tokens per example), got {max_length!r}")
+    fmt = detect_format(_columns([row for rows in train_groups.values() for row in rows]), source)
+    names = sorted(train_groups)
+    train, evaluation, per_domain = {}, {}, {}
+    for name in names:
+        examples, train_stats = tokenize_rows(train_groups[name], tokenizer, max_length=2**62 if packing else max_length,
+                                              source=f"{source} [{name}]", format=fmt)
+        held_out, eval_stats = tokenize_rows(eval_groups[name], tokenizer, max_length=max_length,
+                                             source=f"{eval_source} [{name}]", format=fmt)
+        if not examples:
+            raise ValueError(f"{source}: domain {name!r} has no training row with anything to learn")
+        if not held_out:
+            raise ValueError(f"{eval_source}: domain {name!r} has no evaluation row with anything to learn")
+        train[name] = pack_examples(examples, max_length) if packing else examples
+        evaluation[name] = held_out[:max_eval_examples] if max_eval_examples is not None else held_out
+        per_domain[name] = {"train": train_stats, "eval": eval_stats}
+    notes = [f"{len(names)} domains by {column!r}: "
+             + ", ".join(f"{name} ({len(train[name])} / {len(evaluation[name])})" for name in names)
+             + " train / eval examples"]
+    if packing:
+        notes.append(f"each domain packed into blocks of up to {max_length} tokens")
+    return DomainData(names=names, train=train, eval=evaluation,
+                      train_stats=_total([s["train"] for s in per_domain.values()], source, fmt),
+                      eval_stats=_total([s["eval"] for s in per_domain.values()], eval_source, fmt),
+                      domain_stats=per_domain, notes=notes)
+
+
 def load_domain_data(
     data: str | Path,
     tokenizer: Any,
@@ -295,65 +365,15 @@ def load_domain_data(
 
     Evaluation rows: ``eval_data`` if given; else a ``save_to_disk`` DatasetDict's
     ``validation``/``test`` split; else a seeded ``eval_fraction`` of each domain's rows
-    (stratified, so every domain has evaluation rows). Every training domain needs
-    evaluation examples (DDK measures each domain's perplexities on them), at most
-    ``max_eval_examples`` per domain. Domains are sorted by name.
+    (see :func:`split_domains`). Every training domain needs evaluation examples (DDK
+    measures each domain's perplexities on them), at most ``max_eval_examples`` per domain.
     """
-    from divergent.data.lm_data import _columns, detect_format, pack_examples, read_rows, split_rows, tokenize_rows
+    from divergent.data.lm_data import read_splits
 
-    if not isinstance(domain_column, str) or not domain_column:
-        raise ValueError(f"domain_column must be a column name, got {domain_column!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2 (tokens per example), got {max_length!r}")
-    splits = read_rows(data, "--data")
-    train_name = "train" if "train" in splits else next(iter(splits))
-    source = str(data) if len(splits) == 1 else f"{data} [{train_name}]"
-    fmt = detect_format(_columns(splits[train_name]), source)
-    train_groups = _by_domain(splits[train_name], domain_column, source)
-    held = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
-    if eval_data is not None:
-        eval_splits = read_rows(eval_data, "--eval-data")
-        eval_name = next((n for n in ("validation", "test", "train") if n in eval_splits), next(iter(eval_splits)))
-        eval_source = str(eval_data)
-        eval_groups = _by_domain(eval_splits[eval_name], domain_column, eval_source)
-    elif held is not None:
-        eval_source = f"{data} [{held}]"
-        eval_groups = _by_domain(splits[held], domain_column, eval_source)
-    else:
-        eval_source = f"{source} (held-out {eval_fraction:g} of each domain)"
-        eval_groups = {}
-        for name, rows in train_groups.items():
-            if len(rows) < 2:
-                raise ValueError(f"{source}: domain {name!r} has {len(rows)} row, too few to hold evaluation rows "
-                                 f"out; give evaluation data (--eval-data) with rows of every domain")
-            train_groups[name], eval_groups[name] = split_rows(rows, eval_fraction, seed, f"{source} [{name}]")
-    missing = [name for name in train_groups if name not in eval_groups]
-    if missing:
-        raise ValueError(f"{eval_source}: domain {missing[0]!r} has no evaluation rows (DDK measures each domain's "
-                         f"perplexity on its own evaluation rows); evaluation domains found: {sorted(eval_groups)}")
-    extra = [name for name in eval_groups if name not in train_groups]
-    if extra:
-        raise ValueError(f"{eval_source}: domain {extra[0]!r} has evaluation rows but no training rows in {source}")
-    names = sorted(train_groups)
-    train, evaluation, per_domain = {}, {}, {}
-    for name in names:
-        examples, train_stats = tokenize_rows(train_groups[name], tokenizer, max_length=2**62 if packing else max_length,
-                                              source=f"{source} [{name}]", format=fmt)
-        held_out, eval_stats = tokenize_rows(eval_groups[name], tokenizer, max_length=max_length,
-                                             source=f"{eval_source} [{name}]", format=fmt)
-        if not examples:
-            raise ValueError(f"{source}: domain {name!r} has no training row with anything to learn")
-        if not held_out:
-            raise ValueError(f"{eval_source}: domain {name!r} has no evaluation row with anything to learn")
-        train[name] = pack_examples(examples, max_length) if packing else examples
-        evaluation[name] = held_out[:max_eval_examples] if max_eval_examples is not None else held_out
-        per_domain[name] = {"train": train_stats, "eval": eval_stats}
-    notes = [f"{len(names)} domains by {domain_column!r}: "
-             + ", ".join(f"{name} ({len(train[name])} / {len(evaluation[name])})" for name in names)
-             + " train / eval examples"]
-    if packing:
-        notes.append(f"each domain packed into blocks of up to {max_length} tokens")
-    return DomainData(names=names, train=train, eval=evaluation,
-                      train_stats=_total([s["train"] for s in per_domain.values()], source, fmt),
-                      eval_stats=_total([s["eval"] for s in per_domain.values()], eval_source, fmt),
-                      domain_stats=per_domain, notes=notes)
+    train_rows, source, eval_rows, eval_source = read_splits(data, eval_data)
+    train_groups, eval_groups, eval_source = split_domains(
+        train_rows, eval_rows, domain_column, eval_fraction=eval_fraction, seed=seed, source=source,
+        eval_source=eval_source or "eval data")
+    return tokenize_domains(train_groups, eval_groups, tokenizer, max_length=max_length, packing=packing,
+                            max_eval_examples=max_eval_examples, source=source, eval_source=eval_source,
+                            column=domain_column)
