@@ -20,7 +20,8 @@ after training, ln ppl_S − ln ppl_T (nats per byte) on the domain's held-out r
 average over the domains; DDK against uniform mixing (``--mixings`` adds proportional) is the paired
 difference over the seeds (:func:`divergent.experiments.report.paired_difference`: marked when
 |mean| exceeds its spread over seeds). Writes ``benchmarks/results/ddk_mixing.csv`` (one row per
-seed, mixing and domain), ``ddk_mixing_summary.csv`` and ``ddk_mixing.md``.
+seed, mixing and domain), ``ddk_mixing_summary.csv``, ``ddk_mixing.md`` and
+``ddk_mixing_weights.png`` (the first seed's DDK weights over the steps).
 
 Usage::
 
@@ -33,6 +34,7 @@ import argparse
 import ast
 import json
 import math
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -113,6 +115,7 @@ def main() -> None:
     mixings = args.mixings.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
 
     rows = stdlib_domains(args.rows_per_domain)
     corpus = work / "stdlib_domains.jsonl"
@@ -134,6 +137,8 @@ def main() -> None:
                 soft_weight=0.2, temperature=1.0, steps=args.steps, batch_size=16, max_length=ROW_CHARS + 1,
                 max_eval_examples=64, evaluations=1, seed=seed, output_dir=str(work / "runs"), num_threads=args.threads)
             result = run_distill_lm(config)
+            if seed == seeds[0] and mixing == "ddk":  # the first seed's weights over the steps, for docs/data.md
+                shutil.copyfile(Path(result["run_dir"]) / "domain_weights.png", RESULTS / "ddk_mixing_weights.png")
             info = result["rows"][0]["domains"]
             total = sum(info["drawn"])
             for i, name in enumerate(info["names"]):
@@ -174,7 +179,6 @@ def main() -> None:
                                                + (" *" if diff["significant"] else ""))
         summary.append(entry)
     command = command_line()
-    RESULTS.mkdir(exist_ok=True)
     write_results(per_run, RESULTS / "ddk_mixing.csv", command)
     write_results(summary, RESULTS / "ddk_mixing_summary.csv", command)
     columns = list(summary[0])
