@@ -123,8 +123,7 @@ _COLUMNS = ["model", "domain", "teacher_ppl", "ppl_before", "ppl_after", "ratio_
             "drawn_share", "final_weight"]
 
 
-def report_domains(rows: list[dict[str, Any]], domains: DomainSetup, run_dir: Path, console: Console,
-                   title: str) -> str:
+def report_domains(rows: list[dict[str, Any]], domains: DomainSetup, run_dir: Path, console: Console) -> str:
     """Print the per-domain table, write ``domains.csv`` and ``domain_weights.png``; the report.md section."""
     table = _table(rows, domains)
     if not table:
@@ -132,7 +131,8 @@ def report_domains(rows: list[dict[str, Any]], domains: DomainSetup, run_dir: Pa
     report.print_table(table, _COLUMNS, title=f"per domain ({domains.mixing} mixing by {domains.column!r})",
                        console=console)
     report.write_csv(table, run_dir / "domains.csv")
-    plot = _weights_plot(rows, domains, run_dir / "domain_weights.png", f"{title}: {domains.mixing} mixing")
+    plot = _weights_plot(rows, domains, run_dir / "domain_weights.png",
+                         f"{domains.mixing} mixing by {domains.column!r}")
     rule = {"ddk": f"DDK (r = softmax(ppl_S/ppl_T) at step 0, then every {domains.interval} steps "
                    f"ψ = r·exp(ppl_S/ppl_T), r ← {domains.smoothing:g}·ψ/Σψ + {1 - domains.smoothing:g}/N)",
             "uniform": "uniform (every domain equally often)",

@@ -715,7 +715,7 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
     if setup.domains is not None:
         from divergent.experiments.domains import report_domains
 
-        domain_section = report_domains(rows, setup.domains, run_dir, console, title)
+        domain_section = report_domains(rows, setup.domains, run_dir, console)
     seconds = time.perf_counter() - started
     results = {"command": command, "config": config_to_dict(config), "data": setup.data_description,
                "data_stats": setup.stats, "teacher": teacher_row, "rows": rows, "run_dir": str(run_dir),
