@@ -33,7 +33,7 @@ def _args(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=5, learning_rate=0.05,
                     optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no", use_cpu=True,
                     report_to=[], seed=0, disable_tqdm=True, hard_weight=1.0, soft_weight=0.2, domain_column="kind",
-                    mixing="ddk", ddk_interval=2, ddk_smoothing=0.5, per_device_eval_batch_size=4)
+                    ddk_interval=2, ddk_smoothing=0.5, per_device_eval_batch_size=4)
     settings.update(overrides)
     return DistillationConfig(**settings)
 
@@ -102,6 +102,7 @@ def test_two_trainers_with_one_seed_draw_the_same_rows(tmp_path, tiny):
     (dict(mixing="uniformm"), "did you mean 'uniform'"),
     (dict(ddk_interval=0), "ddk_interval must be an int >= 1"),
     (dict(ddk_smoothing=-1.0), "ddk_smoothing must be in \\[0, 1\\]"),
+    (dict(domain_column=None, mixing="uniform"), "mixing 'uniform' draws rows by domain and needs a domain column"),
 ])
 def test_bad_input_is_refused_by_name(tmp_path, tiny, overrides, match):
     tokenizer, teacher, student = tiny

@@ -79,7 +79,7 @@ class DistillationConfig(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads the rows' columns."})
     domain_column: str | None = field(default=None, metadata={
         "help": "Column of the rows naming each row's domain: draw training rows by domain (mixing; divergent.hf.domains)."})
-    mixing: str = field(default="ddk", metadata={"help": "With domain_column: ddk, uniform or proportional."})
+    mixing: str = field(default="", metadata={"help": "With domain_column: ddk (default), uniform or proportional."})
     ddk_interval: int = field(default=1000, metadata={
         "help": "DDK: optimisation steps between per-domain perplexity measurements and weight updates (the paper's K)."})
     ddk_smoothing: float = field(default=0.5, metadata={"help": "DDK: alpha in [0, 1] of the factor-smooth update."})
@@ -105,11 +105,10 @@ class DistillationConfig(transformers.TrainingArguments):
             raise ValueError(f"hard_weight and soft_weight must be >= 0 and not both 0, got "
                              f"{self.hard_weight}, {self.soft_weight}")
         LMObjective.from_config(self)  # an unknown divergence or parameter fails here, naming itself
-        if self.domain_column is not None:
-            from divergent.train.ddk import DomainMixingSettings
+        from divergent.train.ddk import DomainMixingSettings
 
-            DomainMixingSettings(domain_column=self.domain_column, mixing=self.mixing, ddk_interval=self.ddk_interval,
-                                 ddk_smoothing=self.ddk_smoothing)._check_domain_settings()
+        DomainMixingSettings(domain_column=self.domain_column or "", mixing=self.mixing, ddk_interval=self.ddk_interval,
+                             ddk_smoothing=self.ddk_smoothing)._check_domain_settings()
 
 
 class _Examples(torch.utils.data.Dataset):

@@ -154,7 +154,7 @@ def mixing_parts(data: DomainData, trainer: Any) -> tuple[DomainMixingSampler, D
     _, indices = domain_index_lists(data)
     sampler = DomainMixingSampler(indices, seed=args.seed)
     callback = DomainMixingCallback(
-        sampler, [data.eval[name] for name in data.names], mixing=args.mixing, interval=args.ddk_interval,
+        sampler, [data.eval[name] for name in data.names], mixing=args.mixing or "ddk", interval=args.ddk_interval,
         smoothing=args.ddk_smoothing, teacher=trainer.teacher_model, batch_size=args.per_device_eval_batch_size,
         pad_token_id=trainer.pad_token_id, vocab_size=args.vocab_size,
         train_sizes=[len(data.train[name]) for name in data.names])

@@ -75,7 +75,7 @@ class DomainMixingSettings:
                              f"standard-library corpus has no domains)")
         if self.mixing and not self.domain_column:
             raise ValueError(f"mixing {self.mixing!r} draws rows by domain and needs a domain column: give "
-                             f"--domain-column COL (the column of the data naming each row's domain)")
+                             f"--domain-column COL (domain_column: the column of the data naming each row's domain)")
         if isinstance(self.ddk_interval, bool) or not isinstance(self.ddk_interval, int) or self.ddk_interval < 1:
             raise ValueError(f"ddk_interval must be an int >= 1 (steps between DDK updates), got {self.ddk_interval!r}")
         if isinstance(self.ddk_smoothing, bool) or not 0.0 <= float(self.ddk_smoothing) <= 1.0:
