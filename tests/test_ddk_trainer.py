@@ -29,7 +29,7 @@ def _rows(low, high, n, seed):
 
 
 def _domains():
-    """Two domains over disjoint token ranges (a: 3..19 repeated patterns, b: 20..47)."""
+    """Two domains over disjoint token ranges (a: tokens 3..19, b: tokens 20..47)."""
     train = {"a": _rows(3, 20, 24, 0), "b": _rows(20, 48, 12, 1)}
     evaluation = {"a": _rows(3, 20, 4, 2), "b": _rows(20, 48, 4, 3)}
     return train, evaluation
@@ -134,3 +134,57 @@ def test_a_real_signal_then_resume_equals_the_uninterrupted_run(tmp_path, sig):
     history = signal_then_resume(tmp_path, "from test_ddk_trainer import _resumable; trainer = _resumable()", sig,
                                  after=4, every=2)
     assert history == [{k: v for k, v in h.items()} for h in reference.history]
+
+
+DDP_WORKER = """
+import json, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_ddk_trainer import _trainer
+from divergent.train.lm import init_distributed_from_env
+from divergent.train.run import drive
+
+torch.set_num_threads(1)
+distributed = init_distributed_from_env()
+out, batch_size, grad_accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+trainer = _trainer(steps=4, interval=1, batch_size=batch_size, grad_accum=grad_accum, optimizer="sgd", lr=0.5,
+                   warmup_steps=0, grad_clip=0.0)
+drive(trainer)
+rank = dist.get_rank() if distributed else 0
+json.dump({{"history": trainer.domain_history, "losses": [h["loss"] for h in trainer.history]}},
+          open(out + f".rank{{rank}}.json", "w"))
+if rank == 0:
+    torch.save(trainer.full_model_state(), out + ".pt")
+if distributed:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_ddp_ranks_draw_the_same_domains_and_equal_one_process(tmp_path):
+    """torchrun, 2 CPU ranks x 2 rows x 2 accumulation vs one process x 8 rows, DDK every step: the ranks
+    agree on every measurement and weight, and the student equals the one-process student."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(tests=str(Path(__file__).parent)))
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for command in ([sys.executable, str(script), str(tmp_path / "one"), "8", "1"],
+                    [*launcher, str(script), str(tmp_path / "two"), "2", "2"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    rank0, rank1 = (json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["history"] == rank1["history"]
+    assert [h["step"] for h in rank0["history"]] == [0, 1, 2, 3, 4]
+    for got, want in zip(rank0["history"], one["history"]):
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-5)
+        assert got["drawn"] == want["drawn"]
+    assert rank0["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    single, double = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
