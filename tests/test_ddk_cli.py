@@ -149,3 +149,23 @@ def test_bad_domain_input_is_one_line_exit_2(tmp_path, monkeypatch):
     assert process.returncode == 2
     assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_user_hf_models_with_a_domain_column(tmp_path):
+    """A tiny Llama pair with their tokenizer (tests/lm_helpers.py) and prompt/completion rows in two domains."""
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+
+    teacher, student, _ = H.save_pair(tmp_path)
+    rows = [{**row, "task": "parity"} for row in H.prompt_completion_rows(12)]
+    rows += [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}.", "task": "sums"} for i in range(12)]
+    data = H.write_jsonl(tmp_path / "tasks.jsonl", rows)
+    result = CliRunner().invoke(app, ["distill-lm", "--teacher", str(teacher), "--student", str(student), "--data",
+                                      str(data), "--domain-column", "task", "--ddk-interval", "1", "--steps", "3",
+                                      "--batch-size", "4", "--threads", "1", "--set", "include_scratch=false",
+                                      "-o", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    row = json.loads((_run_dir(tmp_path / "runs") / "results.json").read_text())["rows"][0]
+    assert row["domains"]["names"] == ["parity", "sums"]
+    assert [h["step"] for h in row["domains"]["history"]] == [0, 1, 2, 3]
+    assert all(p > 1 for p in row["domains"]["teacher_ppl"] + row["domains"]["after"])
