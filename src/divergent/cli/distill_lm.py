@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from divergent.data.domains import MIXINGS
 from divergent.cli._common import (
     ConfigOption,
     DebugOption,
@@ -61,6 +62,10 @@ def register(app: typer.Typer) -> None:
         fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Fused, chunked output-layer loss: the [tokens, vocab] logits are never formed (default: fused)."),
         chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens per chunk of the fused loss (default: as many as fit 2^27 logits, 2^23 on the CPU)."),
         vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Compare the first N vocabulary entries (output layers padded beyond the tokenizer)."),
+        domain_column: Optional[str] = typer.Option(None, "--domain-column", help="Column of --data naming each row's domain: draw training rows by domain (--mixing)."),
+        mixing: Optional[str] = typer.Option(None, "--mixing", help="How domains are drawn: " + "; ".join(f"{k}: {v}" for k, v in MIXINGS.items()) + " (default ddk)."),
+        ddk_interval: Optional[int] = typer.Option(None, "--ddk-interval", help="DDK: steps K between per-domain perplexity measurements and weight updates (default 50; the paper 1000)."),
+        ddk_smoothing: Optional[float] = typer.Option(None, "--ddk-smoothing", help="DDK: smoothing alpha in [0, 1] of the factor-smooth update (default 0.5; 1 = none)."),
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order, splits and generation (default 0)."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
         device: Optional[str] = typer.Option(None, help="cpu, cuda or auto (default auto)."),
@@ -77,7 +82,10 @@ def register(app: typer.Typer) -> None:
         agreement, tokens/s and peak memory. Writes results.csv/json, report.md and
         curves.png, and each student with save_pretrained (runs/<model>/model). With no
         options: Python stdlib source as bytes and a cached tiny teacher, under a minute on
-        two CPU cores.
+        two CPU cores. With --domain-column COL the rows are drawn by domain (--mixing ddk:
+        DDK's weights from each domain's student/teacher perplexity ratio, re-measured every
+        --ddk-interval steps), and a per-domain table, domains.csv and domain_weights.png
+        are added.
         """
 
         def body() -> None:
@@ -97,6 +105,8 @@ def register(app: typer.Typer) -> None:
                     "temperature": temperature, "hard_weight": hard_weight, "soft_weight": soft_weight,
                     "on_policy_fraction": on_policy, "seq_kd_fraction": seq_kd, "fused": fused,
                     "chunk_size": chunk_size, "vocab_size": vocab_size, "seed": seed, "num_threads": threads,
+                    "domain_column": domain_column, "mixing": mixing, "ddk_interval": ddk_interval,
+                    "ddk_smoothing": ddk_smoothing,
                     "device": device, "output_dir": text(out_dir),
                 },
             )

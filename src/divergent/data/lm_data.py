@@ -54,6 +54,7 @@ __all__ = [
     "tokenize_rows",
     "pack_examples",
     "load_lm_data",
+    "read_splits",
     "split_rows",
     "collate",
     "stream_examples",
@@ -501,6 +502,28 @@ def split_rows(rows: list[dict[str, Any]], fraction: float, seed: int, source: s
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def read_splits(data: str | Path, eval_data: str | Path | None = None):
+    """``(train rows, source, evaluation rows or None, evaluation source)`` of the data files.
+
+    Evaluation rows: ``eval_data`` if given; else a ``save_to_disk`` DatasetDict's
+    ``validation`` or ``test`` split; else None (the caller holds rows out). A training
+    source without a known row format fails here, before any split.
+    """
+    splits = read_rows(data, "--data")
+    train_name = "train" if "train" in splits else next(iter(splits))
+    train_rows = splits[train_name]
+    source = str(data) if len(splits) == 1 else f"{data} [{train_name}]"
+    detect_format(_columns(train_rows), source)  # before splitting: a file without a known column fails first
+    held = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
+    if eval_data is not None:
+        eval_splits = read_rows(eval_data, "--eval-data")
+        eval_name = next((n for n in ("validation", "test", "train") if n in eval_splits), next(iter(eval_splits)))
+        return train_rows, source, eval_splits[eval_name], str(eval_data)
+    if held is not None:
+        return train_rows, source, splits[held], f"{data} [{held}]"
+    return train_rows, source, None, None
+
+
 def load_lm_data(
     data: str | Path,
     tokenizer: Any,
@@ -518,19 +541,8 @@ def load_lm_data(
     ``validation`` or ``test`` split; else a seeded ``eval_fraction`` of the rows.
     Evaluation examples are never packed; at most ``max_eval_examples`` are kept.
     """
-    splits = read_rows(data, "--data")
-    train_name = "train" if "train" in splits else next(iter(splits))
-    train_rows = splits[train_name]
-    source = str(data) if len(splits) == 1 else f"{data} [{train_name}]"
-    detect_format(_columns(train_rows), source)  # before splitting: a file without a known column fails first
-    held = next((n for n in ("validation", "test") if n in splits and n != train_name), None)
-    if eval_data is not None:
-        eval_splits = read_rows(eval_data, "--eval-data")
-        eval_name = next((n for n in ("validation", "test", "train") if n in eval_splits), next(iter(eval_splits)))
-        eval_rows, eval_source = eval_splits[eval_name], str(eval_data)
-    elif held is not None:
-        eval_rows, eval_source = splits[held], f"{data} [{held}]"
-    else:
+    train_rows, source, eval_rows, eval_source = read_splits(data, eval_data)
+    if eval_rows is None:
         train_rows, eval_rows = split_rows(train_rows, eval_fraction, seed, source)
         eval_source = f"{source} (held-out {eval_fraction:g})"
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:

@@ -44,6 +44,7 @@ from rich.console import Console
 from divergent.config import config_to_dict, load_run_config, save_config
 from divergent.experiments import report
 from divergent.io import read_json, write_json
+from divergent.train.ddk import DomainMixingSettings
 from divergent.train.lm import LMTrainingSettings
 from divergent.train.run import Checkpointer, NonFiniteLossError, RunInterrupted, drive
 
@@ -149,12 +150,13 @@ class LMDataSettings:
 
 
 @dataclass
-class DistillLMConfig(LMDataSettings, LMTrainingSettings):
+class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     """Settings of ``divergent distill-lm`` (every key can be set in YAML or with ``--set``):
     the models and data of :class:`LMDataSettings`, how each student is trained
     (:class:`divergent.train.lm.LMTrainingSettings`; ``hard_weight``, ``soft_weight`` and the
     generation settings apply to the distilled students, the scratch student trains on the
-    data alone), and
+    data alone), the domain mixing of :class:`divergent.train.ddk.DomainMixingSettings`
+    (every student), and
 
     student: local folder of the student's initial weights (with its tokenizer); "" = a new
         byte-level GPT student (only with the default teacher or its cache).
@@ -183,6 +185,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
 
     def __post_init__(self) -> None:
         self._check_data_settings()
+        self._check_domain_settings()
         if not self.divergences:
             raise ValueError("divergences is empty: give at least one divergence (divergent.available())")
         if len(set(self.divergences)) != len(self.divergences):
@@ -237,6 +240,7 @@ class _Setup:
     vocab_size: int | None
     teacher_description: str
     cached_teacher: bool = False
+    domains: Any = None  # divergent.experiments.domains.DomainSetup with a domain column
 
 
 def _hash(obj: Any) -> str:
@@ -347,16 +351,27 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
         teacher = None  # trained below on the training examples
         teacher_description = f"default byte-level GPT {TEACHER_CONFIG}"
     byte_level = is_byte_tokenizer(tokenizer)
-    train, evaluation, description, stats = _load_examples(config, tokenizer)
+    domains = None
+    if config.domain_column:
+        from divergent.experiments.domains import load_domains
+
+        domains, (train, evaluation, description, stats) = load_domains(config, tokenizer)
+    else:
+        train, evaluation, description, stats = _load_examples(config, tokenizer)
     if teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
     teacher = teacher.to(device).eval()  # evaluated before any student trains
     vocab = _resolve_vocab(config.vocab_size, student, _model_vocab(teacher), tokenizer)
     if vocab is not None and not byte_level:
         console.print(f"vocabulary: comparing the first {vocab} entries (the tokenizer's size)")
+    if domains is not None:
+        from divergent.experiments.domains import with_teacher
+
+        with_teacher(domains, teacher, batch_size=config.eval_batch_size, device=device,
+                     pad_token_id=_pad_id(tokenizer), vocab_size=vocab)
     return _Setup(teacher=teacher, student_init=student, tokenizer=tokenizer, train=train, eval=evaluation,
                   byte_level=byte_level, data_description=description, stats=stats, vocab_size=vocab,
-                  teacher_description=teacher_description)
+                  teacher_description=teacher_description, domains=domains)
 
 
 def _setup_from_cache(config: DistillLMConfig, console: Console, directory: str | Path | None = None) -> _Setup:
@@ -484,9 +499,15 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
         return evaluate_lm(model, setup.eval, teacher=eval_teacher, batch_size=config.eval_batch_size,
                            device=device, pad_token_id=pad, vocab_size=setup.vocab_size, byte_level=setup.byte_level)
 
-    trainer = LMTrainer(student, teacher, ExampleSource(setup.train, seed=config.seed, pad_token_id=pad),
-                        config.trainer_config(divergence, setup.vocab_size), device=device, evaluate=evaluate,
-                        pad_token_id=pad, eos_token_id=getattr(setup.tokenizer, "eos_token_id", None))
+    common = dict(device=device, evaluate=evaluate, pad_token_id=pad, eos_token_id=getattr(setup.tokenizer, "eos_token_id", None))
+    if setup.domains is not None:
+        from divergent.experiments.domains import domain_trainer
+
+        trainer = domain_trainer(setup.domains, student, teacher, config.trainer_config(divergence, setup.vocab_size),
+                                 eval_batch_size=config.eval_batch_size, **common)
+    else:
+        trainer = LMTrainer(student, teacher, ExampleSource(setup.train, seed=config.seed, pad_token_id=pad),
+                            config.trainer_config(divergence, setup.vocab_size), **common)
     model_dir = folder / "model"
 
     def export(step: int, path: Path) -> None:
@@ -511,6 +532,10 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     row.update(status="finished", **final, tokens_per_s=result.tokens_per_second, peak_mb=result.peak_memory_mb,
                train_s=result.train_seconds, tokens=result.tokens_seen, steps=result.steps_done,
                params=_parameters(student), model_dir=str(model_dir), history=result.history)
+    if setup.domains is not None:
+        from divergent.experiments.domains import domain_row
+
+        row["domains"] = domain_row(trainer, setup.domains)
     write_json(row, done)
     # The finished student is in model_dir and its numbers in result.json; the optimiser states go.
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -564,7 +589,7 @@ def _columns(byte_level: bool) -> list[str]:
 def _table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for row in rows:
-        entry = {k: v for k, v in row.items() if k not in ("history", "config_hash")}
+        entry = {k: v for k, v in row.items() if k not in ("history", "config_hash", "domains")}
         entry["eval_loss"] = row.get("loss")
         if row.get("status") == "failed":
             entry["eval_loss"] = "failed"
@@ -588,7 +613,7 @@ def _display(table: list[dict[str, Any]], columns: list[str]) -> tuple[list[dict
 
 
 def _write_report(run_dir: Path, config: DistillLMConfig, setup: _Setup, table: list[dict], columns: list[str],
-                  command: str, seconds: float, device: torch.device) -> None:
+                  command: str, seconds: float, device: torch.device, extra: str = "") -> None:
     stats = ""
     for split, values in setup.stats.items():
         stats += (f"- {split}: {values.get('rows')} rows ({values.get('format')}) → {values.get('used')} examples; "
@@ -622,7 +647,7 @@ and the data) or peak allocated memory (CUDA). Each distilled student is in `run
 Only comparable quantities share a panel: cross-entropy on the data, KL to the teacher and
 top-1 agreement, each on its own axis. (The training objective of each row is a different
 divergence, so it is in results.json, not on a shared axis.)
-
+{extra}
 ## Reproduce
 
 ```
@@ -707,12 +732,17 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
     report.print_table(*_display(table, columns), title=title, console=console)
     report.write_csv([{c: r.get(c) for c in columns} for r in table], run_dir / "results.csv")
     _plot(rows, teacher_row, run_dir / "curves.png", title)
+    domain_section = ""
+    if setup.domains is not None:
+        from divergent.experiments.domains import report_domains
+
+        domain_section = report_domains(rows, setup.domains, run_dir, console)
     seconds = time.perf_counter() - started
     results = {"command": command, "config": config_to_dict(config), "data": setup.data_description,
                "data_stats": setup.stats, "teacher": teacher_row, "rows": rows, "run_dir": str(run_dir),
                "total_seconds": seconds}
     write_json(results, run_dir / "results.json")
-    _write_report(run_dir, config, setup, table, columns, command, seconds, device)
+    _write_report(run_dir, config, setup, table, columns, command, seconds, device, domain_section)
     for split, values in setup.stats.items():
         if values.get("truncated") or values.get("skipped_nothing_to_learn"):
             console.print(f"{split} data: {values['truncated']} rows truncated to {config.length()} tokens, "

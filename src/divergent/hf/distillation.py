@@ -83,6 +83,14 @@ class DistillationConfig(transformers.TrainingArguments):
     max_length: int = field(default=1024, metadata={"help": "Rows are cut to this many tokens (and counted as truncated)."})
     packing: bool = field(default=False, metadata={"help": "Concatenate training rows into blocks of max_length tokens."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads the rows' columns."})
+    domain_column: str | None = field(default=None, metadata={
+        "help": "Column of the rows naming each row's domain: draw training rows by domain (mixing; divergent.hf.domains)."})
+    mixing: str = field(default="", metadata={"help": "With domain_column: ddk (default), uniform or proportional."})
+    ddk_interval: int = field(default=1000, metadata={
+        "help": "DDK: optimisation steps between per-domain perplexity measurements and weight updates (the paper's K)."})
+    ddk_smoothing: float = field(default=0.5, metadata={"help": "DDK: alpha in [0, 1] of the factor-smooth update."})
+    domain_eval_fraction: float = field(default=0.05, metadata={
+        "help": "With domain_column and no eval_dataset: fraction of each domain's rows held out to measure it."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,6 +111,10 @@ class DistillationConfig(transformers.TrainingArguments):
             raise ValueError(f"hard_weight and soft_weight must be >= 0 and not both 0, got "
                              f"{self.hard_weight}, {self.soft_weight}")
         LMObjective.from_config(self)  # an unknown divergence or parameter fails here, naming itself
+        from divergent.train.ddk import DomainMixingSettings
+
+        DomainMixingSettings(domain_column=self.domain_column or "", mixing=self.mixing, ddk_interval=self.ddk_interval,
+                             ddk_smoothing=self.ddk_smoothing)._check_domain_settings()
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -252,6 +264,12 @@ class DistillationTrainer(transformers.Trainer):
                 "on_policy_fraction / seq_kd_fraction need one to score generated continuations"
             )
         self.data_stats: dict[str, Any] = {}
+        domains = None
+        if args.domain_column is not None:
+            from divergent.hf.domains import domain_data
+
+            domains, train_dataset, eval_dataset = domain_data(train_dataset, eval_dataset, processing_class, args)
+            train_dataset, eval_dataset = _Examples(train_dataset), _Examples(eval_dataset)
         train_dataset, self.data_stats["train"] = _prepare(train_dataset, processing_class, args, "train_dataset", True)
         eval_dataset, self.data_stats["eval"] = _prepare(eval_dataset, processing_class, args, "eval_dataset", False)
         self.eos_token_id = getattr(processing_class, "eos_token_id", None)
@@ -275,6 +293,17 @@ class DistillationTrainer(transformers.Trainer):
             for parameter in self.teacher_model.parameters():
                 parameter.requires_grad_(False)
         self._micro = (-1, 0)  # (global step, micro-batches drawn in it): seeds the on-policy draws
+        self.domain_sampler = self.domain_callback = None
+        if domains is not None:
+            from divergent.hf.domains import mixing_parts
+
+            self.domain_sampler, self.domain_callback = mixing_parts(domains, self)
+            self.add_callback(self.domain_callback)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.domain_sampler is not None:
+            return self.domain_sampler
+        return super()._get_train_sampler(train_dataset)
 
     # -- the loss ---------------------------------------------------------------------
 
