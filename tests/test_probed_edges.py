@@ -64,3 +64,60 @@ def test_bf16_cache_with_k_equal_vocab_written_by_cache_teacher_trains_in_distil
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("distill-lm-")]
     rows = json.loads((run_dir / "results.json").read_text())
     assert "forward_kl" in json.dumps(rows)
+
+
+# ---------------------------------------------------------------- α → 0 where the student's q underflows
+
+
+def _ab_limit_mp(student, teacher, beta, mirror=False):
+    """D_AB at (0, β) in mpmath: 1/β² Σ [q^β log(q^β/p^β) − q^β + p^β] (mirror: (β, 0), p and q swapped)."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+
+    def probs(row):
+        z = mpmath.fsum(mpmath.exp(x) for x in row if x != float("-inf"))
+        return [mpmath.mpf(0) if x == float("-inf") else mpmath.exp(x) / z for x in row]
+
+    p, q = probs(teacher), probs(student)
+    if mirror:
+        p, q = q, p
+    total = mpmath.mpf(0)
+    for pk, qk in zip(p, q):
+        if qk == 0:
+            total += pk ** beta / beta**2
+        elif pk == 0:
+            return float("inf")
+        else:
+            total += (qk**beta * beta * (mpmath.log(qk) - mpmath.log(pk)) - qk**beta + pk**beta) / beta**2
+    return float(total)
+
+
+@pytest.mark.parametrize("student_logit", [-120.0, -200.0, -30.0])
+def test_alpha_at_zero_is_infinite_where_the_teacher_is_zero_even_if_q_underflows(student_logit):
+    """Amari α at α=0 is KL(q‖p): +inf when p = 0 < q, also when q = e^-120 underflows float32."""
+    ninf = float("-inf")
+    student = [[0.0, 1.0, student_logit], [0.0, 1.0, student_logit]]
+    teacher = [[0.5, 0.0, ninf], [0.5, 0.0, -100.0]]
+    got = dv.divergence("alpha", torch.tensor(student), torch.tensor(teacher), alpha=0.0, reduction="none")
+    want = [_ab_limit_mp(s, t, 1.0) for s, t in zip(student, teacher)]
+    assert got[0].item() == float("inf") == want[0]
+    assert got[1].item() == pytest.approx(want[1], rel=1e-5)
+    assert dv.divergence("reverse_kl", torch.tensor(student), torch.tensor(teacher), reduction="none")[0] == float("inf")
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_alpha_beta_at_its_log_limits_is_infinite_where_one_side_is_zero(beta):
+    """(0, β): +inf where p = 0 < q; (β, 0): +inf where q = 0 < p, however small the other side is."""
+    ninf = float("-inf")
+    low = [[0.0, 1.0, -250.0]]
+    zero = [[0.5, 0.0, ninf]]
+    got = dv.divergence("alpha_beta", torch.tensor(low), torch.tensor(zero), alpha=0.0, beta=beta)
+    assert got.item() == float("inf") == _ab_limit_mp(low[0], zero[0], beta)
+    mirrored = dv.divergence("alpha_beta", torch.tensor(zero), torch.tensor(low), alpha=beta, beta=0.0)
+    assert mirrored.item() == float("inf") == _ab_limit_mp(zero[0], low[0], beta, mirror=True)
+    # Where both sides have support the value is finite and matches the closed form.
+    finite = [[0.5, 0.0, -100.0]]
+    got = dv.divergence("alpha_beta", torch.tensor(low, dtype=torch.float64), torch.tensor(finite, dtype=torch.float64),
+                        alpha=0.0, beta=beta)
+    assert got.item() == pytest.approx(_ab_limit_mp(low[0], finite[0], beta), rel=1e-9)
