@@ -121,3 +121,48 @@ def test_alpha_beta_at_its_log_limits_is_infinite_where_one_side_is_zero(beta):
     got = dv.divergence("alpha_beta", torch.tensor(low, dtype=torch.float64), torch.tensor(finite, dtype=torch.float64),
                         alpha=0.0, beta=beta)
     assert got.item() == pytest.approx(_ab_limit_mp(low[0], finite[0], beta), rel=1e-9)
+
+
+# ---------------------------------------------------------------- clear errors instead of deep tracebacks
+
+
+def test_a_parameter_beyond_float32_is_named():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"bdkd: parameter high_weight must be finite in float32 .*got 1e\+39"):
+        dv.divergence("bdkd", s, t, high_weight=1e39)
+    with pytest.raises(ValueError, match="parameter low_weight must be finite in float32"):
+        dv.LinearDistillationLoss("bdkd", low_weight=-1e39)
+    assert torch.isfinite(dv.divergence("bdkd", s, t, high_weight=1e38))  # within float32: computed
+
+
+def test_a_mask_without_values_is_named():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="mask is on the meta device: it has a shape but no values"):
+        dv.divergence("forward_kl", s, t, mask=torch.ones(3, dtype=torch.bool, device="meta"))
+
+
+def test_a_second_backward_says_retain_graph():
+    """Plain, TopK and fused paths: a second backward names retain_graph (never a deep 'does not require grad')."""
+    t = torch.randn(4, 5)
+    student = torch.randn(4, 5, requires_grad=True)
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    losses = {
+        "plain": lambda: dv.divergence("js", student, t),
+        "TopK": lambda: dv.divergence("forward_kl", student, dv.TopK.from_logits(t, k=2)),
+        "fused": lambda: dv.LinearDistillationLoss("js")(hidden, weight, torch.randn(4, 8), torch.randn(5, 8)),
+    }
+    for path, loss_of in losses.items():
+        loss = loss_of()
+        loss.backward()
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            loss.backward()
+
+
+def test_topk_values_changed_to_nan_after_construction_are_named():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    teacher = dv.TopK.from_logits(t, k=2)
+    teacher.logprobs[1, 0] = float("nan")  # TopK checked its values when it was built, not since
+    with pytest.raises(ValueError, match="TopK teacher's logprobs contain NaN or \\+inf \\(1 entries\\).*changed afterwards"):
+        dv.divergence("forward_kl", s, teacher)
+    with pytest.raises(ValueError, match="TopK teacher's logprobs contain NaN"):
+        dv.LinearDistillationLoss("js")(torch.randn(3, 4), torch.randn(5, 4), None, teacher)
