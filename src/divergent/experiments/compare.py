@@ -934,8 +934,13 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
 
     if rank() != 0:
         return {"run_dir": str(run_dir), "runs": rows}
-    return _report(config, run_dir, rows, teacher_info, teacher_test_logits, test_labels, n_train=len(data.train),
-                   n_labelled=len(students_data.train), command=command, started=started, console=console)
+    try:
+        return _report(config, run_dir, rows, teacher_info, teacher_test_logits, test_labels, n_train=len(data.train),
+                       n_labelled=len(students_data.train), command=command, started=started, console=console)
+    except KeyboardInterrupt:
+        raise CompareInterrupted(
+            run_dir, f"interrupted while writing the report; every run is saved; write the report with: "
+                     f"divergent compare --resume {run_dir}") from None
 
 
 def resume_compare(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:
