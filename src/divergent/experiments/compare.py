@@ -909,7 +909,6 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
     if rank() == 0:
         save_config(config, run_dir / "config.yaml")
     command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
-    console.print(f"run folder: {run_dir}")
 
     data = load_dataset(config)
     teacher, teacher_info = get_teacher(config, data, console=console)
@@ -922,6 +921,8 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
     rows: list[dict[str, Any]] = []
     folder.started()
+    # Printed only now: a data or teacher error above removes the folder it would have named.
+    console.print(f"run folder: {run_dir}")
     try:
         with report.progress(console=console) as bar:
             overall = bar.add_task("runs", total=len(names) * len(config.seeds))
