@@ -166,3 +166,76 @@ def test_topk_values_changed_to_nan_after_construction_are_named():
         dv.divergence("forward_kl", s, teacher)
     with pytest.raises(ValueError, match="TopK teacher's logprobs contain NaN"):
         dv.LinearDistillationLoss("js")(torch.randn(3, 4), torch.randn(5, 4), None, teacher)
+
+
+# ---------------------------------------------------------------- divergent compare as a user runs it
+
+TINY_COMPARE = ["--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--teacher-model", "mlp-8",
+                "--student-model", "mlp-8"]
+
+
+def test_compare_interrupted_while_writing_the_report_says_how_to_resume(tmp_path, monkeypatch):
+    import divergent.experiments.compare as compare_module
+
+    real = compare_module.plot_reliability
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "plot_reliability", ctrl_c)
+    out = tmp_path / "out"
+    cut = _cli(["compare", "-d", "forward_kl", *TINY_COMPARE, "-o", str(out)])
+    (run_dir,) = out.iterdir()
+    text = " ".join(cut.output.split())
+    assert cut.exit_code == 130, cut.output
+    assert f"interrupted while writing the report; every run is saved; write the report with: divergent compare --resume {run_dir}" in text
+    monkeypatch.setattr(compare_module, "plot_reliability", real)
+    resumed = _cli(["compare", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert (run_dir / "report.md").is_file() and (run_dir / "reliability.png").is_file()
+
+
+def test_compare_data_error_prints_no_run_folder(tmp_path):
+    import numpy as np
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((4, 2)))  # no X, y
+    result = _cli(["compare", "--data", str(bad), *TINY_COMPARE, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "bad.npz" in result.output
+    assert "run folder" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_readme_plugin_example_with_one_row_runs(tmp_path, monkeypatch):
+    """`divergent --plugin mymodule compare -d weighted_sq`: one row with no baseline named is its own baseline."""
+    import sys
+
+    from divergent.functional import registry
+
+    (tmp_path / "mymodule.py").write_text(
+        "import divergent as dv\n\n"
+        "def squared_logratio(student_logprobs, teacher_logprobs, gamma):\n"
+        "    return gamma * ((teacher_logprobs - student_logprobs) ** 2 * teacher_logprobs.exp()).sum(-1)\n\n"
+        "dv.register_divergence('weighted_sq', squared_logratio, params={'gamma': 1.0})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        done = _cli(["--plugin", "mymodule", "compare", "-d", "weighted_sq", *TINY_COMPARE, "-o", str(tmp_path / "out")])
+    finally:
+        sys.modules.pop("mymodule", None)
+        if "weighted_sq" in dv.available():
+            registry.unregister_divergence("weighted_sq")
+    assert done.exit_code == 0, done.output
+    (run_dir,) = (tmp_path / "out").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["baseline"] == "weighted_sq"
+    assert {r["name"] for r in results["runs"]} == {"weighted_sq", "student alone (CE)"}
+
+
+def test_rl_regulariser_choice_says_did_you_mean():
+    result = _cli(["rl", "--regulariser", "dph", "--divergence", "jss"])
+    assert result.exit_code == 2
+    assert "dph_divergence must be one of 'forward_kl', 'js', 'alpha', got 'jss' (did you mean 'js'?)" in result.output
+    from divergent.rl import get_regulariser
+
+    with pytest.raises(ValueError, match="got 'k33' \\(did you mean 'k3'\\?\\)"):
+        get_regulariser("reverse_kl").resolve({"kl_estimator": "k33"})

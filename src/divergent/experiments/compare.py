@@ -68,6 +68,7 @@ __all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset",
 
 DEFAULT_ENTRIES = ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta", "bdkd", "sinkhorn-with-KD"]
 NO_TEACHER = "student alone (CE)"
+DEFAULT_BASELINE = "forward_kl"  # when it is a row and no baseline is named
 # Bump when a change makes cached teachers incompatible (e.g. a different data pipeline).
 # 2: the key holds a fingerprint of the data and the MCMI teacher's resolved parameters (centroid mode).
 _CACHE_VERSION = 2
@@ -95,7 +96,10 @@ class CompareConfig:
         ``dml``, ``bdkd-online``, ``pskd``, ``uskd``).
     methods: more rows, appended after ``divergences`` (same names accepted; kept separate so a
         config can list divergences and methods apart).
-    baseline: the row every other row is compared with, seed by seed.
+    baseline: the row every other row is compared with, seed by seed. Left empty (the default):
+        ``forward_kl`` when it is a row, else the first row (``-d weighted_sq`` alone is then its own
+        baseline, and the comparison that counts is the one with the student alone). A baseline
+        that is named must be one of the rows.
     include_student_alone: add the student trained on hard labels only (no teacher).
     seeds: training seeds; every row runs on every seed, on the same data split.
     split_seed: seed of the stratified train/val/test split (digits) or train/val split (CIFAR).
@@ -140,7 +144,7 @@ class CompareConfig:
     teacher_weights: str = ""
     divergences: list[str] = field(default_factory=lambda: list(DEFAULT_ENTRIES))
     methods: list[str] = field(default_factory=list)
-    baseline: str = "forward_kl"
+    baseline: str = ""
     include_student_alone: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     split_seed: int = 0
@@ -183,6 +187,8 @@ class CompareConfig:
             raise ValueError(f"a row is listed twice in divergences + methods: {entries}")
         for entry in entries:
             _entry_method(entry)  # raises, listing the valid names
+        if not self.baseline:
+            self.baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in entries else entries[0]
         if self.baseline not in entries:
             raise ValueError(f"baseline {self.baseline!r} must be one of the compared rows: {entries}")
         _check_data_and_teacher(self)
