@@ -239,3 +239,34 @@ def test_rl_regulariser_choice_says_did_you_mean():
 
     with pytest.raises(ValueError, match="got 'k33' \\(did you mean 'k3'\\?\\)"):
         get_regulariser("reverse_kl").resolve({"kl_estimator": "k33"})
+
+
+@pytest.mark.parametrize(("name", "params", "student", "teacher"), [
+    ("alpha_beta", {"alpha": 0.0, "beta": 1.0}, [[0.0, 1.0, -120.0]], [[0.5, 0.0, float("-inf")]]),
+    ("alpha_beta", {"alpha": 1.0, "beta": 0.0}, [[0.5, 0.0, float("-inf")]], [[0.0, 1.0, -120.0]]),
+    ("alpha", {"alpha": 0.0}, [[0.0, 1.0, -120.0]], [[0.5, 0.0, float("-inf")]]),
+    ("reverse_kl", {}, [[0.0, 1.0, -120.0]], [[0.5, 0.0, float("-inf")]]),
+    ("forward_kl", {}, [[0.5, 0.0, float("-inf")]], [[0.0, 1.0, -120.0]]),
+])
+def test_the_triton_kernel_gives_the_same_infinity(name, params, student, teacher):
+    """The fused GPU kernel (here under Triton's interpreter) decides p = 0 < q in log space too (was 0·inf)."""
+    pytest.importorskip("triton")
+    import importlib
+    import os
+
+    from divergent.functional import triton_divergence
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        kernel = importlib.reload(triton_divergence)
+        rows, _ = kernel.rows_and_student_grad(name, torch.tensor(student), torch.tensor(teacher), temperature=1.0,
+                                               params=params, row_scale=torch.ones(1), block_size=64)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+        importlib.reload(triton_divergence)
+    assert rows.tolist() == [float("inf")]
+    assert dv.divergence(name, torch.tensor(student), torch.tensor(teacher), **params).item() == float("inf")
