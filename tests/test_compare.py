@@ -140,7 +140,8 @@ def test_unknown_row_and_missing_cifar_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'kl'.*forward_kl"):
         CompareConfig(divergences=["kl"], baseline="kl")
     with pytest.raises(ValueError, match="baseline 'forward_kl' must be one of"):
-        CompareConfig(divergences=["tvd"])
+        CompareConfig(divergences=["tvd"], baseline="forward_kl")
+    assert CompareConfig(divergences=["tvd", "js"]).baseline == "tvd"  # none named: the first row
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         run_compare(CompareConfig(dataset="cifar100", data_dir=str(tmp_path), output_dir=str(tmp_path / "r")), console=_quiet())
 

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
             None, "--teacher-weights", help="state_dict for --teacher (torch.save, read weights_only, or .safetensors)."),
         divergences: Optional[str] = typer.Option(None, "--divergences", "-d", help="Comma-separated rows: divergences or methods."),
         methods: Optional[str] = typer.Option(None, "--methods", "-m", help="Comma-separated extra method rows (see docs/methods.md)."),
-        baseline: Optional[str] = typer.Option(None, help="Row the others are compared with (default forward_kl)."),
+        baseline: Optional[str] = typer.Option(None, help="Row the others are compared with (default: forward_kl when it is a row, else the first row)."),
         seeds: Optional[str] = typer.Option(None, help="Comma-separated training seeds (default 0,1,2)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs per student run."),
         teacher_epochs: Optional[int] = typer.Option(None, help="Epochs of teacher training (cached)."),

@@ -68,6 +68,7 @@ __all__ = ["CompareConfig", "CompareInterrupted", "run_compare", "load_dataset",
 
 DEFAULT_ENTRIES = ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta", "bdkd", "sinkhorn-with-KD"]
 NO_TEACHER = "student alone (CE)"
+DEFAULT_BASELINE = "forward_kl"  # when it is a row and no baseline is named
 # Bump when a change makes cached teachers incompatible (e.g. a different data pipeline).
 # 2: the key holds a fingerprint of the data and the MCMI teacher's resolved parameters (centroid mode).
 _CACHE_VERSION = 2
@@ -95,7 +96,10 @@ class CompareConfig:
         ``dml``, ``bdkd-online``, ``pskd``, ``uskd``).
     methods: more rows, appended after ``divergences`` (same names accepted; kept separate so a
         config can list divergences and methods apart).
-    baseline: the row every other row is compared with, seed by seed.
+    baseline: the row every other row is compared with, seed by seed. Left empty (the default):
+        ``forward_kl`` when it is a row, else the first row (``-d weighted_sq`` alone is then its own
+        baseline, and the comparison that counts is the one with the student alone). A baseline
+        that is named must be one of the rows.
     include_student_alone: add the student trained on hard labels only (no teacher).
     seeds: training seeds; every row runs on every seed, on the same data split.
     split_seed: seed of the stratified train/val/test split (digits) or train/val split (CIFAR).
@@ -140,7 +144,7 @@ class CompareConfig:
     teacher_weights: str = ""
     divergences: list[str] = field(default_factory=lambda: list(DEFAULT_ENTRIES))
     methods: list[str] = field(default_factory=list)
-    baseline: str = "forward_kl"
+    baseline: str = ""
     include_student_alone: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     split_seed: int = 0
@@ -183,6 +187,8 @@ class CompareConfig:
             raise ValueError(f"a row is listed twice in divergences + methods: {entries}")
         for entry in entries:
             _entry_method(entry)  # raises, listing the valid names
+        if not self.baseline:
+            self.baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in entries else entries[0]
         if self.baseline not in entries:
             raise ValueError(f"baseline {self.baseline!r} must be one of the compared rows: {entries}")
         _check_data_and_teacher(self)
@@ -791,7 +797,6 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
     if rank() == 0:
         save_config(config, run_dir / "config.yaml")
     command = command or f"divergent compare --config {shlex.quote(str(run_dir / 'config.yaml'))}"
-    console.print(f"run folder: {run_dir}")
 
     data = load_dataset(config)
     teacher, teacher_info = get_teacher(config, data, console=console)
@@ -804,6 +809,8 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
     names = ([NO_TEACHER] if config.include_student_alone else []) + config.entries()
     rows: list[dict[str, Any]] = []
     folder.started()
+    # Printed only now: a data or teacher error above removes the folder it would have named.
+    console.print(f"run folder: {run_dir}")
     try:
         with report.progress(console=console) as bar:
             overall = bar.add_task("runs", total=len(names) * len(config.seeds))
@@ -816,8 +823,13 @@ def _compare_in(config: CompareConfig, folder: report.RunFolder, console: Consol
 
     if rank() != 0:
         return {"run_dir": str(run_dir), "runs": rows}
-    return _report(config, run_dir, rows, teacher_info, teacher_test_logits, test_labels, n_train=len(data.train),
-                   n_labelled=len(students_data.train), command=command, started=started, console=console)
+    try:
+        return _report(config, run_dir, rows, teacher_info, teacher_test_logits, test_labels, n_train=len(data.train),
+                       n_labelled=len(students_data.train), command=command, started=started, console=console)
+    except KeyboardInterrupt:
+        raise CompareInterrupted(
+            run_dir, f"interrupted while writing the report; every run is saved; write the report with: "
+                     f"divergent compare --resume {run_dir}") from None
 
 
 def resume_compare(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:

@@ -243,6 +243,14 @@ def alpha_beta(lp, lq, zeros, want_weights, alpha, beta):
         terms = (beta / s) * _weighted_phi(cross, s * lp, beta, d, zeros)
     if alpha > 0.0:
         terms = terms + (alpha / s) * _weighted_phi(cross, s * lq, alpha, -d, zeros)
+    if zeros:
+        # At α = 0 the term is (1/β²)[q^β log(q^β/p^β) − q^β + p^β]: +inf wherever p = 0 < q, decided
+        # in log space (as KL(q‖p) does), since q^β itself may underflow to 0 (log q = −120) and
+        # leave 0·inf = 0. At β = 0 the mirror image: +inf wherever q = 0 < p.
+        if alpha == 0.0:
+            terms = torch.where((lp == _NEG_INF) & (lq > _NEG_INF), float("inf"), terms)
+        if beta == 0.0:
+            terms = torch.where((lq == _NEG_INF) & (lp > _NEG_INF), float("inf"), terms)
     rows = terms.sum(-1).to(out_dtype)
     if not want_weights:
         return rows, None, None

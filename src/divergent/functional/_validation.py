@@ -81,6 +81,11 @@ def check_mask(mask: object, batch_shape: torch.Size, device: torch.device) -> T
         raise ValueError(
             f"mask must have shape logits.shape[:-1] = {tuple(batch_shape)}, got {tuple(mask.shape)}"
         )
+    if mask.device.type == "meta":  # the logits never are (check_logits)
+        raise ValueError(
+            f"mask is on the meta device: it has a shape but no values; pass a mask with values "
+            f"(on {device}, the logits' device, or any device it can be copied from)"
+        )
     return mask.to(device)
 
 
@@ -149,6 +154,17 @@ def diagnose_nan(student: Tensor, teacher: Tensor | None, spec, temperature: flo
     raise FloatingPointError(
         f"divergence {spec.name!r} produced NaN from valid logits; this is a bug in divergent, please report it"
     )
+
+
+def diagnose_topk(logprobs: Tensor) -> None:
+    """ValueError when a TopK teacher's ``logprobs`` hold NaN or +inf: changed after it was built (it checks then)."""
+    bad = torch.isnan(logprobs) | torch.isposinf(logprobs)
+    if bad.any():
+        raise ValueError(
+            f"the TopK teacher's logprobs contain NaN or +inf ({int(bad.sum())} entries), which TopK refuses when it "
+            f"is built: they were changed afterwards (in place, or by assigning .logprobs); build the TopK again "
+            f"from finite log-probabilities, dv.TopK(indices, logprobs)"
+        )
 
 
 def _check_magnitude(tensor: Tensor, argument: str, temperature: float) -> None:

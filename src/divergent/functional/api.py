@@ -138,6 +138,8 @@ def divergence_rows(
             rows = RowDivergence.apply(student_rows, teacher_rows, spec.kernel, temperature, params, zeros,
                                        *_wanted(student_rows, teacher_rows))
     if torch.isnan(rows).any():
+        if isinstance(teacher_rows, TopK):
+            v.diagnose_topk(teacher_rows.logprobs)
         v.diagnose_nan(student_rows, teacher_for_diagnosis, spec, temperature)
     return rows
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from divergent.functional import _math
 
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: parameters meet float32 logits
+
 __all__ = [
     "ParamSpec",
     "DivergenceSpec",
@@ -102,6 +104,11 @@ class ParamSpec:
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"{where} must be finite, got {value}")
+            if abs(value) > _FLOAT32_MAX:
+                raise ValueError(
+                    f"{where} must be finite in float32 (|value| ≤ {_FLOAT32_MAX:.4g}), the dtype divergences "
+                    f"compute in, got {value:g}"
+                )
         too_low = self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive))
         too_high = self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive))
         if too_low or too_high:

@@ -18,6 +18,22 @@ from torch import Tensor
 __all__ = ["TopK"]
 
 
+def _stored_dtype(logprobs: Tensor) -> torch.dtype:
+    """The coarsest of bf16/fp16 in which every finite value of ``logprobs`` is exact, else its own dtype.
+
+    A bf16 cache read back as float32 (``.float()``) keeps exactly bf16 numbers; their rounding is
+    bf16's, not float32's. Genuine float32 log-probs are all exact bf16 numbers only by chance (each
+    has 16 low mantissa bits set to 0), and then a bf16 tolerance is still the right one for them.
+    """
+    if logprobs.dtype not in (torch.float32, torch.float64) or logprobs.numel() == 0:
+        return logprobs.dtype
+    finite = logprobs[torch.isfinite(logprobs)]
+    for low in (torch.bfloat16, torch.float16):  # bf16's eps (2^-7) is the larger
+        if bool((finite.to(low).to(finite.dtype) == finite).all()):
+            return low
+    return logprobs.dtype
+
+
 class TopK:
     """Sparse teacher: ``indices`` [..., k] (integer) and ``logprobs`` [..., k] (teacher log-probs).
 
@@ -58,13 +74,17 @@ class TopK:
         # Log-probs stored in a low-precision dtype (a bf16 cache) carry its rounding: each may
         # be off by its relative rounding |log p|·eps/2, plus eps absolute for the rounding of the
         # log-softmax that produced it (at least 1e-4). Values up to that above 0, and sums up to
-        # that above 1, are rounding; beyond it they are not log-probabilities.
-        finfo = torch.finfo(logprobs.dtype)
+        # that above 1, are rounding; beyond it they are not log-probabilities. The dtype whose
+        # rounding counts is the one the values were *stored* in: float32 values that are all
+        # exactly bf16 (or fp16) numbers were read from such a store and carry its rounding.
+        stored = _stored_dtype(logprobs)
+        finfo = torch.finfo(stored)
         slack = max(finfo.eps, 1e-4)
+        where = stored if stored == logprobs.dtype else f"{stored} (the values are {stored} numbers held as {logprobs.dtype})"
         if (logprobs > slack).any():
             raise ValueError(
                 f"TopK logprobs must be log-probabilities (≤ 0, or up to {slack:.2g} above for the rounding of "
-                f"{logprobs.dtype}), got a maximum of {float(logprobs.max()):.4g}; pass log_softmax(teacher_logits) "
+                f"{where}), got a maximum of {float(logprobs.max()):.4g}; pass log_softmax(teacher_logits) "
                 f"values, or build it with TopK.from_logits"
             )
         least = logprobs.double() * (1.0 + finfo.eps / 2) - slack  # each value at the low end of its rounding
@@ -73,7 +93,7 @@ class TopK:
             mass = torch.logsumexp(logprobs.double(), dim=-1).exp()
             raise ValueError(
                 f"TopK logprobs sum to more than 1 in probability (max {float(mass.max()):.6g}), beyond the "
-                f"rounding of {logprobs.dtype}; they must be the teacher's full-vocabulary log-probs at the "
+                f"rounding of {where}; they must be the teacher's full-vocabulary log-probs at the "
                 f"stored indices"
             )
         if (indices < 0).any():

@@ -263,6 +263,10 @@ if triton is not None:
             toward_q = _weighted_phi(cross, s * lq0, param0, -d)
             value = tl.where(param1 > 0.0, (param1 / s) * toward_p, 0.0)
             value += tl.where(param0 > 0.0, (param0 / s) * toward_q, 0.0)
+            # at alpha = 0 a class with p = 0 < q is +inf, at beta = 0 one with q = 0 < p (decided in log
+            # space: p^a q^b may underflow to 0 against an infinite d)
+            value = tl.where((param0 == 0.0) & q_pos & (~p_pos), float("inf"), value)
+            value = tl.where((param1 == 0.0) & p_pos & (~q_pos), float("inf"), value)
             acc0 = tl.where(both_zero, zero, value)
             acc1 = _ab_small_sensitivity(lq0, d, cross, q_pos, param0, param1)
         elif DIVERGENCE == 8:
@@ -392,11 +396,12 @@ if triton is not None:
             s_max, s_sum, s_rescale, s_weights = _online_logsumexp(s_max, s_sum, s)
             t_max, t_sum, t_rescale, t_weights = _online_logsumexp(t_max, t_sum, t)
             if DIVERGENCE == 0:
-                # classes with p = 0 (t = -inf) contribute 0, also where s = -inf
-                terms = tl.where(t > float("-inf"), t_weights * (t - s), 0.0)
+                # classes with p = 0 (t = -inf) contribute 0, also where s = -inf; p > 0 = q is +inf
+                # (decided in log space: p's weight may underflow to 0 against t - s = inf)
+                terms = tl.where(t > float("-inf"), tl.where(s == float("-inf"), float("inf"), t_weights * (t - s)), 0.0)
                 kl_cross = kl_cross * t_rescale + tl.reduce(terms, 0, _add)
             elif DIVERGENCE == 1:
-                terms = tl.where(s > float("-inf"), s_weights * (s - t), 0.0)
+                terms = tl.where(s > float("-inf"), tl.where(t == float("-inf"), float("inf"), s_weights * (s - t)), 0.0)
                 kl_cross = kl_cross * s_rescale + tl.reduce(terms, 0, _add)
         log_zq = s_max + tl.log(s_sum)
         log_zp = t_max + tl.log(t_sum)

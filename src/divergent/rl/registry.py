@@ -86,7 +86,8 @@ class RegulariserParam:
             return None
         if self.choices is not None:
             if value not in self.choices or isinstance(value, bool) != isinstance(self.choices[0], bool):
-                raise ValueError(f"{where} must be {self.expected()}, got {value!r}")
+                hint = _did_you_mean(value, map(str, self.choices)) if isinstance(value, str) else ""
+                raise ValueError(f"{where} must be {self.expected()}, got {value!r}{hint}")
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
