@@ -120,14 +120,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch):
     cases = [
         (["-d", "reverse_kll", "--seeds", "0,1"], "did you mean 'reverse_kl'"),
         (["--seeds", "0,1,0"], "seeds must be distinct"),
-        (["--seeds", "0,1", "--baseline", "js"], "baseline 'js' must be one of divergences"),
+        (["--seeds", "0,1", "-d", "forward_kl,tvd", "--baseline", "js"], "baseline 'js' must be one of divergences"),
         (["--seeds", "0,1", "--on-policy", "0,1.5"], "on_policy_fractions must be distinct values in [0, 1]"),
         (["--seeds", "0", "--reward", "import_fails:score"], "import_fails"),
         (["--seeds", "0", "--reward", "exactt"], "did you mean 'exact'"),
-        (["--seeds", "0", *TINY_DATA, "--set", "max_new_tokens=120"], "exceed the student's context of 128"),
+        (["--seeds", "0", "--reward", "exact", "--generation-prompts", "0"], "set generation_prompts >= 1"),
+        (["--set", "seeds=[]", "--on-policy", "0,1"], "give seeds too"),
+        (["--seeds", "0", "--set", "max_new_tokens=120"], "exceed the student's context of 128"),
     ]
     for args, message in cases:
-        result = _run(["distill-lm", *args, "-o", "runs"])
+        result = _run(["distill-lm", *args, *TINY_DATA, "-o", "runs"])  # toy sizes, should a case ever run
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -66,6 +66,9 @@ _TEACHER_RECIPE_VERSION = 2  # bump when the default teacher's training changes
 _DEFAULT_CORPUS_LENGTH = 65  # tokens per example: 64 predicted bytes
 _DEFAULT_DATA_LENGTH = 512
 SCRATCH = "scratch"
+# The embedded default (no arguments) compares these rows over these seeds (experiments/lm_compare.py).
+DEFAULT_COMPARISON_ROWS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta")
+DEFAULT_COMPARISON_SEEDS = (0, 1, 2)
 
 
 @dataclass
@@ -145,7 +148,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
         byte-level GPT student (only with the default teacher or its cache).
     teacher_cache: folder written by `divergent cache-teacher`: train from its rows and cached
         top-k teacher with no teacher in memory (replaces data and eval_data).
-    divergences: one distilled student per registered divergence (divergent.available()).
+    divergences: one distilled student per registered divergence (divergent.available()); unset (null):
+        forward_kl, reverse_kl, js, tvd, skew_kl, alpha_beta in the embedded comparison, else forward_kl.
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
@@ -155,6 +159,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
     output_dir: folder in which the run folder is created.
     seeds: several seeds = a comparison (:mod:`divergent.experiments.lm_compare`): every row on every
         seed, paired differences with the student alone and ``baseline``, a verdict; [] = one run with ``seed``.
+        Unset (null): [0, 1, 2] on the embedded default (no teacher, student or data given), else [].
     baseline: the divergence every row is compared with, seed by seed ("" = the first of divergences).
     on_policy_fractions: with seeds, one row per divergence and GKD λ (e.g. [0, 0.5, 1]); [] = ``on_policy_fraction``.
     generation_prompts: with seeds, held-out prompts each student generates from (ROUGE-L, distinct-n, reward; 0 = none).
@@ -164,7 +169,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
 
     student: str = ""
     teacher_cache: str = ""
-    divergences: list[str] = field(default_factory=lambda: ["forward_kl"])
+    divergences: list[str] | None = None
     divergence_params: dict = field(default_factory=dict)
     include_scratch: bool = True
     evaluations: int = 5
@@ -172,7 +177,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     output_dir: str = "runs"
-    seeds: list[int] = field(default_factory=list)
+    seeds: list[int] | None = None
     baseline: str = ""
     on_policy_fractions: list[float] = field(default_factory=list)
     generation_prompts: int = 32
@@ -181,6 +186,11 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
 
     def __post_init__(self) -> None:
         self._check_data_settings()
+        embedded = not (self.teacher or self.student or self.data or self.eval_data or self.teacher_cache)
+        if self.seeds is None:  # the embedded default is a comparison (docs/llm.md); your models: one run
+            self.seeds = list(DEFAULT_COMPARISON_SEEDS) if embedded else []
+        if self.divergences is None:
+            self.divergences = list(DEFAULT_COMPARISON_ROWS) if embedded and self.seeds else ["forward_kl"]
         self._check_comparison_settings()
         if not self.divergences:
             raise ValueError("divergences is empty: give at least one divergence (divergent.available())")
@@ -215,6 +225,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
             raise ValueError(f"generation_prompts must be >= 0 (0 = no generation), got {self.generation_prompts}")
         if (self.on_policy_fractions or self.reward) and not self.seeds:
             raise ValueError("on_policy_fractions and reward are settings of a comparison: give seeds too (--seeds 0,1,2)")
+        if self.reward and not self.generation_prompts:
+            raise ValueError("reward is scored on the generations: set generation_prompts >= 1 too")
         if self.reward:
             from divergent.rl.rewards import resolve_reward
 

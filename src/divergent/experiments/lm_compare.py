@@ -306,9 +306,9 @@ def _regime_text(config: lm.DistillLMConfig, setup: lm._Setup, summary, teacher_
         numbers += (f", the distilled rows' {min(e['loss_mean'] for e in distilled):.4f}–"
                     f"{max(e['loss_mean'] for e in distilled):.4f}")
     if config.teacher or config.teacher_cache:
-        where = f"the teacher ({setup.teacher_description}) and student are yours"
+        where = f"The teacher ({setup.teacher_description}) and the student are yours"
     else:
-        where = ("the default byte-level teacher (2 layers, d=128) was trained once on the standard-library source "
+        where = ("The default byte-level teacher (2 layers, d=128) was trained once on the standard-library source "
                  "and the student (1 layer, d=64, about a fifth of its parameters) starts from scratch")
     return (f"{where}. Each student trains {config.steps} steps of {config.batch_size} × {config.grad_accum} "
             f"examples: short enough that the student alone is still far from the teacher, so what the teacher's "
