@@ -106,7 +106,10 @@ def test_prompt_completion_data_with_on_policy_rows_and_a_reward_that_raises(tmp
                    "--set", "max_new_tokens=4", "--set", "evaluations=1", "--set", "reward_timeout=0",
                    "--eval-fraction", "0.2", "-o", "runs"])
     assert result.exit_code == 0, result.output
-    runs = _csv(_run_dir(tmp_path / "runs") / "results.csv")
+    assert "generations scored 0 because the reward raised" in " ".join(result.output.split())
+    run_dir = _run_dir(tmp_path / "runs")
+    assert "14 generations scored 0 because the reward raised" in (run_dir / "report.md").read_text()  # 7 × 2
+    runs = _csv(run_dir / "results.csv")
     assert sorted({r["name"] for r in runs}) == ["forward_kl λ=0", "forward_kl λ=1", "student alone"]
     for row in runs:
         assert float(row["reward"]) == 0.0 and int(row["reward_errors"]) == 2  # both generations counted

@@ -309,7 +309,7 @@ def _regime_text(config: lm.DistillLMConfig, setup: lm._Setup, summary, teacher_
         where = f"The teacher ({setup.teacher_description}) and the student are yours"
     else:
         where = ("The default byte-level teacher (2 layers, d=128) was trained once on the standard-library source "
-                 "and the student (1 layer, d=64, about a fifth of its parameters) starts from scratch")
+                 "and the student (1 layer, d=64, about a fifth of its parameters: 91k against 479k) starts from scratch")
     return (f"{where}. Each student trains {config.steps} steps of {config.batch_size} × {config.grad_accum} "
             f"examples: short enough that the student alone is still far from the teacher, so what the teacher's "
             f"full next-token distribution carries beyond the one observed token — and how each divergence "
@@ -408,8 +408,12 @@ def _report(config, setup, runs, teacher_row, prompts, run_dir: Path, device, co
                "n_prompts": n_prompts, "resolutions": resolutions, "figures": figures, "run_dir": str(run_dir),
                "total_seconds": seconds}
     write_json(results, run_dir / "results.json")
-    _write_report(config, setup, run_dir, answer, table, columns, note, summary, teacher_row, resolutions, n_eval,
-                  n_prompts, figures, command, seconds, device)
+    _write_report(config, setup, run_dir, answer, table, columns, note, summary, teacher_row, runs, resolutions,
+                  n_eval, n_prompts, figures, command, seconds, device)
+    errors = sum(int(r.get("reward_errors", 0)) + int(r.get("reward_timeouts", 0)) for r in [teacher_row, *runs])
+    if errors:
+        console.print(f"[yellow]reward: {errors} generations scored 0 because the reward raised, returned something "
+                      f"invalid or timed out (counted per run in results.csv)[/]")
     console.print(f"done in {seconds:.0f} s; results in {run_dir}")
     return results
 
@@ -437,7 +441,7 @@ def _figures(runs, teacher_row, names, run_dir: Path, config) -> dict[str, str]:
     return figures
 
 
-def _write_report(config, setup, run_dir: Path, answer, table, columns, note, summary, teacher_row, resolutions,
+def _write_report(config, setup, run_dir: Path, answer, table, columns, note, summary, teacher_row, runs, resolutions,
                   n_eval, n_prompts, figures, command, seconds, device) -> None:
     seeds = ", ".join(map(str, config.seeds))
     intro = (f"Teacher: {setup.teacher_description}. Student: {config.student or 'default byte-level GPT ' + str(lm.STUDENT_CONFIG)}.\n"
@@ -459,10 +463,13 @@ def _write_report(config, setup, run_dir: Path, answer, table, columns, note, su
                     f"reference completion (the example's own continuation), and against the teacher's greedy "
                     f"generation; distinct-n counts distinct word n-grams among the sampled generations.")
         if config.reward:
-            errors = sum(int(r.get("reward_errors", 0)) for r in [teacher_row])
+            counts = {key: sum(int(r.get(key, 0)) for r in [teacher_row, *runs])
+                      for key in ("reward_errors", "reward_timeouts", "reward_skipped")}
             results += (f" Reward `{config.reward}`: mean over the sampled generations (the reference completion is "
-                        f"passed as `answer`); calls that raised scored 0 and are counted in results.csv "
-                        f"(`reward_errors`; teacher row: {errors}).")
+                        f"passed as `answer`). {counts['reward_errors']} generations scored 0 because the reward "
+                        f"raised or returned something invalid, {counts['reward_timeouts']} because a call hit "
+                        f"reward_timeout, {counts['reward_skipped']} had no reward (None) — teacher and students "
+                        f"together; per run in results.csv.")
     figure_text = "Evaluation curves per row, mean over seeds with a ± one standard deviation band:\n\n![curves](curves.png)"
     if "rouge_vs_kl" in figures:
         figure_text += ("\n\nROUGE-L against KL to the teacher, mean ± std over seeds per row:\n\n"
