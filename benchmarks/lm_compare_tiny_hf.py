@@ -26,6 +26,8 @@ Usage (one thread)::
 
     python benchmarks/lm_compare_tiny_hf.py                     # seeds 0,1,2
     python benchmarks/lm_compare_tiny_hf.py --seeds 0,1 --steps 60 --out-dir /tmp/tiny-hf
+    python benchmarks/lm_compare_tiny_hf.py --divergences forward_kl,reverse_kl --on-policy 0,0.5,1 \
+        --name lm_compare_tiny_hf_on_policy                    # GKD's λ as rows
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--divergences", default=",".join(DIVERGENCES))
+    parser.add_argument("--on-policy", default="", help="GKD λ values as rows, e.g. 0,0.5,1 (default: none)")
+    parser.add_argument("--name", default="lm_compare_tiny_hf", help="stem of the results files")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from divergent.experiments import report
@@ -98,20 +103,21 @@ def main() -> None:
         trained_teacher(root, data, args.teacher_steps, console)
         config = DistillLMConfig(
             teacher=str(root / "teacher"), student=str(root / "student"), data=str(data), eval_fraction=0.1,
-            max_length=64, divergences=DIVERGENCES, seeds=[int(s) for s in args.seeds.split(",")],
+            max_length=64, divergences=args.divergences.split(","),
+            on_policy_fractions=[float(v) for v in args.on_policy.split(",") if v], seeds=[int(s) for s in args.seeds.split(",")],
             steps=args.steps, batch_size=16, generation_prompts=40, max_new_tokens=12, reward="exact",
             reward_timeout=0, evaluations=5, num_threads=1, device="cpu", output_dir=str(root / "runs"))
         results = run_distill_lm(config, console=console, command=command_line())
         seconds = time.perf_counter() - started
         rows = [{k: v for k, v in entry.items()} for entry in results["summary"]]
         RESULTS.mkdir(exist_ok=True)
-        write_results(rows, RESULTS / "lm_compare_tiny_hf.csv", command=command_line())
+        write_results(rows, RESULTS / f"{args.name}.csv", command=command_line())
         report_text = (Path(results["run_dir"]) / "report.md").read_text()
         table = report_text.split("## Results\n\n", 1)[1].split("\n\n", 1)[0]
-        (RESULTS / "lm_compare_tiny_hf.md").write_text(
+        (RESULTS / f"{args.name}.md").write_text(
             f"<!-- {command_line()} | {machine_description()} | {seconds:.0f} s -->\n\n"
             f"{results['verdict']['text']}\n\n{table}\n\nTeacher: {json.dumps({k: round(v, 4) for k, v in results['teacher'].items() if isinstance(v, float)})}\n")
-        console.print(f"wrote {RESULTS / 'lm_compare_tiny_hf.csv'} and .md in {seconds:.0f} s")
+        console.print(f"wrote {RESULTS / args.name}.csv and .md in {seconds:.0f} s")
 
 
 if __name__ == "__main__":
