@@ -206,3 +206,28 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     assert "student alone: already finished" in resumed.output
     _compare_results(run_dir, _run_dir(tmp_path / "whole"))
+
+
+def test_the_embedded_default_is_the_comparison_and_your_models_stay_one_run():
+    default = DistillLMConfig()
+    assert default.seeds == [0, 1, 2]
+    assert default.divergences == ["forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta"]
+    assert DistillLMConfig(seeds=[]).divergences == ["forward_kl"]  # the single run of one seed
+    yours = DistillLMConfig(teacher="t", student="s", data="rows.jsonl")
+    assert (yours.seeds, yours.divergences) == ([], ["forward_kl"])
+
+
+def test_a_comparison_through_config(tmp_path):
+    config = tmp_path / "compare.yaml"
+    config.write_text("steps: 2\nteacher_steps: 3\nbatch_size: 4\nmax_train_bytes: 20000\nmax_val_bytes: 4000\n"
+                      "max_eval_examples: 3\nnum_threads: 1\nevaluations: 1\nmax_new_tokens: 4\n"
+                      "generation_prompts: 2\nseeds: [3, 5]\ndivergences: [tvd, js]\nbaseline: js\n")
+    result = _run(["distill-lm", "-c", str(config), "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    run_dir = _run_dir(tmp_path)
+    runs = _csv(run_dir / "results.csv")
+    assert sorted({(r["name"], r["seed"]) for r in runs}) == sorted(
+        (n, s) for n in ("student alone", "tvd", "js") for s in ("3", "5"))
+    summary = {r["name"]: r for r in _csv(run_dir / "summary.csv")}
+    assert "loss_diff" not in summary["js"] or summary["js"]["loss_diff"] == ""  # js is the baseline itself
+    assert summary["tvd"]["loss_diff"] != ""
