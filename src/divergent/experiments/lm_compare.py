@@ -45,7 +45,7 @@ from divergent.experiments import lm, report, verdict
 from divergent.io import atomic_write_text, read_json, write_json
 from divergent.train.run import RunInterrupted
 
-__all__ = ["ALONE", "Row", "comparison_rows", "run_lm_comparison", "context_length", "rouge_l", "distinct_n"]
+__all__ = ["ALONE", "Row", "comparison_rows", "baseline_row", "run_lm_comparison", "context_length", "rouge_l", "distinct_n"]
 
 ALONE = "student alone"
 
