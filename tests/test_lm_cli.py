@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 import lm_helpers as H  # noqa: E402
 
 TINY = ["--steps", "3", "--teacher-steps", "3", "--batch-size", "4", "--set", "max_train_bytes=20000",
-        "--set", "max_val_bytes=4000", "--set", "max_eval_examples=4", "--threads", "1"]
+        "--set", "max_val_bytes=4000", "--set", "max_eval_examples=4", "--threads", "1", "--set", "seeds=[]"]
 
 
 def _run(args):
@@ -230,7 +230,7 @@ def test_resume_continues_the_interrupted_student_and_keeps_finished_ones(tmp_pa
 def test_config_file_and_help(tmp_path):
     config = tmp_path / "lm.yaml"
     config.write_text("steps: 2\nteacher_steps: 2\nbatch_size: 2\nmax_train_bytes: 20000\nmax_val_bytes: 4000\n"
-                      "max_eval_examples: 2\ndivergences: [tvd]\ninclude_scratch: false\nnum_threads: 1\n")
+                      "max_eval_examples: 2\ndivergences: [tvd]\ninclude_scratch: false\nnum_threads: 1\nseeds: []\n")
     result = _run(["distill-lm", "-c", str(config), "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     _, rows = _rows(tmp_path)

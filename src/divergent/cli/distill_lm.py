@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example; longer rows are truncated and counted (default: 512 on data files, 65 on the stdlib corpus)."),
         packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate training rows into blocks of --max-length tokens."),
         teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Folder written by `divergent cache-teacher`: train with no teacher in memory."),
-        divergences: Optional[str] = typer.Option(None, "--divergences", "-d", help="Comma-separated divergences; one distilled student each (default forward_kl)."),
+        divergences: Optional[str] = typer.Option(None, "--divergences", "-d", help="Comma-separated divergences; one distilled student each (default forward_kl; the embedded comparison: six)."),
         steps: Optional[int] = typer.Option(None, help="Optimisation steps per student (default 150)."),
         teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Steps to train the default teacher when it is not cached (default 300)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per micro-batch (default 16)."),
@@ -57,7 +57,11 @@ def register(app: typer.Typer) -> None:
         temperature: Optional[float] = typer.Option(None, help="Distillation temperature T (default 1)."),
         hard_weight: Optional[float] = typer.Option(None, "--hard-weight", help="Weight of the cross-entropy on the data in distilled runs (default 0)."),
         soft_weight: Optional[float] = typer.Option(None, "--soft-weight", help="Weight of T^2 x divergence in distilled runs (default 1)."),
-        on_policy: Optional[float] = typer.Option(None, "--on-policy", help="GKD's lambda: fraction of steps on student-generated continuations (default 0)."),
+        on_policy: Optional[str] = typer.Option(None, "--on-policy", help="GKD's lambda: fraction of steps on student-generated continuations (default 0); with --seeds a comma-separated list (0,0.5,1) gives one row per value."),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds: every row on every seed, paired differences, a verdict and report.md (docs/llm.md)."),
+        baseline: Optional[str] = typer.Option(None, "--baseline", help="With --seeds: the divergence every row is compared with (default: the first)."),
+        generation_prompts: Optional[int] = typer.Option(None, "--generation-prompts", help="With --seeds: held-out prompts each student generates from, for ROUGE-L and distinct-n (default 32; 0 = none)."),
+        reward: Optional[str] = typer.Option(None, "--reward", help="With --seeds: a reward scored on the generations (exact, math, regex:PATTERN or module:function, as in `divergent rl`)."),
         seq_kd: Optional[float] = typer.Option(None, "--seq-kd", help="Fraction of steps on teacher-generated continuations (default 0)."),
         fused: Optional[bool] = typer.Option(None, "--fused/--no-fused", help="Fused, chunked output-layer loss: the [tokens, vocab] logits are never formed (default: fused)."),
         chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens per chunk of the fused loss (default: as many as fit 2^27 logits, 2^23 on the CPU)."),
@@ -80,12 +84,14 @@ def register(app: typer.Typer) -> None:
         from the same initial weights on the same batches, and prints per model: evaluation
         loss and perplexity (bits per byte for byte-level models), KL to the teacher, top-1
         agreement, tokens/s and peak memory. Writes results.csv/json, report.md and
-        curves.png, and each student with save_pretrained (runs/<model>/model). With no
-        options: Python stdlib source as bytes and a cached tiny teacher, under a minute on
-        two CPU cores. With --domain-column COL the rows are drawn by domain (--mixing ddk:
-        DDK's weights from each domain's student/teacher perplexity ratio, re-measured every
-        --ddk-interval steps), and a per-domain table, domains.csv and domain_weights.png
-        are added.
+        curves.png, and each student with save_pretrained (runs/<model>/model). With
+        --seeds 0,1,2 every row runs on every seed and is compared with the student alone and
+        a baseline (paired differences, a verdict, report.md). With no options: that comparison
+        on Python stdlib source as bytes with a cached tiny teacher (six divergences, three
+        seeds; a few minutes on two CPU cores); --set seeds=[] gives one run. With
+        --domain-column COL the rows are drawn by domain (--mixing ddk: DDK's weights from each
+        domain's student/teacher perplexity ratio, re-measured every --ddk-interval steps), and
+        a per-domain table, domains.csv and domain_weights.png are added.
         """
 
         def body() -> None:
@@ -94,6 +100,7 @@ def register(app: typer.Typer) -> None:
             def text(path):
                 return str(path) if path is not None else None
 
+            fractions = split_list(on_policy)
             config = settings(
                 DistillLMConfig, config_file=config_file, sets=set_, resume=resume,
                 options={
@@ -103,7 +110,10 @@ def register(app: typer.Typer) -> None:
                     "teacher_cache": text(teacher_cache), "divergences": split_list(divergences), "steps": steps,
                     "teacher_steps": teacher_steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
                     "temperature": temperature, "hard_weight": hard_weight, "soft_weight": soft_weight,
-                    "on_policy_fraction": on_policy, "seq_kd_fraction": seq_kd, "fused": fused,
+                    "on_policy_fraction": fractions[0] if fractions and len(fractions) == 1 else None,
+                    "on_policy_fractions": fractions if fractions and len(fractions) > 1 else None,
+                    "seeds": split_list(seeds), "baseline": baseline, "generation_prompts": generation_prompts,
+                    "reward": reward, "seq_kd_fraction": seq_kd, "fused": fused,
                     "chunk_size": chunk_size, "vocab_size": vocab_size, "seed": seed, "num_threads": threads,
                     "domain_column": domain_column, "mixing": mixing, "ddk_interval": ddk_interval,
                     "ddk_smoothing": ddk_smoothing,

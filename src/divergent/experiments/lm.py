@@ -67,6 +67,9 @@ _TEACHER_RECIPE_VERSION = 2  # bump when the default teacher's training changes
 _DEFAULT_CORPUS_LENGTH = 65  # tokens per example: 64 predicted bytes
 _DEFAULT_DATA_LENGTH = 512
 SCRATCH = "scratch"
+# The embedded default (no arguments) compares these rows over these seeds (experiments/lm_compare.py).
+DEFAULT_COMPARISON_ROWS = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "alpha_beta")
+DEFAULT_COMPARISON_SEEDS = (0, 1, 2)
 
 
 @dataclass
@@ -162,7 +165,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
         byte-level GPT student (only with the default teacher or its cache).
     teacher_cache: folder written by `divergent cache-teacher`: train from its rows and cached
         top-k teacher with no teacher in memory (replaces data and eval_data).
-    divergences: one distilled student per registered divergence (divergent.available()).
+    divergences: one distilled student per registered divergence (divergent.available()); unset (null):
+        forward_kl, reverse_kl, js, tvd, skew_kl, alpha_beta in the embedded comparison, else forward_kl.
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
@@ -170,11 +174,19 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     checkpoint_every: steps between checkpoints (and save_pretrained exports) of each student.
     keep_checkpoints: checkpoints kept per student.
     output_dir: folder in which the run folder is created.
+    seeds: several seeds = a comparison (:mod:`divergent.experiments.lm_compare`): every row on every
+        seed, paired differences with the student alone and ``baseline``, a verdict; [] = one run with ``seed``.
+        Unset (null): [0, 1, 2] on the embedded default (no teacher, student or data given), else [].
+    baseline: the divergence every row is compared with, seed by seed ("" = the first of divergences).
+    on_policy_fractions: with seeds, one row per divergence and GKD λ (e.g. [0, 0.5, 1]); [] = ``on_policy_fraction``.
+    generation_prompts: with seeds, held-out prompts each student generates from (ROUGE-L, distinct-n, reward; 0 = none).
+    reward: with seeds, a reward scored on the generations: exact | math | regex:PATTERN | module:function (as ``rl``).
+    reward_timeout: seconds a call of a module:function reward may take (0 = no limit, in this process).
     """
 
     student: str = ""
     teacher_cache: str = ""
-    divergences: list[str] = field(default_factory=lambda: ["forward_kl"])
+    divergences: list[str] | None = None
     divergence_params: dict = field(default_factory=dict)
     include_scratch: bool = True
     evaluations: int = 5
@@ -182,10 +194,22 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     output_dir: str = "runs"
+    seeds: list[int] | None = None
+    baseline: str = ""
+    on_policy_fractions: list[float] = field(default_factory=list)
+    generation_prompts: int = 32
+    reward: str = ""
+    reward_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         self._check_data_settings()
         self._check_domain_settings()
+        embedded = not (self.teacher or self.student or self.data or self.eval_data or self.teacher_cache)
+        if self.seeds is None:  # the embedded default is a comparison (docs/llm.md); your models: one run
+            self.seeds = list(DEFAULT_COMPARISON_SEEDS) if embedded else []
+        if self.divergences is None:
+            self.divergences = list(DEFAULT_COMPARISON_ROWS) if embedded and self.seeds else ["forward_kl"]
+        self._check_comparison_settings()
         if not self.divergences:
             raise ValueError("divergences is empty: give at least one divergence (divergent.available())")
         if len(set(self.divergences)) != len(self.divergences):
@@ -206,6 +230,25 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in self.divergences:
             self.trainer_config(name)  # an unknown divergence or parameter fails here, naming itself
+
+    def _check_comparison_settings(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds} (a seed listed twice would be paired with itself)")
+        if self.baseline and self.baseline not in self.divergences:
+            raise ValueError(f"baseline {self.baseline!r} must be one of divergences {self.divergences}")
+        if len(set(self.on_policy_fractions)) != len(self.on_policy_fractions) or \
+                any(not 0.0 <= f <= 1.0 for f in self.on_policy_fractions):
+            raise ValueError(f"on_policy_fractions must be distinct values in [0, 1], got {self.on_policy_fractions}")
+        if self.generation_prompts < 0:
+            raise ValueError(f"generation_prompts must be >= 0 (0 = no generation), got {self.generation_prompts}")
+        if (self.on_policy_fractions or self.reward) and not self.seeds:
+            raise ValueError("on_policy_fractions and reward are settings of a comparison: give seeds too (--seeds 0,1,2)")
+        if self.reward and not self.generation_prompts:
+            raise ValueError("reward is scored on the generations: set generation_prompts >= 1 too")
+        if self.reward:
+            from divergent.rl.rewards import resolve_reward
+
+            resolve_reward(self.reward)  # an unknown spec or a module that does not import fails here, naming it
 
     def trainer_config(self, divergence: str | None, vocab_size: int | None = None):
         """The LMDistillConfig of one row (``divergence=None``: the scratch row, labels only)."""
@@ -662,6 +705,20 @@ Total wall time {seconds:.0f} s.
 # ----------------------------------------------------------------------------- the command
 
 
+def _check_run_data(config: DistillLMConfig, setup: _Setup, run_dir: Path) -> None:
+    """Record the data and settings a run folder starts with; a resume with other ones is refused."""
+    fingerprint = {"config_hash": _config_hash(config), "train": _hash([e["input_ids"] for e in setup.train]),
+                   "eval": _hash([e["input_ids"] for e in setup.eval])}
+    data_file = run_dir / "data.json"
+    if data_file.is_file():
+        saved = read_json(data_file, "run data fingerprint")
+        if saved != fingerprint:
+            raise ValueError(f"the data or settings differ from those {run_dir} was started with ({data_file}); "
+                             f"start a new run instead of resuming this one")
+    else:
+        write_json(fingerprint, data_file)
+
+
 class DistillInterrupted(RunInterrupted):
     """Ctrl-C during distill-lm; finished rows and the current row's checkpoint are saved."""
 
@@ -685,6 +742,10 @@ def run_distill_lm(config: DistillLMConfig, *, run_dir: str | Path | None = None
         torch.set_num_threads(config.num_threads)
     try:
         with report.run_folder(config.output_dir, "distill-lm", resume=run_dir) as folder:
+            if config.seeds:  # every row on every seed, compared (experiments/lm_compare.py)
+                from divergent.experiments.lm_compare import run_lm_comparison
+
+                return run_lm_comparison(config, folder, console, command)
             return _run(config, folder, console, command)
     finally:
         torch.set_num_threads(previous)
@@ -699,16 +760,7 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
     setup = _setup(config, console, device, run_dir)
     console.print(f"run folder: {run_dir}")
     console.print(f"data: {setup.data_description}")
-    fingerprint = {"config_hash": _config_hash(config), "train": _hash([e["input_ids"] for e in setup.train]),
-                   "eval": _hash([e["input_ids"] for e in setup.eval])}
-    data_file = run_dir / "data.json"
-    if data_file.is_file():
-        saved = read_json(data_file, "run data fingerprint")
-        if saved != fingerprint:
-            raise ValueError(f"the data or settings differ from those {run_dir} was started with ({data_file}); "
-                             f"start a new run instead of resuming this one")
-    else:
-        write_json(fingerprint, data_file)
+    _check_run_data(config, setup, run_dir)
     folder.started()
 
     teacher_row = _teacher_row(setup, config, device)

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 __all__ = ["row_styles", "pool_reliability_bins", "plot_reliability", "plot_training_curves", "plot_accuracy_vs_ece",
-           "plot_panels"]
+           "plot_panels", "plot_mean_band_panels", "plot_mean_std_scatter"]
 
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D")
@@ -235,6 +235,24 @@ def plot_training_curves(
     return _save(fig, path)
 
 
+def _mean_std_points(points: Sequence[Mapping[str, float | str]], x: str, y: str):
+    """A new axes with every run faint and each row's mean ± std (both directions) on top: (fig, ax, names, styles)."""
+    names = list(dict.fromkeys(str(p["name"]) for p in points))
+    if not names:
+        raise ValueError("points is empty: nothing to plot")
+    styles = row_styles(names)
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), layout="constrained")
+    for name in names:
+        xs = [float(p[x]) for p in points if p["name"] == name]
+        ys = [float(p[y]) for p in points if p["name"] == name]
+        style = styles[name]
+        ax.scatter(xs, ys, color=style["color"], marker=style["marker"], s=12, alpha=0.35, linewidths=0)
+        ax.errorbar(sum(xs) / len(xs), sum(ys) / len(ys), xerr=_std(xs), yerr=_std(ys), color=style["color"],
+                    marker=style["marker"], markersize=7, capsize=3, elinewidth=1.2, markeredgecolor="black",
+                    markeredgewidth=0.5)
+    return fig, ax, names, styles
+
+
 def plot_accuracy_vs_ece(
     points: Sequence[Mapping[str, float | str]], path: str | Path, title: str = "Test accuracy vs ECE"
 ) -> Figure:
@@ -244,21 +262,7 @@ def plot_accuracy_vs_ece(
     runs of a row are drawn faintly behind its mean. The better corner — accurate and
     calibrated, top left — is marked.
     """
-    names = list(dict.fromkeys(str(p["name"]) for p in points))
-    if not names:
-        raise ValueError("points is empty: nothing to plot")
-    styles = row_styles(names)
-    fig, ax = plt.subplots(figsize=(6.8, 4.6), layout="constrained")
-    for name in names:
-        mine = [p for p in points if p["name"] == name]
-        eces, accs = [float(p["ece"]) for p in mine], [float(p["accuracy"]) for p in mine]
-        style = styles[name]
-        ax.scatter(eces, accs, color=style["color"], marker=style["marker"], s=12, alpha=0.35, linewidths=0)
-        mean_e, mean_a = sum(eces) / len(eces), sum(accs) / len(accs)
-        std_e = _std(eces)
-        std_a = _std(accs)
-        ax.errorbar(mean_e, mean_a, xerr=std_e, yerr=std_a, color=style["color"], marker=style["marker"],
-                    markersize=7, capsize=3, elinewidth=1.2, markeredgecolor="black", markeredgewidth=0.5)
+    fig, ax, names, styles = _mean_std_points(points, "ece", "accuracy")
     ax.set_xlabel("ECE (15 bins) — lower is better")
     ax.set_ylabel("test accuracy — higher is better")
     ax.grid(alpha=0.3)
@@ -279,6 +283,18 @@ def _std(values: Sequence[float]) -> float:
         return 0.0
     mean = sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _finish_panel(ax, label: str, xlabel: str, reference: tuple[str, float] | None) -> None:
+    """Title, x label, grid, and a reference value as a dashed grey line (e.g. the teacher's)."""
+    if reference is not None:
+        ref_label, value = reference
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(ref_label, xy=(1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize=7, color="gray")
+    ax.set_xlabel(xlabel)
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def plot_panels(
@@ -308,15 +324,84 @@ def plot_panels(
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker=styles[name]["marker"], markersize=3, color=styles[name]["color"],
                         linestyle=styles[name]["linestyle"])
-        if references and key in references:
-            ref_label, value = references[key]
-            ax.axhline(value, color="gray", linestyle="--", linewidth=1)
-            ax.annotate(ref_label, xy=(1.0, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                        fontsize=7, color="gray")
-        ax.set_xlabel(xlabel)
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
+        _finish_panel(ax, label, xlabel, references.get(key) if references else None)
     _legend_outside(fig, styles, names)
     if title:
         fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def plot_mean_band_panels(
+    histories_by_name: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
+    panels: Sequence[tuple[str, str]],
+    path: str | Path,
+    *,
+    x: str = "step",
+    xlabel: str = "training step",
+    references: Mapping[str, tuple[str, float]] | None = None,
+    title: str = "",
+) -> Figure:
+    """One panel per quantity; per row the mean over seeds with a ± one standard deviation band; one legend outside.
+
+    ``histories_by_name`` maps a row to its histories, one per seed (lists of records holding ``x``
+    and the panel keys). At each ``x`` the mean and sample std are over the seeds that recorded it.
+    ``references`` maps a key to ``(label, y)``, drawn as a dashed grey line (e.g. the teacher).
+    """
+    names = [n for n, histories in histories_by_name.items() if histories]
+    if not names or not panels:
+        raise ValueError("plot_mean_band_panels needs at least one row with a history and one panel")
+    styles = row_styles(names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.5, 3.8), squeeze=False, layout="constrained")
+    seeds = max(len(histories_by_name[n]) for n in names)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for name in names:
+            by_x: dict[float, list[float]] = {}
+            for history in histories_by_name[name]:
+                for record in history:
+                    if key in record and x in record and record[key] == record[key]:
+                        by_x.setdefault(float(record[x]), []).append(float(record[key]))
+            if not by_x:
+                continue
+            xs = sorted(by_x)
+            mean = [sum(by_x[v]) / len(by_x[v]) for v in xs]
+            std = [_std(by_x[v]) for v in xs]
+            style = styles[name]
+            ax.plot(xs, mean, color=style["color"], linestyle=style["linestyle"], marker=style["marker"], markersize=3)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=style["color"], alpha=0.15, linewidth=0)
+        _finish_panel(ax, label, xlabel, references.get(key) if references else None)
+    _legend_outside(fig, styles, names)
+    band = f" — mean ± std over {seeds} seeds" if seeds > 1 else " (one seed: no band)"
+    fig.suptitle(f"{title}{band}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_mean_std_scatter(
+    points: Sequence[Mapping[str, float | str]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    better: str = "",
+) -> Figure:
+    """Per-row mean of ``y`` against mean of ``x`` with ± one standard deviation over seeds in both directions.
+
+    ``points`` holds one dict per run with ``name``, ``x`` and ``y``; the runs are drawn faintly
+    behind their row's mean. ``better``: a corner to mark ("upper left", "upper right", ...).
+    """
+    fig, ax, names, styles = _mean_std_points(points, "x", "y")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    if better:
+        vertical, horizontal = better.split()
+        ax.annotate("better", xy=(0.02 if horizontal == "left" else 0.98, 0.98 if vertical == "upper" else 0.02),
+                    xycoords="axes fraction", ha=horizontal, va="top" if vertical == "upper" else "bottom",
+                    fontsize=10, fontweight="bold", color="darkgreen")
+    seeds = max(sum(1 for p in points if p["name"] == n) for n in names)
+    suffix = f": mean ± std over {seeds} seeds" if seeds > 1 else " (one seed: no spread)"
+    ax.set_title(f"{title}{suffix}", fontsize=10)
+    _legend_outside(fig, styles, names, kind="marker")
     return _save(fig, path)
