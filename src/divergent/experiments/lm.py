@@ -44,6 +44,7 @@ from rich.console import Console
 from divergent.config import config_to_dict, load_run_config, save_config
 from divergent.experiments import report
 from divergent.io import read_json, write_json
+from divergent.train import cross_tokenizer
 from divergent.train.lm import LMTrainingSettings
 from divergent.train.run import Checkpointer, NonFiniteLossError, RunInterrupted, drive
 
@@ -147,6 +148,9 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
         top-k teacher with no teacher in memory (replaces data and eval_data).
     divergences: one distilled student per registered divergence (divergent.available()).
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
+    cross_tokenizer: "" (teacher and student share one tokenizer; another is an error) or "uld":
+        the teacher has another tokenizer and each distilled student is trained with Universal
+        Logit Distillation (divergent.train.cross_tokenizer), which replaces the divergence.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
     eval_batch_size: examples per evaluation batch.
@@ -159,6 +163,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
     teacher_cache: str = ""
     divergences: list[str] = field(default_factory=lambda: ["forward_kl"])
     divergence_params: dict = field(default_factory=dict)
+    cross_tokenizer: str = ""
     include_scratch: bool = True
     evaluations: int = 5
     eval_batch_size: int = 16
@@ -188,6 +193,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in self.divergences:
             self.trainer_config(name)  # an unknown divergence or parameter fails here, naming itself
+        if cross_tokenizer.check_mode(self.cross_tokenizer):
+            cross_tokenizer.check_settings(self)
 
     def trainer_config(self, divergence: str | None, vocab_size: int | None = None):
         """The LMDistillConfig of one row (``divergence=None``: the scratch row, labels only)."""
@@ -222,6 +229,7 @@ class _Setup:
     vocab_size: int | None
     teacher_description: str
     cached_teacher: bool = False
+    teacher_tokenizer: Any = None  # set when the teacher has another tokenizer (cross_tokenizer)
 
 
 def _hash(obj: Any) -> str:
@@ -315,10 +323,8 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _
         student = load_causal_lm(config.student, what="--student")
         teacher_tokenizer = _tokenizer_for(config.teacher, "--teacher", teacher)
         tokenizer = _tokenizer_for(config.student, "--student", student)
-        if is_byte_tokenizer(tokenizer) != is_byte_tokenizer(teacher_tokenizer):
-            raise ValueError("one of --teacher/--student is byte-level and the other has a tokenizer: they do not share "
-                             "one vocabulary (cross-tokenizer distillation is not supported yet)")
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
+        if not config.cross_tokenizer:
+            cross_tokenizer.check_same(tokenizer, teacher_tokenizer, is_byte_tokenizer, check_same_tokenizer)
         teacher_description = f"{config.teacher}"
     else:
         tokenizer = ByteTokenizer()
@@ -331,6 +337,11 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _
     if teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
     teacher = teacher.to(device).eval()  # evaluated before any student trains
+    if config.cross_tokenizer:
+        return _Setup(teacher=teacher, student_init=student, tokenizer=tokenizer, train=train, eval=evaluation,
+                      byte_level=byte_level, data_description=description, stats=stats, vocab_size=config.vocab_size,
+                      teacher_description=f"{teacher_description} (its own tokenizer; {config.cross_tokenizer})",
+                      teacher_tokenizer=teacher_tokenizer)
     vocab = _resolve_vocab(config.vocab_size, student, _model_vocab(teacher), tokenizer)
     if vocab is not None and not byte_level:
         console.print(f"vocabulary: comparing the first {vocab} entries (the tokenizer's size)")
@@ -457,7 +468,8 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     pad = _pad_id(setup.tokenizer)
     tokenizer = None if is_byte_tokenizer(setup.tokenizer) else setup.tokenizer
     teacher = setup.teacher if divergence is not None else None
-    eval_teacher = setup.teacher if not setup.cached_teacher else None
+    # (KL to a teacher with another vocabulary is undefined: the cross-tokenizer rows report the loss alone)
+    eval_teacher = setup.teacher if not (setup.cached_teacher or setup.teacher_tokenizer) else None
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return evaluate_lm(model, setup.eval, teacher=eval_teacher, batch_size=config.eval_batch_size,
@@ -466,6 +478,8 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     trainer = LMTrainer(student, teacher, ExampleSource(setup.train, seed=config.seed, pad_token_id=pad),
                         config.trainer_config(divergence, setup.vocab_size), device=device, evaluate=evaluate,
                         pad_token_id=pad, eos_token_id=getattr(setup.tokenizer, "eos_token_id", None))
+    if setup.teacher_tokenizer is not None and divergence is not None:
+        trainer.objective = cross_tokenizer.objective(config, setup.tokenizer, setup.teacher_tokenizer)
     model_dir = folder / "model"
 
     def export(step: int, path: Path) -> None:
@@ -500,6 +514,8 @@ def _teacher_row(setup: _Setup, config: DistillLMConfig, device: torch.device) -
     from divergent.train.lm import evaluate_lm
 
     row: dict[str, Any] = {"model": "teacher", "divergence": "-", "status": "finished"}
+    if setup.teacher_tokenizer is not None:
+        return row  # its loss is in its own tokens: not comparable with the students'
     if setup.teacher is not None and not setup.cached_teacher:
         metrics = evaluate_lm(setup.teacher, setup.eval, batch_size=config.eval_batch_size, device=device,
                               pad_token_id=_pad_id(setup.tokenizer), vocab_size=setup.vocab_size,
@@ -667,6 +683,8 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
 
     teacher_row = _teacher_row(setup, config, device)
     names = ([(SCRATCH, None)] if config.include_scratch else []) + [(d, d) for d in config.divergences]
+    if config.cross_tokenizer:
+        names = names[:-1] + [(config.cross_tokenizer, config.divergences[0])]
     rows: list[dict[str, Any]] = []
     with report.progress(console=console) as bar:
         overall = bar.add_task("students", total=len(names))

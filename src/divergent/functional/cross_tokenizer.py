@@ -113,6 +113,7 @@ def uld_sequence_loss(
     skip_student_eos: bool = True,
     skip_teacher_eos: bool = True,
     ignore_index: int = -100,
+    reduction: str = "mean",
 ) -> Tensor:
     """ULD over a batch of sequences in two tokenizations, positions aligned by truncation.
 
@@ -123,6 +124,8 @@ def uld_sequence_loss(
     span ``m``; ``loss_b = Σ_{i<m} ULD(q_i, p_i) / m``. The result is the mean of ``loss_b``
     over the batch (a sequence with nothing to compare counts as 0) — TRL's ``ULDLoss`` with
     ``use_extended_uld=False``, ``uld_token_merge_strategy="observed"``, no cross-entropy term.
+    ``reduction="sum"``: Σ_b Σ_{i<m_b} ULD(q_i, p_i) instead, the sum over every aligned
+    position (for a loss divided by a token count, as the LM trainer's).
 
     Args:
         student_logits: ``[B, Ls, Vs]``; teacher_logits: ``[B, Lt, Vt]`` (lengths and vocabularies may differ).
@@ -142,6 +145,9 @@ def uld_sequence_loss(
                          f"{student_logits.shape[0]} and {teacher_logits.shape[0]}")
     student_temperature = _temperature(student_temperature, "student_temperature")
     teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' (TRL's: the mean over sequences of each one's mean) or 'sum' "
+                         f"(over every aligned position), got {reduction!r}")
     dtype = v.compute_dtype(student_logits, teacher_logits)
     losses = []
     for b in range(student_logits.shape[0]):
@@ -155,5 +161,7 @@ def uld_sequence_loss(
             continue
         q = torch.softmax(student_logits[b, s_start:s_start + length].to(dtype) / student_temperature, dim=-1)
         p = torch.softmax(teacher_logits[b, t_start:t_start + length].to(dtype) / teacher_temperature, dim=-1)
-        losses.append(_sorted_l1(q, p).sum() / length)
-    return torch.stack(losses).mean()
+        rows = _sorted_l1(q, p).sum()
+        losses.append(rows / length if reduction == "mean" else rows)
+    total = torch.stack(losses)
+    return total.mean() if reduction == "mean" else total.sum()
