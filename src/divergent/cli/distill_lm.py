@@ -108,6 +108,7 @@ def register(app: typer.Typer) -> None:
         max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example; longer rows are truncated and counted."),
         k: Optional[int] = typer.Option(None, "--k", help="Top-k log-probs kept per token (default 32)."),
         logprob_dtype: Optional[str] = typer.Option(None, "--logprob-dtype", help="float16 (default), bfloat16 or float32."),
+        logprob_bits: Optional[int] = typer.Option(None, "--logprob-bits", help="Compress: bit-packed ids and log-probs quantised to N bits (2-16) with a KL bound (default 0: off)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per teacher forward pass (default 8)."),
         max_sequences: Optional[int] = typer.Option(None, "--max-sequences", help="Cap on the training examples cached (default: all)."),
         sequences_per_shard: Optional[int] = typer.Option(None, "--sequences-per-shard", help="Examples per shard file (default 256)."),
@@ -136,7 +137,7 @@ def register(app: typer.Typer) -> None:
             config = settings(
                 CacheTeacherConfig, config_file=config_file, sets=set_, resume=resume,
                 options={"teacher": text(teacher), "data": text(data), "eval_data": text(eval_data),
-                         "max_length": max_length, "k": k, "logprob_dtype": logprob_dtype, "batch_size": batch_size,
+                         "max_length": max_length, "k": k, "logprob_dtype": logprob_dtype, "logprob_bits": logprob_bits, "batch_size": batch_size,
                          "max_sequences": max_sequences, "sequences_per_shard": sequences_per_shard,
                          "teacher_steps": teacher_steps, "device": device, "num_threads": threads,
                          "output_dir": text(out_dir)},

@@ -737,6 +737,9 @@ class CacheTeacherConfig(LMDataSettings):
     max_sequences: cap on the training examples cached (0 = all).
     k: log-probs kept per token (the teacher's most likely tokens; the rest is one tail bucket).
     logprob_dtype: float16, bfloat16 or float32.
+    logprob_bits: 0 = store logprob_dtype values; 2..16 = a compressed cache: ids bit-packed at
+        ceil(log2 V) bits, log-probs quantised to this many bits with the KL bound recorded
+        (divergent.data.cache_codec; 8 keeps KL(p ‖ p̂) below about 1e-4 nats/token).
     batch_size: examples per teacher forward pass.
     sequences_per_shard: examples per shard file.
     output_dir: the cache folder written (index.json, shards, config.yaml).
@@ -745,6 +748,7 @@ class CacheTeacherConfig(LMDataSettings):
     max_sequences: int = 0
     k: int = 32
     logprob_dtype: str = "float16"
+    logprob_bits: int = 0
     batch_size: int = 8
     sequences_per_shard: int = 256
     output_dir: str = "teacher-cache"
@@ -755,6 +759,8 @@ class CacheTeacherConfig(LMDataSettings):
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.logprob_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"logprob_dtype must be float16, bfloat16 or float32, got {self.logprob_dtype!r}")
+        if not (self.logprob_bits == 0 or 2 <= self.logprob_bits <= 16):
+            raise ValueError(f"logprob_bits must be 0 (no compression) or in [2, 16], got {self.logprob_bits}")
         for name in ("batch_size", "sequences_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -819,6 +825,7 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
                     tokenizer_fingerprint=tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer),
                     batch_size=config.batch_size, pad_token_id=_pad_id(tokenizer), logprob_dtype=config.logprob_dtype,
                     sequences_per_shard=config.sequences_per_shard, device=device, resume=resume,
+                    logprob_bits=config.logprob_bits,
                     metadata={"teacher": config.teacher or "default", "default_teacher": not config.teacher,
                               "data": description, "stats": stats, "max_length": config.length()},
                     progress_callback=advance,
