@@ -99,3 +99,25 @@ def test_objective_is_uld_per_counted_token_and_accumulation_consistent():
     # two halves with the whole batch's normalizer add up to the whole
     halves = sum(objective(student, student, batch.rows(i, i + 2), teacher=teacher, normalizer=17.0) for i in (0, 2))
     torch.testing.assert_close(halves, got, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_distillation_trainer_across_tokenizers(tmp_path):
+    from divergent.hf import DistillationConfig, DistillationTrainer
+
+    student_tok, teacher_tok = H.tokenizer(300), H.tokenizer(400)
+    student, teacher = H.llama(len(student_tok), 32, 1, seed=0), H.llama(len(teacher_tok), 48, 1, seed=1)
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                    save_strategy="no", use_cpu=True, report_to=[], seed=0, disable_tqdm=True, logging_steps=1,
+                    hard_weight=1.0, soft_weight=1.0)
+    args = DistillationConfig(cross_tokenizer="uld", **settings)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=H.text_rows(8),
+                                  processing_class=student_tok, teacher_processing_class=teacher_tok)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    with pytest.raises(ValueError, match="did you mean 'uld'"):
+        DistillationConfig(cross_tokenizer="ULD", **settings)
+    with pytest.raises(ValueError, match="cross_tokenizer='uld' trains on the data's text only"):
+        DistillationConfig(cross_tokenizer="uld", on_policy_fraction=0.5, **settings)

@@ -324,7 +324,7 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device) -> _
         teacher_tokenizer = _tokenizer_for(config.teacher, "--teacher", teacher)
         tokenizer = _tokenizer_for(config.student, "--student", student)
         if not config.cross_tokenizer:
-            cross_tokenizer.check_same(tokenizer, teacher_tokenizer, is_byte_tokenizer, check_same_tokenizer)
+            cross_tokenizer.check_same(tokenizer, teacher_tokenizer, check_same_tokenizer, is_byte_tokenizer)
         teacher_description = f"{config.teacher}"
     else:
         tokenizer = ByteTokenizer()

@@ -39,6 +39,7 @@ from torch import nn
 from divergent.data.lm_data import collate, pack_examples, tokenize_rows
 from divergent.models.hf import check_same_tokenizer, load_causal_lm, load_tokenizer
 from divergent.train.lm import Batch, LMObjective, count_targets, generated_batch
+from divergent.train import cross_tokenizer
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "DistillationCollator"]
 
@@ -77,6 +78,9 @@ class DistillationConfig(transformers.TrainingArguments):
     max_length: int = field(default=1024, metadata={"help": "Rows are cut to this many tokens (and counted as truncated)."})
     packing: bool = field(default=False, metadata={"help": "Concatenate training rows into blocks of max_length tokens."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads the rows' columns."})
+    cross_tokenizer: str = field(default="", metadata={
+        "help": "'' (one shared tokenizer; another is an error) or 'uld': the teacher has another tokenizer "
+                "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +101,8 @@ class DistillationConfig(transformers.TrainingArguments):
             raise ValueError(f"hard_weight and soft_weight must be >= 0 and not both 0, got "
                              f"{self.hard_weight}, {self.soft_weight}")
         LMObjective.from_config(self)  # an unknown divergence or parameter fails here, naming itself
+        if cross_tokenizer.check_mode(self.cross_tokenizer):
+            cross_tokenizer.check_trainer_settings(self)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -164,7 +170,8 @@ class DistillationTrainer(transformers.Trainer):
     ``train_dataset``/``eval_dataset``: rows (see the module docstring) or ready examples;
     with ``args.teacher_cache`` they default to the cache's ``train``/``eval`` splits and no
     teacher model is needed. ``teacher_processing_class``: the teacher's tokenizer, checked
-    to be the student's (cross-tokenizer distillation is not supported yet).
+    to be the student's unless ``args.cross_tokenizer`` is set (then the teacher reads each
+    row re-tokenized; see :mod:`divergent.train.cross_tokenizer`).
     ``data_stats``: what became of the rows (truncated, skipped with nothing to learn).
     """
 
@@ -195,8 +202,11 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model = load_causal_lm(path, what="teacher_model")
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer(path, "teacher_model")
-        check_same_tokenizer(processing_class, teacher_processing_class)
-        self.objective = LMObjective.from_config(args)
+        if args.cross_tokenizer:
+            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class)
+        else:
+            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
+            self.objective = LMObjective.from_config(args)
         generates = args.on_policy_fraction + args.seq_kd_fraction > 0
 
         cache = None

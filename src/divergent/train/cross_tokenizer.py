@@ -22,7 +22,7 @@ from torch import nn
 
 from divergent.functional.cross_tokenizer import answer_span, uld_sequence_loss
 
-__all__ = ["MODES", "check_mode", "check_settings", "check_same", "objective", "teacher_batch",
+__all__ = ["MODES", "check_mode", "check_settings", "check_trainer_settings", "check_same", "objective", "teacher_batch",
            "CrossTokenizerObjective"]
 
 # How the two tokenizations are compared; "" = not at all (one shared tokenizer required).
@@ -33,13 +33,14 @@ def check_mode(mode: Any) -> str:
     """``mode`` if it is "" or one of :data:`MODES`; otherwise a ValueError naming the valid ones."""
     if mode == "" or mode in MODES:
         return mode
-    close = difflib.get_close_matches(str(mode), MODES, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(mode).lower(), MODES, n=1, cutoff=0.5)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"cross_tokenizer must be one of {', '.join(MODES)} (or empty: one shared tokenizer), "
                      f"got {mode!r}{hint}")
 
 
-_HINT = "give --cross-tokenizer uld (set cross_tokenizer: uld) to distil across tokenizers"
+_HINT = ("give --cross-tokenizer uld (cross_tokenizer='uld' in a config or DistillationConfig) to distil "
+         "across tokenizers")
 
 
 def check_settings(config: Any) -> None:
@@ -57,9 +58,20 @@ def check_settings(config: Any) -> None:
                          f"seq_kd_fraction to 0")
 
 
-def check_same(student_tokenizer: Any, teacher_tokenizer: Any, is_byte_tokenizer, check_same_tokenizer) -> None:
+def check_trainer_settings(args: Any) -> None:
+    """What ``DistillationConfig(cross_tokenizer=...)`` needs; raises naming the setting."""
+    mode = args.cross_tokenizer
+    if args.teacher_cache is not None:
+        raise ValueError(f"cross_tokenizer={mode!r} needs the teacher model: a teacher cache holds its top-k in its "
+                         f"own tokens, which cannot be realigned; set teacher_cache=None")
+    if args.on_policy_fraction + args.seq_kd_fraction > 0:
+        raise ValueError(f"cross_tokenizer={mode!r} trains on the data's text only: set on_policy_fraction and "
+                         f"seq_kd_fraction to 0")
+
+
+def check_same(student_tokenizer: Any, teacher_tokenizer: Any, check_same_tokenizer, is_byte_tokenizer=None) -> None:
     """The check without ``cross_tokenizer``: one shared tokenizer, else an error that says how to go on."""
-    if is_byte_tokenizer(student_tokenizer) != is_byte_tokenizer(teacher_tokenizer):
+    if is_byte_tokenizer is not None and is_byte_tokenizer(student_tokenizer) != is_byte_tokenizer(teacher_tokenizer):
         raise ValueError("one of --teacher/--student is byte-level and the other has a tokenizer: they do not share "
                          "one vocabulary; save a tokenizer beside the byte-level model and " + _HINT)
     try:
