@@ -149,3 +149,27 @@ def test_cli_writes_a_compressed_cache_and_distils_from_it(tmp_path):
                                    "--logprob-bits", "1", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "logprob_bits must be 0 (no compression) or in [2, 16], got 1" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_an_interrupted_compressed_cache_resumes_to_the_same_cache(tmp_path):
+    teacher, examples = _teacher(), _examples()
+    calls = []
+
+    def interrupted(ids, mask):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        with torch.no_grad():
+            return teacher(ids)
+
+    def whole(ids, mask):
+        with torch.no_grad():
+            return teacher(ids)
+
+    common = dict(k=8, vocab_size=300, batch_size=2, sequences_per_shard=4, logprob_bits=6)
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(interrupted, {"train": examples}, tmp_path / "c", **common)
+    resumed = write_teacher_cache(whole, {"train": examples}, tmp_path / "c", resume=True, **common)
+    straight = write_teacher_cache(whole, {"train": examples}, tmp_path / "w", **common)
+    assert resumed["compression"] == straight["compression"]
+    assert [s["sha256"] for s in resumed["splits"]["train"]] == [s["sha256"] for s in straight["splits"]["train"]]
