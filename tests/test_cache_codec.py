@@ -142,9 +142,15 @@ def test_cli_writes_a_compressed_cache_and_distils_from_it(tmp_path):
                                       "--logprob-bits", "8", "-o", str(cache)])
     assert result.exit_code == 0, result.output
     assert json.loads((cache / "index.json").read_text())["compression"]["logprob_bits"] == 8
+    # (with kl_top: a TopK teacher read from a compressed cache picks its top k among the stored classes)
     run = CliRunner().invoke(app, ["distill-lm", "--teacher-cache", str(cache), "--student", str(student),
-                                   "--steps", "2", "--batch-size", "4", "--threads", "1", "-o", str(tmp_path / "runs")])
+                                   "--steps", "2", "--batch-size", "4", "--threads", "1", "-d", "forward_kl,kl_top",
+                                   "--set", "divergence_params={kl_top: {k: 4}}", "-o", str(tmp_path / "runs")])
     assert run.exit_code == 0, run.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    assert [(r["divergence"], r["status"]) for r in rows] == [("-", "finished"), ("forward_kl", "finished"),
+                                                               ("kl_top", "finished")]
     bad = CliRunner().invoke(app, ["cache-teacher", "--teacher", str(teacher), "--data", str(data),
                                    "--logprob-bits", "1", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "logprob_bits must be 0 (no compression) or in [2, 16], got 1" in bad.output

@@ -251,3 +251,21 @@ def test_distill_lm_and_compare_take_kl_top(tmp_path, monkeypatch):
     results = run_compare(config, console=Console(file=open(os.devnull, "w")))
     (run,) = [r for r in results["runs"] if r["name"] == "kl_top"]
     assert 0 <= run["accuracy"] <= 1
+
+
+def test_hf_distillation_trainer_takes_kl_top(tmp_path):
+    pytest.importorskip("transformers")
+    import lm_helpers as H
+    from divergent.hf import DistillationConfig, DistillationTrainer
+
+    tokenizer = H.tokenizer(300)
+    student, teacher = H.llama(len(tokenizer), 32, 1, seed=0), H.llama(len(tokenizer), 48, 1, seed=1)
+    args = DistillationConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                              learning_rate=1e-2, save_strategy="no", use_cpu=True, report_to=[], seed=0,
+                              disable_tqdm=True, logging_steps=1, divergence="kl_top",
+                              divergence_params={"k": 16, "renormalize": True}, chunk_size=7)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=H.text_rows(8),
+                                  processing_class=tokenizer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
