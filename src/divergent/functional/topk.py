@@ -27,9 +27,10 @@ def _stored_dtype(logprobs: Tensor) -> torch.dtype:
     """
     if logprobs.dtype not in (torch.float32, torch.float64) or logprobs.numel() == 0:
         return logprobs.dtype
-    finite = logprobs[torch.isfinite(logprobs)]
+    # -inf (a zero probability) round-trips exactly; NaN and +inf were refused before this is asked.
+    # No boolean indexing: it would need the data's shape (a host sync, and no meta-device plan).
     for low in (torch.bfloat16, torch.float16):  # bf16's eps (2^-7) is the larger
-        if bool((finite.to(low).to(finite.dtype) == finite).all()):
+        if bool((logprobs.to(low).to(logprobs.dtype) == logprobs).all()):
             return low
     return logprobs.dtype
 
