@@ -207,7 +207,8 @@ tokenizer = H.tokenizer()
 teacher, student = H.llama(len(tokenizer), 48, 2, seed=1), H.llama(len(tokenizer), 32, 1, seed=0)
 args = DistillationConfig(output_dir=out + ".run", per_device_train_batch_size=2, gradient_accumulation_steps=2,
                           max_steps=4, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant",
-                          logging_steps=1, save_strategy="no", use_cpu=True, report_to=[], seed=0, disable_tqdm=True,
+                          logging_steps=1, save_strategy="steps", save_steps=2, use_cpu=True, report_to=[], seed=0,
+                          disable_tqdm=True,
                           hard_weight=1.0, soft_weight=0.2, domain_column="kind", ddk_interval=2,
                           per_device_eval_batch_size=4)
 trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_rows(),
@@ -218,15 +219,17 @@ def recording_next(domain):
     drawn.append(domain)
     return real_next(domain)
 domains.next_example = recording_next
-trainer.train()
-json.dump({{"history": trainer.domain_callback.history, "drawn": drawn}},
-          open(out + ".rank" + os.environ.get("RANK", "0") + ".json", "w"))
+trainer.train(resume_from_checkpoint=sys.argv[2] if len(sys.argv) > 2 else None)
+rank = os.environ.get("RANK", "0")
+json.dump({{"history": trainer.domain_callback.history, "drawn": drawn}}, open(out + ".rank" + rank + ".json", "w"))
+torch.save(trainer.model.state_dict(), out + ".rank" + rank + ".pt")
 """
 
 
-@pytest.mark.slow  # an accelerate + torchrun start-up: ~30 s on 2 busy cores
+@pytest.mark.slow  # two accelerate + torchrun start-ups: ~30 s on 2 busy cores
 def test_every_accelerate_process_draws_the_same_domains(tmp_path):
-    """2 CPU processes (DDP via accelerate launch): identical DDK measurements, weights and draws on both ranks."""
+    """2 CPU processes (DDP via accelerate launch): identical DDK measurements, weights and draws on both ranks,
+    and a run resumed from its checkpoint on 2 processes equals the uninterrupted one."""
     import json
 
     from test_accelerate_launch import _accelerate_launch
@@ -239,3 +242,13 @@ def test_every_accelerate_process_draws_the_same_domains(tmp_path):
     assert rank0["history"] == rank1["history"]
     assert rank0["drawn"] == rank1["drawn"] and len(rank0["drawn"]) >= 4 * 2 * 2 * 2
     assert rank0["history"][0]["weights"] != rank0["history"][1]["weights"]
+    # killed after the checkpoint of step 2 and resumed on 2 processes: the same draws, weights and parameters
+    _accelerate_launch(tmp_path, script, str(tmp_path / "again"), str(tmp_path / "ddk.run" / "checkpoint-2"))
+    for rank in (0, 1):
+        whole = json.loads((tmp_path / f"ddk.rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"again.rank{rank}.json").read_text())
+        assert resumed["history"] == whole["history"]
+        assert resumed["drawn"] == whole["drawn"][2 * 2 * 2 * 2:]  # 2 steps x 2 micro-batches x 2 rows x 2 ranks
+        final, again = (torch.load(tmp_path / f"{name}.rank{rank}.pt") for name in ("ddk", "again"))
+        for key in final:
+            torch.testing.assert_close(again[key], final[key], rtol=0, atol=0)

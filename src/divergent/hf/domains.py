@@ -66,9 +66,12 @@ class DomainMixingSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, domain_indices: dict[str, Sequence[int]], weights: Any = None, *, seed: int = 0,
-                 length: int | None = None) -> None:
+                 length: int | None = None, group: int = 1) -> None:
         self.domains = DomainSampler(domain_indices, weights, seed=seed)
         self.length = length if length is not None else sum(len(v) for v in domain_indices.values())
+        if self.length % group:
+            raise ValueError(f"DomainMixingSampler: length ({self.length}) must be a multiple of group ({group})")
+        self.group = group  # slots of one batch over all processes: resolved together, so every process agrees
         self.epoch = 0
         self.drawn = 0  # slots resolved (or skipped) so far, over all passes
 
@@ -94,6 +97,12 @@ class DomainMixingSampler(torch.utils.data.Sampler):
         while self.drawn < slot:
             self._draw()
         return self._draw()
+
+    def finish_group(self) -> None:
+        """Draw (and discard) the rest of the current batch over all processes: the other processes' shares.
+        Every process then stands at the same draw before the weights can change."""
+        while self.drawn % self.group:
+            self._draw()
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.domains.state_dict(), "drawn": self.drawn, "length": self.length}
@@ -133,8 +142,11 @@ def slot_dataloader(trainer: Any) -> Any:
 def resolve_batches(trainer: Any, slot_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """The collated rows of batches of slots, drawn now (with the weights in force)."""
     sampler, dataset = trainer.domain_sampler, trainer.train_dataset
-    return [trainer.data_collator([dataset[sampler.resolve(slot)] for slot in batch["slot"].tolist()])
-            for batch in slot_batches]
+    batches = []
+    for batch in slot_batches:
+        batches.append(trainer.data_collator([dataset[sampler.resolve(slot)] for slot in batch["slot"].tolist()]))
+        sampler.finish_group()
+    return batches
 
 
 class DomainMixingCallback(transformers.TrainerCallback):
@@ -285,11 +297,14 @@ def mixing_parts(data: DomainData, trainer: Any) -> tuple[DomainMixingSampler, D
     """The sampler and callback of a :class:`divergent.hf.DistillationTrainer` built with ``domain_column``."""
     args = trainer.args
     examples, indices = domain_index_lists(data)
-    length = len(examples)
+    length, group = len(examples), 1
     if args.world_size > 1:  # whole batches on every process: accelerate then never pads a pass with its first slots
-        per_step = args.train_batch_size * args.world_size
-        length = -(-length // per_step) * per_step
-    sampler = DomainMixingSampler(indices, seed=args.seed, length=length)
+        if args.accelerator_config.split_batches:
+            raise ValueError("domain_column with accelerator_config.split_batches=True is not supported: each "
+                             "process must take whole batches of the mixed stream (leave split_batches False)")
+        group = args.train_batch_size * args.world_size
+        length = -(-length // group) * group
+    sampler = DomainMixingSampler(indices, seed=args.seed, length=length, group=group)
     callback = DomainMixingCallback(
         sampler, [data.eval[name] for name in data.names], mixing=args.mixing or "ddk", interval=args.ddk_interval,
         smoothing=args.ddk_smoothing, teacher=trainer.teacher_model, batch_size=args.per_device_eval_batch_size,
