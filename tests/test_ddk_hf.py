@@ -150,12 +150,17 @@ def test_resuming_without_or_with_a_corrupt_mixing_state_is_refused(tmp_path, ti
     tokenizer, teacher, student = tiny
     _recorded_run(tmp_path, tiny, tmp_path / "run", max_steps=2, save_steps=1)
 
-    def resume(checkpoint, **overrides):
-        args = _args(tmp_path, output_dir=str(tmp_path / "again"), max_steps=2, **overrides)
+    def resume(checkpoint, output_dir="again", **overrides):
+        args = _args(tmp_path, output_dir=str(tmp_path / output_dir), **{"max_steps": 2, **overrides})
         trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_model=teacher, train_dataset=_rows(),
                                       args=args, processing_class=tokenizer)
-        trainer.train(resume_from_checkpoint=str(checkpoint))
+        trainer.train(resume_from_checkpoint=checkpoint if checkpoint is True else str(checkpoint))
+        return trainer
 
+    # True: the output folder's last checkpoint (step 2: its measurements restored, then step 3 measured)
+    assert [h["step"] for h in resume(True, output_dir="run", max_steps=3).domain_callback.history] == [0, 2, 3]
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True: no checkpoint found in the output folder"):
+        resume(True, output_dir="empty")
     first, second = tmp_path / "run" / "checkpoint-1", tmp_path / "run" / "checkpoint-2"
     with pytest.raises(ValueError, match="was written with interval=2, this trainer has interval=3"):
         resume(first, ddk_interval=3)

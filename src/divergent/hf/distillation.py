@@ -321,8 +321,10 @@ class DistillationTrainer(transformers.Trainer):
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         from divergent.hf.domains import resolve_batches
 
+        from accelerate.utils import send_to_device
+
         slots = list(itertools.islice(epoch_iterator, num_batches))
-        batches = resolve_batches(self, slots)
+        batches = [send_to_device(batch, device) for batch in resolve_batches(self, slots)]  # as the loader would
         return super().get_batch_samples(iter(batches), len(batches), device)
 
     def _save_checkpoint(self, model, trial):
