@@ -28,6 +28,8 @@ DeepSpeed as any ``Trainer``.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,6 +316,44 @@ class DistillationTrainer(transformers.Trainer):
         if self.domain_sampler is not None:
             return self.domain_sampler
         return super()._get_train_sampler(train_dataset)
+
+    # -- domain mixing: rows drawn when a step takes them, the mixing in every checkpoint ---------
+
+    def get_train_dataloader(self):
+        if self.domain_sampler is None:
+            return super().get_train_dataloader()
+        from divergent.hf.domains import slot_dataloader
+
+        return slot_dataloader(self)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.domain_sampler is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        from divergent.hf.domains import resolve_batches
+
+        from accelerate.utils import send_to_device
+
+        slots = list(itertools.islice(epoch_iterator, num_batches))
+        batches = [send_to_device(batch, device) for batch in resolve_batches(self, slots)]  # as the loader would
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
+    def _save_checkpoint(self, model, trial):
+        if self.domain_callback is not None and self.args.should_save:
+            # Written before the Trainer's files: a folder with trainer_state.json holds the mixing too.
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.domain_callback.save(folder, self.state.global_step)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """``transformers.Trainer.train``; with domain mixing, a resumed run also continues the mixing
+        (weights, per-domain positions, the sampler's generator, the measurements) from the checkpoint."""
+        if self.domain_callback is not None and resume_from_checkpoint not in (None, False):
+            from divergent.hf.domains import resume_mixing
+
+            resume_from_checkpoint = resume_mixing(self, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
     # -- the loss ---------------------------------------------------------------------
 
