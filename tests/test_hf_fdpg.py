@@ -103,9 +103,45 @@ def test_trains_and_logs_fdpg_metrics_through_trl(tmp_path):
         assert torch.equal(a, b) and not a.requires_grad
 
 
-def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path):
-    trainer, initial = _train(tmp_path)
+def feature(completion_ids, **_):
+    """phi(x) in [0, 1]: the completion's id sum modulo 7, over 6."""
+    return [(sum(ids) % 7) / 6 for ids in completion_ids]
+
+
+def reward(completion_ids, **_):
+    return [sum(ids) % 5 / 4 for ids in completion_ids]
+
+
+# pseudo-rewards -f'(t) at log t, as disco's f_divergence.py has f' (forward KL -1/t, reverse KL
+# log t + 1, JS log(2t/(1+t)) = log 2 - log(1 + 1/t)); t = inf where P = 0
+PSEUDO_REWARD = {
+    "js": lambda log_t: -(math.log(2.0) - torch.nn.functional.softplus(-log_t)),
+    "reverse_kl": lambda log_t: -(log_t + 1.0),
+    "forward_kl": lambda log_t: torch.exp(-log_t),
+}
+
+
+@pytest.mark.parametrize("target,divergence,func,extra", [
+    ("constraint", "js", constraint, {}),
+    ("reward", "reverse_kl", reward, {"reward_beta": 0.5}),
+    ("feature", "forward_kl", feature, {"moment": 0.3}),
+])
+def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path, target, divergence, func, extra):
+    model = lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0)
+    initial = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Recording(model=model, reward_funcs=func, train_dataset=_dataset(), processing_class=TOKENIZER,
+                            args=_args(tmp_path, divergence=divergence, target=target, **extra))
+        trainer.train()
     assert len(trainer.losses) == len(trainer.batches) == 3
+    if target == "feature":
+        # GDC's moment matching on the first batch (samples of a): E_{p_lambda}[phi] = mu* under
+        # self-normalised weights exp(lambda * phi)
+        phi = trainer.batches[0]["values"]
+        lam = float(trainer.fdpg_target.lam.reshape(-1)[0])
+        weights = torch.exp(lam * phi)
+        assert float((weights * phi).sum() / weights.sum()) == pytest.approx(0.3, abs=1e-6)
     z_sum, z_count, earlier_rewards = {}, {}, []
     for batch, (loss, _, weights) in zip(trainer.batches, trainer.losses):
         policy = copy.deepcopy(initial)
@@ -113,7 +149,9 @@ def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path):
         tensors = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
         log_pi = _plain_logps(policy, *tensors)
         log_a = _plain_logps(initial, *tensors)
-        log_p = log_a + torch.log(batch["values"])  # P = a·b, b ∈ {0, 1}
+        log_factor = {"constraint": lambda v: torch.log(v), "reward": lambda v: v / 0.5,
+                      "feature": lambda v: v * lam}[target](batch["values"])
+        log_p = log_a + log_factor  # P = a·b, a·exp(r/beta), a·exp(lambda·phi)
         for key, lp, lq in zip(batch["prompts"], log_p.tolist(), log_pi.tolist()):  # Z: mean of P/q so far
             z_sum[key] = z_sum.get(key, 0.0) + math.exp(lp - lq)
             z_count[key] = z_count.get(key, 0) + 1
@@ -124,13 +162,10 @@ def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path):
             assert loss == 0.0
             continue
         baseline = sum(earlier_rewards) / len(earlier_rewards) if earlier_rewards else None
-        expected = fdpg_loss(log_pi[valid], log_pi[valid], log_p[valid], log_z[valid], divergence="js",
+        expected = fdpg_loss(log_pi[valid], log_pi[valid], log_p[valid], log_z[valid], divergence=divergence,
                              baseline=baseline)
         assert loss == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
-        # the JS pseudo-reward -log(2t/(1+t)) = -(log 2 - log(1 + 1/t)) (disco f_divergence.py), t = pi / p,
-        # -log 2 where P = 0 (t = inf)
-        log_t = log_pi[valid] - (log_p[valid] - log_z[valid])
-        earlier_rewards += (-(math.log(2.0) - torch.nn.functional.softplus(-log_t))).tolist()
+        earlier_rewards += PSEUDO_REWARD[divergence](log_pi[valid] - (log_p[valid] - log_z[valid])).tolist()
     assert any(loss != 0.0 for loss, _, _ in trainer.losses)
 
 
@@ -171,6 +206,7 @@ def test_same_numbers_as_the_cli_trainer_on_the_same_samples(tmp_path):
         assert cli.z.z(prompts.index(key)) == pytest.approx(trainer.fdpg_z.z(key), rel=1e-5)
     assert cli.baseline.value == pytest.approx(trainer.fdpg_baseline.value, rel=1e-5)
     for (name, a), b, a0 in zip(cli.policy.named_parameters(), trainer.model.parameters(), initial.parameters()):
+        a, b, a0 = a.detach(), b.detach(), a0.detach()
         # AdamW scales each coordinate's step to about lr, so float32 summation-order noise (TRL's fused
         # log-prob head against divergent's forward) on a near-zero gradient can move one coordinate by a
         # fraction of lr: every coordinate within lr / 10, and the 3 steps' update within 1% of TRL's.
