@@ -169,6 +169,16 @@ def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path, target
     assert any(loss != 0.0 for loss, _, _ in trainer.losses)
 
 
+def _assert_same_steps(model, reference, initial, lr=1e-2):
+    """AdamW scales each coordinate's step to about lr, so float32 summation-order noise on a near-zero
+    gradient can move one coordinate by a fraction of lr: every coordinate within lr / 10, and the
+    whole update within 1% of the reference's."""
+    for (name, a), b, a0 in zip(model.named_parameters(), reference.parameters(), initial.parameters()):
+        a, b, a0 = a.detach(), b.detach(), a0.detach()
+        torch.testing.assert_close(a, b, rtol=0, atol=lr / 10, msg=name)
+        assert float((a - b).norm()) <= 0.01 * float((b - a0).norm()) + 1e-7, name
+
+
 class _NoTask:
     eos_id, pad_id = TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
 
@@ -205,14 +215,7 @@ def test_same_numbers_as_the_cli_trainer_on_the_same_samples(tmp_path):
     for key in set(trainer.batches[0]["prompts"]):
         assert cli.z.z(prompts.index(key)) == pytest.approx(trainer.fdpg_z.z(key), rel=1e-5)
     assert cli.baseline.value == pytest.approx(trainer.fdpg_baseline.value, rel=1e-5)
-    for (name, a), b, a0 in zip(cli.policy.named_parameters(), trainer.model.parameters(), initial.parameters()):
-        a, b, a0 = a.detach(), b.detach(), a0.detach()
-        # AdamW scales each coordinate's step to about lr, so float32 summation-order noise (TRL's fused
-        # log-prob head against divergent's forward) on a near-zero gradient can move one coordinate by a
-        # fraction of lr: every coordinate within lr / 10, and the 3 steps' update within 1% of TRL's.
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-3, msg=name)
-        update = (b - a0).norm()
-        assert float((a - b).norm()) <= 0.01 * float(update) + 1e-7, name
+    _assert_same_steps(cli.policy, trainer.model, initial)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -252,3 +255,19 @@ def test_a_constraint_never_met_stops_with_an_error(tmp_path):
                               train_dataset=_dataset(), processing_class=TOKENIZER)
         with pytest.raises(ValueError, match="Z = 0 after 16 samples.*constraint never"):
             trainer.train()
+
+
+def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
+    """One generation batch of 8 as 2 accumulated micro-batches of 4 takes the step of one batch of 8
+    (each micro-batch's mean divided by the accumulation steps, as TRL divides its own loss). Plain SGD
+    without clipping, so that the gradient's scale shows in the step."""
+    sgd = dict(max_steps=2, optim="sgd", learning_rate=0.1, max_grad_norm=1e9)
+    whole, initial = _train(tmp_path / "whole", **sgd)
+    split, _ = _train(tmp_path / "split", per_device_train_batch_size=4, gradient_accumulation_steps=2, **sgd)
+    for key in ("completion_ids", "completion_mask"):  # the same draws: the comparison is of the steps
+        assert all(torch.equal(a[key], b[key]) for a, b in zip(whole.batches, split.batches))
+    assert len(split.losses) == 2 * len(whole.losses)
+    for (name, a), b, a0 in zip(split.model.named_parameters(), whole.model.parameters(), initial.parameters()):
+        assert not torch.equal(b, a0) or name.endswith("norm.weight"), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert whole.fdpg_baseline.value == pytest.approx(split.fdpg_baseline.value, rel=1e-6)
