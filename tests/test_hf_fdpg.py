@@ -76,6 +76,12 @@ def _train(tmp_path, trainer_class=Recording, **kwargs):
     return trainer, initial
 
 
+def _with_weights(model, weights):
+    model = copy.deepcopy(model)
+    model.load_state_dict(weights)
+    return model
+
+
 def _plain_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Summed completion log-probs with a plain float64 forward (no TRL, no fused head)."""
     model = copy.deepcopy(model).double().eval()
@@ -125,6 +131,7 @@ PSEUDO_REWARD = {
     ("constraint", "js", constraint, {}),
     ("reward", "reverse_kl", reward, {"reward_beta": 0.5}),
     ("feature", "forward_kl", feature, {"moment": 0.3}),
+    ("constraint", "js", constraint, {"num_iterations": 2}),  # second pass: q = TRL's old log-probs, w != 1
 ])
 def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path, target, divergence, func, extra):
     model = lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0)
@@ -134,7 +141,7 @@ def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path, target
         trainer = Recording(model=model, reward_funcs=func, train_dataset=_dataset(), processing_class=TOKENIZER,
                             args=_args(tmp_path, divergence=divergence, target=target, **extra))
         trainer.train()
-    assert len(trainer.losses) == len(trainer.batches) == 3
+    assert len(trainer.losses) == 3 and len(trainer.batches) == math.ceil(3 / extra.get("num_iterations", 1))
     if target == "feature":
         # GDC's moment matching on the first batch (samples of a): E_{p_lambda}[phi] = mu* under
         # self-normalised weights exp(lambda * phi)
@@ -142,30 +149,35 @@ def test_each_loss_equals_fdpg_loss_recomputed_from_the_samples(tmp_path, target
         lam = float(trainer.fdpg_target.lam.reshape(-1)[0])
         weights = torch.exp(lam * phi)
         assert float((weights * phi).sum() / weights.sum()) == pytest.approx(0.3, abs=1e-6)
+    iterations = extra.get("num_iterations", 1)
     z_sum, z_count, earlier_rewards = {}, {}, []
-    for batch, (loss, _, weights) in zip(trainer.batches, trainer.losses):
-        policy = copy.deepcopy(initial)
-        policy.load_state_dict(weights)  # the policy the batch was sampled from and its loss computed at
+    for index, batch in enumerate(trainer.batches):
         tensors = [batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
-        log_pi = _plain_logps(policy, *tensors)
+        # q: the policy the batch was sampled from (its weights at the batch's first loss)
+        log_q = _plain_logps(_with_weights(initial, trainer.losses[index * iterations][2]), *tensors)
         log_a = _plain_logps(initial, *tensors)
         log_factor = {"constraint": lambda v: torch.log(v), "reward": lambda v: v / 0.5,
                       "feature": lambda v: v * lam}[target](batch["values"])
         log_p = log_a + log_factor  # P = a·b, a·exp(r/beta), a·exp(lambda·phi)
-        for key, lp, lq in zip(batch["prompts"], log_p.tolist(), log_pi.tolist()):  # Z: mean of P/q so far
+        for key, lp, lq in zip(batch["prompts"], log_p.tolist(), log_q.tolist()):  # Z: mean of P/q so far
             z_sum[key] = z_sum.get(key, 0.0) + math.exp(lp - lq)
             z_count[key] = z_count.get(key, 0) + 1
         log_z = torch.tensor([math.log(z_sum[k] / z_count[k]) if z_sum[k] > 0 else math.nan for k in batch["prompts"]],
                              dtype=torch.float64)
         valid = ~torch.isnan(log_z)
-        if not valid.any():
-            assert loss == 0.0
-            continue
         baseline = sum(earlier_rewards) / len(earlier_rewards) if earlier_rewards else None
-        expected = fdpg_loss(log_pi[valid], log_pi[valid], log_p[valid], log_z[valid], divergence=divergence,
-                             baseline=baseline)
-        assert loss == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
-        earlier_rewards += PSEUDO_REWARD[divergence](log_pi[valid] - (log_p[valid] - log_z[valid])).tolist()
+        for loss, _, weights in trainer.losses[index * iterations:(index + 1) * iterations]:
+            if not valid.any():
+                assert loss == 0.0
+                continue
+            log_pi = _plain_logps(_with_weights(initial, weights), *tensors)  # the policy at this loss
+            if weights is not trainer.losses[index * iterations][2]:
+                assert not torch.allclose(log_pi, log_q)  # a later pass: importance weights pi/q != 1
+            expected = fdpg_loss(log_pi[valid], log_q[valid], log_p[valid], log_z[valid], divergence=divergence,
+                                 baseline=baseline)
+            assert loss == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+        if valid.any():
+            earlier_rewards += PSEUDO_REWARD[divergence](log_q[valid] - (log_p[valid] - log_z[valid])).tolist()
     assert any(loss != 0.0 for loss, _, _ in trainer.losses)
 
 
