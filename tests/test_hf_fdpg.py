@@ -283,3 +283,35 @@ def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
         assert not torch.equal(b, a0) or name.endswith("norm.weight"), name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert whole.fdpg_baseline.value == pytest.approx(split.fdpg_baseline.value, rel=1e-6)
+
+
+def test_a_resumed_run_restores_z_and_the_baseline(tmp_path):
+    """TRL's checkpoint carries fdpg_state.json: a run resumed from step 2 of 3 goes on from the running Z,
+    the baseline and λ of the run that wrote it (not only its model and optimizer)."""
+    whole, _ = _train(tmp_path / "whole", save_strategy="steps", save_steps=2, max_steps=2, target="feature",
+                      moment=0.3, divergence="forward_kl", trainer_class=FDPGTrainer)
+    checkpoint = tmp_path / "whole" / "out" / "checkpoint-2"
+    assert (checkpoint / FDPGTrainer.STATE_FILE).exists()
+    model = lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = FDPGTrainer(model=model, reward_funcs=feature, train_dataset=_dataset(), processing_class=TOKENIZER,
+                              args=_args(tmp_path / "resumed", target="feature", moment=0.3, max_steps=3,
+                                         divergence="forward_kl"))
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.fdpg_target.lam.tolist() == whole.fdpg_target.lam.reshape(-1).tolist()
+    # 16 samples from the checkpoint, then step 3's 8
+    assert sum(whole.fdpg_z.weight.values()) == 16 and sum(resumed.fdpg_z.weight.values()) == 24
+    assert len(whole.fdpg_baseline.buffer) == 16 and resumed.fdpg_baseline.buffer[:16] == whole.fdpg_baseline.buffer
+
+
+def test_resuming_from_a_checkpoint_without_fdpg_state_is_an_error(tmp_path):
+    trainer, _ = _train(tmp_path, save_strategy="steps", save_steps=2, trainer_class=FDPGTrainer)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    (checkpoint / FDPGTrainer.STATE_FILE).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = FDPGTrainer(model=lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0), reward_funcs=constraint,
+                            args=_args(tmp_path / "again"), train_dataset=_dataset(), processing_class=TOKENIZER)
+        with pytest.raises(ValueError, match="fdpg_state.json"):
+            fresh.train(resume_from_checkpoint=str(checkpoint))

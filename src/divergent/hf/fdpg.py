@@ -23,6 +23,9 @@ math is :mod:`divergent.rl.fdpg` (the same functions ``divergent fdpg`` calls):
   factor value b, φ or r), kl/tv/js of p and π (importance-sampled, disco's formulas) and
   KL(π‖a), plus TRL's own ``reward`` (the same values).
 
+TRL's checkpoints carry ``fdpg_state.json`` (Z, the baseline's window, λ), read back on
+``train(resume_from_checkpoint=...)``. Evaluation batches use the training Z and do not add to it.
+
 q is the policy at generation time: TRL's ``old_per_token_logps`` where TRL computes them
 (``num_iterations > 1``, misaligned accumulation, vLLM), otherwise one no-grad forward of the
 policy on the batch. With vLLM the samples come from vLLM's copy of the policy and q is the
@@ -36,12 +39,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trl
 
+from divergent.io import read_json, write_json
 from divergent.rl.fdpg import PseudoRewardBaseline, RunningZ, fdpg_divergence_estimates, fdpg_loss
 from divergent.rl.fdpg import fdpg_pseudo_reward, fit_moment_lambda
 from divergent.rl.generators import check_f_divergence
@@ -198,12 +203,13 @@ class FDPGTrainer(trl.GRPOTrainer):
         all_target = self.accelerator.gather(target_lp)
         all_proposal = self.accelerator.gather(proposal_lp)
         all_keys = self._fdpg_prompts if args.z_per_prompt else None
-        self.fdpg_z.update(all_keys, all_target.cpu(), all_proposal.cpu())
+        if mode == "train":  # evaluation batches are scored with the training Z, not added to it
+            self.fdpg_z.update(all_keys, all_target.cpu(), all_proposal.cpu())
         keys = all_keys if all_keys is not None else [None] * all_target.shape[0]
         valid_all = torch.tensor([self.fdpg_z.z(k) > 0 for k in keys])
         if not bool(valid_all.any()):
             seen = sum(self.fdpg_z.weight.values())
-            if seen >= args.max_zero_samples:
+            if mode == "train" and seen >= args.max_zero_samples:
                 raise ValueError(
                     f"Z = 0 after {seen} samples over {len(self.fdpg_z.value)} prompts: none satisfies "
                     f"{self.fdpg_target.name}; draw more samples (larger generation batches, "
@@ -260,3 +266,32 @@ class FDPGTrainer(trl.GRPOTrainer):
         self._metrics[mode]["fdpg/loss"].append(self.accelerator.gather(loss.detach()).mean().item())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         return loss / accumulation
+
+    # -- checkpoints: the running Z, the baseline and λ travel with TRL's checkpoint ---------------
+
+    STATE_FILE = "fdpg_state.json"
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            lam = self.fdpg_target.lam
+            write_json({"z": self.fdpg_z.state_dict(),
+                        "baseline": None if self.fdpg_baseline is None else self.fdpg_baseline.state_dict(),
+                        "lambda": None if lam is None else lam.reshape(-1).tolist()},
+                       os.path.join(folder, self.STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, self.STATE_FILE)
+        if not os.path.exists(path):
+            raise ValueError(f"checkpoint {checkpoint} has no {self.STATE_FILE} (the running Z and baseline of "
+                             f"f-DPG); resume from a checkpoint that FDPGTrainer wrote")
+        state = read_json(path, what="f-DPG state")
+        self.fdpg_z.load_state_dict(state["z"])
+        if self.fdpg_baseline is not None and state["baseline"] is not None:
+            self.fdpg_baseline.load_state_dict(state["baseline"])
+        if state["lambda"] is not None:
+            self.fdpg_target.lam = torch.tensor(state["lambda"], dtype=torch.float64)
