@@ -315,3 +315,18 @@ def test_resuming_from_a_checkpoint_without_fdpg_state_is_an_error(tmp_path):
                             args=_args(tmp_path / "again"), train_dataset=_dataset(), processing_class=TOKENIZER)
         with pytest.raises(ValueError, match="fdpg_state.json"):
             fresh.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_evaluation_uses_the_training_z_without_adding_to_it(tmp_path):
+    model = lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = FDPGTrainer(model=model, reward_funcs=constraint, train_dataset=_dataset(), eval_dataset=_dataset(),
+                              processing_class=TOKENIZER,
+                              args=_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1,
+                                         per_device_eval_batch_size=8))
+        trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 2 and all(math.isfinite(h["eval_fdpg/alignment"]) for h in evals)
+    assert sum(trainer.fdpg_z.weight.values()) == 16  # the 2 training batches only
+    assert len(trainer.fdpg_baseline.buffer) == 16
