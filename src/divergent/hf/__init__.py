@@ -6,6 +6,9 @@
   same code ``divergent distill-lm`` runs.
 - :class:`GRPOConfig` / :class:`GRPOTrainer`: TRL's GRPO with a divergent RL regulariser
   (``reverse_kl`` k1/k2/k3, ``dph``, ``kdrl`` with ``teacher_model=``), logged through TRL's metrics.
+- :class:`FDPGConfig` / :class:`FDPGTrainer`: f-DPG (any f-divergence to a target
+  P(x) = a(x)·factor(x) scored by TRL's reward functions) on TRL's GRPO machinery, the loss
+  :func:`divergent.rl.fdpg_loss` as ``divergent fdpg`` computes it.
 - :func:`gkd_loss`: a drop-in for TRL's ``GKDTrainer.generalized_jsd_loss`` with any
   divergence (``trainer.generalized_jsd_loss = gkd_loss("reverse_kl")``).
 
@@ -25,6 +28,8 @@ _EXPORTS = {
     "gkd_loss": "divergent.hf.gkd",
     "GRPOConfig": "divergent.hf.grpo",
     "GRPOTrainer": "divergent.hf.grpo",
+    "FDPGConfig": "divergent.hf.fdpg",
+    "FDPGTrainer": "divergent.hf.fdpg",
 }
 
 __all__ = list(_EXPORTS)
