@@ -66,3 +66,45 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="no nn.Linear layer"):
         quantize_linears(torch.nn.Sequential(torch.nn.ReLU()), 8)
     assert quant_bits("int8") == 8
+
+
+def test_distill_lm_student_quant_distils_a_model_into_its_quantized_self(tmp_path):
+    """--student = --teacher: without --student-quant the first step's KL(teacher || student) is 0 (the same
+    model); fake-quantized it is not, larger at int4 than at int8; the table and saved models come out."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from divergent.cli import app
+
+    teacher, _, _ = H.save_pair(tmp_path)
+    data = H.write_jsonl(tmp_path / "d.jsonl", H.text_rows(24))
+    first_kl = {}
+    for quant in ("", "int8", "int4"):
+        out = tmp_path / f"runs{quant}"
+        result = CliRunner().invoke(app, ["distill-lm", "--teacher", str(teacher), "--student", str(teacher),
+                                          "--data", str(data), "--steps", "2", "--batch-size", "4", "--threads", "1",
+                                          "--eval-fraction", "0.25", "-o", str(out)]
+                                    + (["--student-quant", quant] if quant else []))
+        assert result.exit_code == 0, result.output
+        (run_dir,) = out.iterdir()
+        rows = json.loads((run_dir / "results.json").read_text())["rows"]
+        distilled = next(r for r in rows if r["divergence"] == "forward_kl")
+        first_kl[quant] = distilled["history"][0]["loss"]  # step 1, before any update: KL(teacher || q(self))
+        assert (run_dir / "runs" / "forward_kl" / "model" / "config.json").is_file()
+    assert abs(first_kl[""]) < 1e-6
+    assert 0 < first_kl["int8"] < first_kl["int4"], first_kl
+
+
+def test_distill_lm_bad_student_quant_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from divergent.cli import app
+
+    teacher, _, _ = H.save_pair(tmp_path)
+    data = H.write_jsonl(tmp_path / "d.jsonl", H.text_rows(12))
+    result = CliRunner().invoke(app, ["distill-lm", "--teacher", str(teacher), "--student", str(teacher),
+                                      "--data", str(data), "--student-quant", "int3", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "student_quant (--student-quant) must be one of ['int4', 'int8'], got 'int3'" in result.output
+    assert "Traceback" not in result.output

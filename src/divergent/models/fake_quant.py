@@ -29,7 +29,7 @@ def quant_bits(name: str) -> int:
     if name not in QUANT_BITS:
         close = difflib.get_close_matches(str(name), list(QUANT_BITS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"student quantization must be one of {sorted(QUANT_BITS)}, got {name!r}{hint}")
+        raise ValueError(f"student_quant (--student-quant) must be one of {sorted(QUANT_BITS)}, got {name!r}{hint}")
     return QUANT_BITS[name]
 
 
