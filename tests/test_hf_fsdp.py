@@ -27,7 +27,7 @@ SRC = TESTS.parent / "src"
 STEPS, K = 3, 8
 
 WORKER = """
-import json, os, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_hf_fsdp import enable_cpu_fsdp, examples
@@ -161,22 +161,21 @@ def _trained(single: dict, root: Path) -> None:
     assert not torch.allclose(initial["lm_head.weight"], single["state"]["lm_head.weight"])
 
 
-@pytest.mark.slow  # one process, then one launch, a teacher forward on each rank: ~17-22 s on 2 busy cores
 def test_fsdp_with_a_local_teacher_equals_one_process(tmp_path, root):
-    """The teacher whole on each rank (not wrapped), the student sharded."""
+    """The teacher whole on each rank (not wrapped), the student sharded: ~11 s on 2 quiet cores, ~20 s busy."""
     single = _run(tmp_path, root, "local", 1)
     _assert_equal(single, _run(tmp_path, root, "local", 2))
     _trained(single, root)
 
 
 def test_fsdp_with_a_cached_teacher_equals_one_process(tmp_path, root):
-    """The cache's rows and top-k split across the ranks by the Trainer's sampler (the CI one: ~16 s, no teacher)."""
+    """The cache's rows and top-k split across the ranks by the Trainer's sampler (~11 s on 2 quiet cores)."""
     single = _run(tmp_path, root, "cached", 1)
     _assert_equal(single, _run(tmp_path, root, "cached", 2))
     _trained(single, root)
 
 
-@pytest.mark.slow  # two launches, each rank asking the test's server for every batch: ~24 s on 2 busy cores
+@pytest.mark.slow  # two launches, each rank asking the test's server for every batch: ~12 s quiet, ~24 s on 2 busy cores
 def test_fsdp_with_a_served_teacher_equals_one_process(tmp_path, root):
     from divergent.models.hf import load_causal_lm, load_tokenizer
     from served_server import Server, ServedModel
