@@ -72,6 +72,15 @@ def bdkd(p, q, high_weight=3.0, low_weight=1.0):
     return w_f * forward_kl(p, q) + w_r * reverse_kl(p, q)
 
 
+def kl_top(p, q, k=1000, renormalize=False):
+    """OSTQuant's KL-Top on probabilities: Σ over the k largest p of p·log(p/q), or KL of the two renormalised."""
+    top = np.argsort(-p, axis=-1, kind="stable")[..., :k]
+    p_top, q_top = np.take_along_axis(p, top, -1), np.take_along_axis(q, top, -1)
+    if renormalize:
+        p_top, q_top = p_top / p_top.sum(-1, keepdims=True), q_top / q_top.sum(-1, keepdims=True)
+    return rel_entr(p_top, q_top).sum(-1)
+
+
 REFERENCES = {
     "forward_kl": (forward_kl, {}),
     "reverse_kl": (reverse_kl, {}),
@@ -85,4 +94,5 @@ REFERENCES = {
     "chi2": (chi2, {}),
     "cauchy_schwarz": (cauchy_schwarz, {}),
     "bdkd": (bdkd, {"high_weight": 3.0, "low_weight": 1.0}),
+    "kl_top": (kl_top, {"k": 4, "renormalize": False}),
 }

@@ -20,7 +20,7 @@ from divergent.train import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # The names DESIGN.md promises; the registry may hold more built-ins (each then tested the same way).
 DESIGN_NAMES = ("forward_kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "alpha_beta", "alpha",
-                "hellinger", "chi2", "cauchy_schwarz", "bdkd", "sinkhorn")
+                "hellinger", "chi2", "cauchy_schwarz", "bdkd", "sinkhorn", "kl_top")
 BUILTINS = tuple(name for name in dv.available() if dv.get_spec(name).builtin)
 
 

@@ -181,7 +181,7 @@ def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path, monke
     result = _cli(["distill-lm", "--teacher", "other", "--student", "student", "--data", "qa.jsonl", "-o", "runs"],
                   tmp_path)
     assert result.returncode == 2
-    assert "cross-tokenizer distillation is not supported yet" in result.stderr
+    assert "give --cross-tokenizer uld" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 

@@ -33,6 +33,13 @@ is an unfinished cache.
 Size: ``k * (id bytes + log-prob bytes)`` per token plus the token, mask, label
 and next-token log-prob (2 + 1 + 4 + 4 bytes), e.g. k = 32 with int16 ids and
 float16 log-probs is 32 * 4 + 11 = 139 bytes/token (int32 ids above 32,767 tokens).
+
+Compressed (``logprob_bits > 0``, format version 3; :mod:`divergent.data.cache_codec`):
+``indices`` holds each token's ids bit-packed at ceil(log2 V) bits, ``logprobs`` the k + 1
+bucket log-probs (top k and tail) quantised to ``logprob_bits`` bits on a per-token grid
+whose low end is ``logprob_lo`` [n, T] (float32); the index records ``kl_bound_max``, the
+largest KL(p ‖ p̂) the quantisation can cause at any token (Δ²/8). k = 32, V = 256 and 8
+bits: 32 + 33 + 4 + 11 = 80 bytes/token. Version 2 caches (uncompressed) stay readable.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import Any
 
 import torch
 
+from divergent.data import cache_codec
 from divergent.io import CorruptFileError, atomic_write_bytes, read_json, sha256_file, write_json
 
 __all__ = [
@@ -56,11 +64,13 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
 ]
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 2  # uncompressed; a compressed cache is version 3
+COMPRESSED_FORMAT_VERSION = 3
 _INDEX = "index.json"
 _PROGRESS = "progress.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _KEYS = ("input_ids", "attention_mask", "labels", "indices", "logprobs", "next_logprob")
+_COMPRESSED_KEYS = (*_KEYS, "logprob_lo")
 
 
 class CorruptCacheError(CorruptFileError):
@@ -141,6 +151,7 @@ def write_teacher_cache(
     device: str | torch.device = "cpu",
     resume: bool = False,
     progress_callback: Callable[[int], None] | None = None,
+    logprob_bits: int = 0,
 ) -> dict[str, Any]:
     """Run the teacher over ``splits`` (``{"train": examples, "eval": examples}``) and write the cache.
 
@@ -148,7 +159,9 @@ def write_teacher_cache(
     as :mod:`divergent.data.lm_data` makes them. ``resume=True`` keeps the shards a previous
     call with the same settings finished (``progress.json``) and continues after them.
     Returns the index (also written to ``out_dir/index.json``), with ``bytes_per_token``.
-    ``progress_callback(n_sequences_done)`` is called after each batch.
+    ``progress_callback(n_sequences_done)`` is called after each batch. ``logprob_bits`` in
+    [2, 16] writes a compressed cache (bit-packed ids, log-probs quantised to that many bits with
+    the KL bound in the index; see the module docstring); 0 stores ``logprob_dtype`` values.
     """
     from divergent.data.lm_data import collate
 
@@ -156,6 +169,9 @@ def write_teacher_cache(
         raise ValueError(f"k must be an int in [1, vocab_size={vocab_size}], got {k!r}")
     if logprob_dtype not in _DTYPES:
         raise ValueError(f"logprob_dtype must be one of {sorted(_DTYPES)}, got {logprob_dtype!r}")
+    if isinstance(logprob_bits, bool) or not isinstance(logprob_bits, int) or not (
+            logprob_bits == 0 or 2 <= logprob_bits <= 16):
+        raise ValueError(f"logprob_bits must be 0 (no compression) or an int in [2, 16], got {logprob_bits!r}")
     for argument, value in (("sequences_per_shard", sequences_per_shard), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{argument} must be a positive int, got {value!r}")
@@ -165,12 +181,15 @@ def write_teacher_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     index_dtype = _index_dtype(vocab_size)
     store_dtype = _DTYPES[logprob_dtype]
+    compression = {"index_bits": cache_codec.id_bits(vocab_size), "logprob_bits": logprob_bits} if logprob_bits else None
     settings = {
-        "format_version": CACHE_FORMAT_VERSION, "k": k, "vocab_size": vocab_size, "logprob_dtype": logprob_dtype,
+        "format_version": COMPRESSED_FORMAT_VERSION if compression else CACHE_FORMAT_VERSION, "k": k, "vocab_size": vocab_size, "logprob_dtype": logprob_dtype,
         "sequences_per_shard": sequences_per_shard, "tokenizer": tokenizer_fingerprint,
         "examples": {name: hashlib.sha256(json.dumps([e["input_ids"] for e in examples]).encode()).hexdigest()[:16]
                      for name, examples in splits.items()},
     }
+    if compression:
+        settings["compression"] = compression
     key = _settings_hash(settings)
     progress_path = out_dir / _PROGRESS
     done: dict[str, list[dict[str, Any]]] = {name: [] for name in splits}
@@ -209,14 +228,19 @@ def write_teacher_cache(
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             top_indices, top_values, next_logprob = teacher_topk(teacher, ids, mask, k=k, vocab_size=vocab_size)
-            pending.append({
+            entry = {
                 "input_ids": batch["input_ids"].to(index_dtype), "attention_mask": batch["attention_mask"].to(torch.uint8),
                 "labels": batch["labels"].to(torch.int32), "indices": top_indices.to(index_dtype).cpu(),
                 "logprobs": top_values.to(store_dtype).cpu(), "next_logprob": next_logprob.float().cpu(),
-            })
+            }
+            if compression:
+                codes, lo = cache_codec.quantize_logprobs(top_values.cpu(), logprob_bits)
+                entry.update(indices=cache_codec.pack_bits(top_indices.cpu(), compression["index_bits"]),
+                             logprobs=cache_codec.pack_bits(codes, logprob_bits), logprob_lo=lo)
+            pending.append(entry)
             total += len(rows)
             if sum(p["input_ids"].shape[0] for p in pending) >= sequences_per_shard or start + batch_size >= len(examples):
-                done[name].append(_write_shard(out_dir, name, len(done[name]), pending))
+                done[name].append(_write_shard(out_dir, name, len(done[name]), pending, logprob_bits))
                 pending = []
                 record_progress()
             if progress_callback is not None:
@@ -224,6 +248,9 @@ def write_teacher_cache(
     tokens = {name: sum(s["tokens"] for s in shards) for name, shards in done.items()}
     total_bytes = sum(s["bytes"] for shards in done.values() for s in shards)
     total_tokens = sum(tokens.values())
+    if compression:
+        bounds = [s["kl_bound_max"] for shards in done.values() for s in shards]
+        compression = {**compression, "kl_bound_max": max(bounds)}
     index = {
         **settings,
         "index_dtype": str(index_dtype).removeprefix("torch."),
@@ -234,12 +261,15 @@ def write_teacher_cache(
         "splits": done,
         "metadata": metadata or {},
     }
+    if compression:
+        index["compression"] = compression
     write_json(index, out_dir / _INDEX)
     progress_path.unlink(missing_ok=True)
     return index
 
 
-def _write_shard(out_dir: Path, split: str, number: int, pending: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def _write_shard(out_dir: Path, split: str, number: int, pending: list[dict[str, torch.Tensor]],
+                 logprob_bits: int = 0) -> dict[str, Any]:
     from safetensors.torch import save
 
     length = max(p["input_ids"].shape[1] for p in pending)
@@ -248,18 +278,24 @@ def _write_shard(out_dir: Path, split: str, number: int, pending: list[dict[str,
         extra = length - tensor.shape[1]
         if extra == 0:
             return tensor
-        if key in ("indices", "logprobs", "next_logprob"):  # repeat the last position (a valid distribution)
+        if key in ("indices", "logprobs", "next_logprob", "logprob_lo"):  # repeat the last position (a valid distribution)
             return torch.cat([tensor, tensor[:, -1:].expand(tensor.shape[0], extra, *tensor.shape[2:])], dim=1)
         fill = -100 if key == "labels" else 0
         return torch.cat([tensor, torch.full((tensor.shape[0], extra), fill, dtype=tensor.dtype)], dim=1)
 
-    tensors = {key: torch.cat([padded(p[key], key) for p in pending]).contiguous() for key in _KEYS}
+    keys = _COMPRESSED_KEYS if "logprob_lo" in pending[0] else _KEYS
+    tensors = {key: torch.cat([padded(p[key], key) for p in pending]).contiguous() for key in keys}
     name = f"{split}_{number:05d}.safetensors"
     path = out_dir / name
     atomic_write_bytes(path, save(tensors))
     n = tensors["input_ids"].shape[0]
-    return {"file": name, "sequences": n, "tokens": int(tensors["attention_mask"].sum()), "length": length,
-            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    shard = {"file": name, "sequences": n, "tokens": int(tensors["attention_mask"].sum()), "length": length,
+             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if logprob_bits:  # the largest KL bound over the shard's real positions
+        real = tensors["attention_mask"].bool()
+        shard["kl_bound_max"] = float(cache_codec.kl_bound(tensors["logprob_lo"][real], logprob_bits).max()) \
+            if bool(real.any()) else 0.0
+    return shard
 
 
 @dataclass
@@ -305,12 +341,15 @@ class TeacherCache:
                 f"teacher cache: no {_INDEX} in {self.directory}{unfinished} (write one with `divergent cache-teacher`)"
             )
         self.index = read_json(index_path, "teacher cache index")
-        if not isinstance(self.index, dict) or self.index.get("format_version") != CACHE_FORMAT_VERSION:
-            version = self.index.get("format_version") if isinstance(self.index, dict) else None
+        version = self.index.get("format_version") if isinstance(self.index, dict) else None
+        if version not in (CACHE_FORMAT_VERSION, COMPRESSED_FORMAT_VERSION) or (
+                version == COMPRESSED_FORMAT_VERSION and not isinstance(self.index.get("compression"), dict)):
             raise CorruptCacheError(
                 f"teacher cache: {index_path} has format_version {version!r}, this version of divergent reads "
-                f"{CACHE_FORMAT_VERSION}; rebuild the cache with `divergent cache-teacher`"
+                f"{CACHE_FORMAT_VERSION} (uncompressed) and {COMPRESSED_FORMAT_VERSION} (compressed, with its "
+                f"'compression' entry); rebuild the cache with `divergent cache-teacher`"
             )
+        self.compression = self.index.get("compression") if version == COMPRESSED_FORMAT_VERSION else None
         splits = self.index.get("splits", {})
         if split not in splits:
             raise ValueError(f"teacher cache {self.directory} has no {split!r} split; it has {sorted(splits)}")
@@ -369,7 +408,7 @@ class TeacherCache:
             except Exception as exc:  # safetensors raises its own error types
                 raise CorruptCacheError(f"teacher cache: cannot read shard {path}: {exc}") from None
             expected = self._shards[shard_id].sequences
-            for key in _KEYS:
+            for key in _COMPRESSED_KEYS if self.compression else _KEYS:
                 if key not in tensors or tensors[key].shape[0] != expected:
                     raise CorruptCacheError(f"teacher cache: shard {path} lacks {key!r} for {expected} sequences")
             # Keep at most a few shards decoded; a cache can be larger than memory.
@@ -391,11 +430,17 @@ class TeacherCache:
         shard_id, row = self._locate(int(sequence))
         tensors = self._shard_tensors(shard_id)
         n = int(tensors["attention_mask"][row].sum())
+        indices, logprobs = tensors["indices"][row, :n], tensors["logprobs"][row, :n]
+        if self.compression:
+            bits = int(self.compression["logprob_bits"])
+            indices = cache_codec.unpack_bits(indices, int(self.compression["index_bits"]), self.k)
+            codes = cache_codec.unpack_bits(logprobs, bits, self.k + 1)
+            logprobs = cache_codec.dequantize_logprobs(codes, tensors["logprob_lo"][row, :n], bits)
         return {
             "input_ids": tensors["input_ids"][row, :n].long().tolist(),
             "labels": tensors["labels"][row, :n].long().tolist(),
-            "teacher_indices": tensors["indices"][row, :n].long(),
-            "teacher_logprobs": tensors["logprobs"][row, :n].float(),
+            "teacher_indices": indices.long(),
+            "teacher_logprobs": logprobs.float(),
             "teacher_next_logprob": tensors["next_logprob"][row, :n].float(),
         }
 
@@ -422,5 +467,8 @@ class TeacherCache:
 
     def describe(self) -> str:
         tokens = sum(s.tokens for s in self._shards)
+        packed = "" if not self.compression else (
+            f", ids {self.compression['index_bits']} bits, log-probs {self.compression['logprob_bits']} bits "
+            f"(KL error ≤ {self.compression['kl_bound_max']:.2g} nats/token)")
         return (f"{self.directory} [{self.split}]: {self._length} sequences, {tokens:,} tokens, k={self.k}, "
-                f"{self.index['total_bytes'] / 1e6:.2f} MB in all, {self.bytes_per_token:.1f} bytes/token")
+                f"{self.index['total_bytes'] / 1e6:.2f} MB in all, {self.bytes_per_token:.1f} bytes/token{packed}")

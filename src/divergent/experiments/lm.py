@@ -45,6 +45,7 @@ from divergent.config import config_to_dict, load_run_config, save_config
 from divergent.experiments import report
 from divergent.io import read_json, write_json
 from divergent.train.ddk import DomainMixingSettings
+from divergent.train import cross_tokenizer
 from divergent.train.lm import LMTrainingSettings
 from divergent.train.run import Checkpointer, NonFiniteLossError, RunInterrupted, drive
 
@@ -168,6 +169,9 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     divergences: one distilled student per registered divergence (divergent.available()); unset (null):
         forward_kl, reverse_kl, js, tvd, skew_kl, alpha_beta in the embedded comparison, else forward_kl.
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
+    cross_tokenizer: "" (teacher and student share one tokenizer; another is an error) or "uld":
+        the teacher has another tokenizer and each distilled student is trained with Universal
+        Logit Distillation (divergent.train.cross_tokenizer), which replaces the divergence.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
     eval_batch_size: examples per evaluation batch.
@@ -192,6 +196,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     teacher_cache: str = ""
     divergences: list[str] | None = None
     divergence_params: dict = field(default_factory=dict)
+    cross_tokenizer: str = ""
     include_scratch: bool = True
     evaluations: int = 5
     eval_batch_size: int = 16
@@ -235,6 +240,11 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in self.divergences:
             self.trainer_config(name)  # an unknown divergence or parameter fails here, naming itself
+        if cross_tokenizer.check_mode(self.cross_tokenizer):
+            cross_tokenizer.check_settings(self)
+            if self.domain_column:
+                raise ValueError("cross_tokenizer and domain_column cannot be combined yet: DDK measures the teacher's "
+                                 "per-domain perplexity in the student's tokens; drop one of them")
         if self.student_quant:
             from divergent.models.fake_quant import quant_bits
 
@@ -293,6 +303,7 @@ class _Setup:
     teacher_description: str
     cached_teacher: bool = False
     domains: Any = None  # divergent.experiments.domains.DomainSetup with a domain column
+    teacher_tokenizer: Any = None  # set when the teacher has another tokenizer (cross_tokenizer)
 
 
 def _hash(obj: Any) -> str:
@@ -391,10 +402,8 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
         student = load_causal_lm(config.student, what="--student")
         teacher_tokenizer = _tokenizer_for(config.teacher, "--teacher", teacher)
         tokenizer = _tokenizer_for(config.student, "--student", student)
-        if is_byte_tokenizer(tokenizer) != is_byte_tokenizer(teacher_tokenizer):
-            raise ValueError("one of --teacher/--student is byte-level and the other has a tokenizer: they do not share "
-                             "one vocabulary (cross-tokenizer distillation is not supported yet)")
-        check_same_tokenizer(tokenizer, teacher_tokenizer)
+        if not config.cross_tokenizer:
+            cross_tokenizer.check_same(tokenizer, teacher_tokenizer, check_same_tokenizer, is_byte_tokenizer)
         teacher_description = f"{config.teacher}"
     else:
         tokenizer = ByteTokenizer()
@@ -413,6 +422,11 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
     if teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
     teacher = teacher.to(device).eval()  # evaluated before any student trains
+    if config.cross_tokenizer:
+        return _Setup(teacher=teacher, student_init=student, tokenizer=tokenizer, train=train, eval=evaluation,
+                      byte_level=byte_level, data_description=description, stats=stats, vocab_size=config.vocab_size,
+                      teacher_description=f"{teacher_description} (its own tokenizer; {config.cross_tokenizer})",
+                      teacher_tokenizer=teacher_tokenizer)
     vocab = _resolve_vocab(config.vocab_size, student, _model_vocab(teacher), tokenizer)
     if vocab is not None and not byte_level:
         console.print(f"vocabulary: comparing the first {vocab} entries (the tokenizer's size)")
@@ -549,7 +563,8 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     pad = _pad_id(setup.tokenizer)
     tokenizer = None if is_byte_tokenizer(setup.tokenizer) else setup.tokenizer
     teacher = setup.teacher if divergence is not None else None
-    eval_teacher = setup.teacher if not setup.cached_teacher else None
+    # (KL to a teacher with another vocabulary is undefined: the cross-tokenizer rows report the loss alone)
+    eval_teacher = setup.teacher if not (setup.cached_teacher or setup.teacher_tokenizer) else None
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return evaluate_lm(model, setup.eval, teacher=eval_teacher, batch_size=config.eval_batch_size,
@@ -564,6 +579,8 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     else:
         trainer = LMTrainer(student, teacher, ExampleSource(setup.train, seed=config.seed, pad_token_id=pad),
                             config.trainer_config(divergence, setup.vocab_size), **common)
+    if setup.teacher_tokenizer is not None and divergence is not None:
+        trainer.objective = cross_tokenizer.objective(config, setup.tokenizer, setup.teacher_tokenizer)
     model_dir = folder / "model"
 
     def export(step: int, path: Path) -> None:
@@ -602,6 +619,8 @@ def _teacher_row(setup: _Setup, config: DistillLMConfig, device: torch.device) -
     from divergent.train.lm import evaluate_lm
 
     row: dict[str, Any] = {"model": "teacher", "divergence": "-", "status": "finished"}
+    if setup.teacher_tokenizer is not None:
+        return row  # its loss is in its own tokens: not comparable with the students'
     if setup.teacher is not None and not setup.cached_teacher:
         metrics = evaluate_lm(setup.teacher, setup.eval, batch_size=config.eval_batch_size, device=device,
                               pad_token_id=_pad_id(setup.tokenizer), vocab_size=setup.vocab_size,
@@ -778,6 +797,8 @@ def _run(config: DistillLMConfig, folder: report.RunFolder, console: Console, co
 
     teacher_row = _teacher_row(setup, config, device)
     names = ([(SCRATCH, None)] if config.include_scratch else []) + [(d, d) for d in config.divergences]
+    if config.cross_tokenizer:
+        names = names[:-1] + [(config.cross_tokenizer, config.divergences[0])]
     rows: list[dict[str, Any]] = []
     with report.progress(console=console) as bar:
         overall = bar.add_task("students", total=len(names))
@@ -835,6 +856,9 @@ class CacheTeacherConfig(LMDataSettings):
     max_sequences: cap on the training examples cached (0 = all).
     k: log-probs kept per token (the teacher's most likely tokens; the rest is one tail bucket).
     logprob_dtype: float16, bfloat16 or float32.
+    logprob_bits: 0 = store logprob_dtype values; 2..16 = a compressed cache: ids bit-packed at
+        ceil(log2 V) bits, log-probs quantised to this many bits with the KL bound recorded
+        (divergent.data.cache_codec; 8 keeps KL(p ‖ p̂) below about 1e-4 nats/token).
     batch_size: examples per teacher forward pass.
     sequences_per_shard: examples per shard file.
     output_dir: the cache folder written (index.json, shards, config.yaml).
@@ -843,6 +867,7 @@ class CacheTeacherConfig(LMDataSettings):
     max_sequences: int = 0
     k: int = 32
     logprob_dtype: str = "float16"
+    logprob_bits: int = 0
     batch_size: int = 8
     sequences_per_shard: int = 256
     output_dir: str = "teacher-cache"
@@ -853,6 +878,8 @@ class CacheTeacherConfig(LMDataSettings):
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.logprob_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"logprob_dtype must be float16, bfloat16 or float32, got {self.logprob_dtype!r}")
+        if not (self.logprob_bits == 0 or 2 <= self.logprob_bits <= 16):
+            raise ValueError(f"logprob_bits must be 0 (no compression) or in [2, 16], got {self.logprob_bits}")
         for name in ("batch_size", "sequences_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -923,6 +950,7 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
                     tokenizer_fingerprint=tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer),
                     batch_size=config.batch_size, pad_token_id=_pad_id(tokenizer), logprob_dtype=config.logprob_dtype,
                     sequences_per_shard=config.sequences_per_shard, device=device, resume=resume,
+                    logprob_bits=config.logprob_bits,
                     metadata={"teacher": config.teacher or "default", "default_teacher": not config.teacher,
                               "data": description, "stats": stats, "max_length": config.length()},
                     progress_callback=advance,

@@ -318,6 +318,41 @@ def bdkd(lp, lq, zeros, want_weights, high_weight, low_weight):
         return rows, None, None
     w_fkl, w_rkl = w_fkl.unsqueeze(-1), w_rkl.unsqueeze(-1)
     return rows, -w_fkl * lp.exp() + w_rkl * to_p, w_fkl * to_q - w_rkl * lq.exp()
+def kl_top(lp, lq, zeros, want_weights, k, renormalize, tail=False):
+    """KL-Top (OSTQuant): forward KL restricted to the teacher's top-k classes S.
+
+    D = Σ_{i∈S} p_i (log p_i − log q_i) with the full-vocabulary p and q (OSTQuant's
+    released scripts, ``post_attn=True``); with ``renormalize`` both are renormalised over S
+    first, p̃ = p_S/Σ_S p, q̃ = q_S/Σ_S q, and D = KL(p̃‖q̃). k above the number of classes
+    takes them all (then D is plain forward KL). ``tail=True``: the last column is a
+    :class:`~divergent.functional.topk.TopK` teacher's tail bucket, never one of the top k
+    (the teacher's top k are among its stored classes). S is chosen by the teacher's values
+    and carries no gradient. Gradient weights, zero outside S:
+        w = −p             v = p log(p/q) + p                         (partial sum)
+        w = q̃ − p̃          v = p̃ (log(p̃/q̃) − D)                       (renormalised)
+    (p_S alone is no constant multiple of the whole p, so the "+ p" of v stays.)
+    """
+    classes = lp.shape[-1] - (1 if tail else 0)
+    top = lp[..., :classes].topk(min(k, classes), dim=-1).indices
+    lp_top, lq_top = lp.gather(-1, top), lq.gather(-1, top)
+    if renormalize:
+        lp_top = lp_top - torch.logsumexp(lp_top, dim=-1, keepdim=True)
+        mass_q = torch.logsumexp(lq_top, dim=-1, keepdim=True)
+        # a student with no mass on S: every q̃ is 0 (an infinite KL), not NaN
+        lq_top = torch.where(mass_q == _NEG_INF, _NEG_INF, lq_top - mass_q) if zeros else lq_top - mass_q
+    terms = _plogratio_terms(lp_top, lq_top, zeros)
+    rows = terms.sum(-1)
+    if not want_weights:
+        return rows, None, None
+    p_top = lp_top.exp()
+    if renormalize:
+        w_top = lq_top.exp() - p_top
+        v_top = _finite_where_zero(terms - p_top * rows.unsqueeze(-1), zeros)
+    else:
+        w_top, v_top = -p_top, terms + p_top
+    return rows, torch.zeros_like(lq).scatter(-1, top, w_top), torch.zeros_like(lp).scatter(-1, top, v_top)
+
+
 def sinkhorn_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, *, epsilon: float, n_iters: int,
                   cost: str) -> Tensor:
     """Batch-wise entropic optimal transport between student rows and teacher rows (SinKD).

@@ -116,6 +116,8 @@ def divergence_rows(
         dtype = v.compute_dtype(student_rows, teacher_rows.logprobs)
         # The buckets are already tempered, normalised log-probabilities (log_softmax is then the identity).
         lp, lq = bucket_logprobs(student_rows, teacher_rows, temperature, dtype)
+        if spec.tail_aware:
+            params = {**params, "tail": True}
         if spec.kernel is None:
             rows = _call_fn(spec, lq, lp, params)
         else:

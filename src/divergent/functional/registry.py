@@ -142,6 +142,9 @@ class DivergenceSpec:
     example: tuple[str, str] | None = None
     triton_kernel: str | None = None
     builtin: bool = False
+    # True: on a TopK teacher's k+1 buckets the kernel is called with ``tail=True`` (the last
+    # column is the tail bucket, not a class); kl_top then picks its top k among the stored classes.
+    tail_aware: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -343,6 +346,28 @@ _register_builtin(
     per_row=False,
     accepts_topk=False,
 )
+_register_builtin(
+    name="kl_top", kernel=_math.kl_top, example=("k=2", "1.3305"), tail_aware=True,
+    formula="Σ_{i∈TopK(p)} p_i (log p_i − log q_i), full-vocabulary p and q; renormalize: KL(p̃‖q̃) over TopK(p)",
+    summary="OSTQuant's KL-Top: forward KL restricted to the teacher's (full-precision model's) top-k classes, "
+            "as the partial sum with full-vocabulary probabilities (the released scripts' post_attn=True) or, "
+            "with renormalize=True, renormalised over the k classes. The partial sum is not a divergence in the "
+            "strict sense: it is negative where the student puts more mass than the teacher on those classes "
+            "(it is ≥ P log P ≥ −1/e, P = the teacher's top-k mass); renormalised it is a KL, ≥ 0. k above the vocabulary takes every class "
+            "(plain forward KL; the official torch.topk would raise). On a TopK teacher the top k are taken among "
+            "its stored classes (k is at most the stored k; the tail bucket is never one of them). "
+            "No fused Triton kernel: the output-layer loss takes its chunked PyTorch path.",
+    behaviour="mode-covering", symmetric="no", bounded="no",
+    source="Hu et al. 2025, OSTQuant: Refining Large Language Model Quantization with Orthogonal and Scaling "
+           "Transformations for Better Distribution Fitting (ICLR 2025), quant/trainer.py compute_loss",
+    params=(
+        ParamSpec("k", 1000, "number of the teacher's most probable classes kept (OSTQuant default 1000)", 1, None,
+                  kind=int),
+        ParamSpec("renormalize", False, "renormalise p and q over the k classes (the released scripts do not)",
+                  kind=bool),
+    ),
+)
+
 
 
 def available() -> tuple[str, ...]:

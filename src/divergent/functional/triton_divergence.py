@@ -4,7 +4,7 @@ This is the GPU inner loop of the output-layer-fused loss
 (:mod:`divergent.functional.fused_linear`). For a chunk of ``N`` tokens it
 receives the student and teacher logits ``s, t`` (``[N, V]``, bf16/fp16/fp32)
 and returns, for every built-in divergence whose registry entry names a ``triton_kernel``
-(all but ``sinkhorn``; see :data:`SUPPORTED_NAMES`),
+(all but ``sinkhorn`` and ``kl_top``; see :data:`SUPPORTED_NAMES`),
 
     rows[i] = D(p_i || q_i),        p_i = softmax(t_i / T),  q_i = softmax(s_i / T)
     grad    = d( sum_i row_scale[i] * rows[i] ) / d s

@@ -40,6 +40,7 @@ from divergent.data.lm_data import collate, pack_examples, tokenize_rows
 from divergent.models.hf import check_same_tokenizer, load_causal_lm, load_tokenizer
 from divergent.models.served import ServedTeacher, check_topk_divergences, is_served
 from divergent.train.lm import Batch, LMObjective, count_targets, generated_batch
+from divergent.train import cross_tokenizer
 
 __all__ = ["DistillationConfig", "DistillationTrainer", "DistillationCollator"]
 
@@ -91,6 +92,9 @@ class DistillationConfig(transformers.TrainingArguments):
     ddk_smoothing: float = field(default=0.5, metadata={"help": "DDK: alpha in [0, 1] of the factor-smooth update."})
     domain_eval_fraction: float = field(default=0.05, metadata={
         "help": "With domain_column and no eval_dataset: fraction of each domain's rows held out to measure it."})
+    cross_tokenizer: str = field(default="", metadata={
+        "help": "'' (one shared tokenizer; another is an error) or 'uld': the teacher has another tokenizer "
+                "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +119,8 @@ class DistillationConfig(transformers.TrainingArguments):
 
         DomainMixingSettings(domain_column=self.domain_column or "", mixing=self.mixing, ddk_interval=self.ddk_interval,
                              ddk_smoothing=self.ddk_smoothing)._check_domain_settings()
+        if cross_tokenizer.check_mode(self.cross_tokenizer):
+            cross_tokenizer.check_trainer_settings(self)
 
 
 class _Examples(torch.utils.data.Dataset):
@@ -195,7 +201,8 @@ class DistillationTrainer(transformers.Trainer):
     ``train_dataset``/``eval_dataset``: rows (see the module docstring) or ready examples;
     with ``args.teacher_cache`` they default to the cache's ``train``/``eval`` splits and no
     teacher model is needed. ``teacher_processing_class``: the teacher's tokenizer, checked
-    to be the student's (cross-tokenizer distillation is not supported yet).
+    to be the student's unless ``args.cross_tokenizer`` is set (then the teacher reads each
+    row re-tokenized; see :mod:`divergent.train.cross_tokenizer`).
     ``data_stats``: what became of the rows (truncated, skipped with nothing to learn).
     ``teacher_model="http://HOST:PORT/v1"``: a served teacher (vLLM/SGLang, :mod:`divergent.models.served`)
     whose top-k log-probs (``args.teacher_top_k``, at temperature 1) are fetched for each batch,
@@ -239,8 +246,11 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model = load_causal_lm(path, what="teacher_model")
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer(path, "teacher_model")
-        check_same_tokenizer(processing_class, teacher_processing_class)
-        self.objective = LMObjective.from_config(args)
+        if args.cross_tokenizer:
+            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class)
+        else:
+            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
+            self.objective = LMObjective.from_config(args)
         generates = args.on_policy_fraction + args.seq_kd_fraction > 0
 
         cache = None
