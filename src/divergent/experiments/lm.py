@@ -189,7 +189,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     student_quant: "" or int8 / int4: every student (scratch included) trains with its linear layers'
         weights fake-quantized per output channel, straight-through (:mod:`divergent.models.fake_quant`;
         the output layer stays full precision); give --student the teacher's folder to distil a model
-        into its quantized self. Saved folders hold the full-precision latent weights.
+        into its quantized self. Saved model folders hold the quantized weights (checkpoints the latent ones).
     """
 
     student: str = ""
@@ -584,7 +584,12 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     model_dir = folder / "model"
 
     def export(step: int, path: Path) -> None:
-        save_pretrained(trainer.student, model_dir, tokenizer=tokenizer, state_dict=trainer.exported_state)
+        state = trainer.exported_state
+        if config.student_quant:  # the weights it computes with, not the latent full-precision ones
+            from divergent.models.fake_quant import quantized_state
+
+            state = quantized_state(trainer.student, state)
+        save_pretrained(trainer.student, model_dir, tokenizer=tokenizer, state_dict=state)
 
     checkpointer = Checkpointer(folder / "checkpoints", keep=config.keep_checkpoints, on_save=export)
     row: dict[str, Any] = {"model": "distilled" if divergence else name, "divergence": divergence or "-",

@@ -2,7 +2,7 @@
 
 The use case of KL-Top (OSTQuant): a weight-quantized copy of a model distilled from its full-precision
 self. Each ``nn.Linear`` of the student keeps its full-precision weight ``w`` (what the optimiser updates
-and what ``state_dict``/``save_pretrained`` store) and computes its forward with
+and what checkpoints store; :func:`quantized_state` gives the exported weights) and computes its forward with
 
     s_c = max_j |w_cj| / (2^(b-1) - 1)          (one scale per output channel c, symmetric)
     q(w)_cj = s_c * clamp(round(w_cj / s_c), -2^(b-1), 2^(b-1) - 1)
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["QUANT_BITS", "fake_quantize", "FakeQuantLinear", "quantize_linears", "quant_bits"]
+__all__ = ["QUANT_BITS", "fake_quantize", "FakeQuantLinear", "quantize_linears", "quant_bits", "quantized_state"]
 
 QUANT_BITS = {"int8": 8, "int4": 4}
 
@@ -69,3 +69,14 @@ def quantize_linears(model: nn.Module, bits: int, *, skip: tuple[str, ...] = ("l
     if count == 0:
         raise ValueError(f"the model has no nn.Linear layer to quantize (skipping {list(skip)})")
     return count
+
+
+def quantized_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (``model``'s full state dict) with each :class:`FakeQuantLinear` weight replaced by its
+    quantized values: what the exported model computes with, loaded as plain ``nn.Linear`` layers."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear):
+            key = f"{name}.weight"
+            out[key] = fake_quantize(state[key], module.quant_bits).detach()
+    return out
