@@ -51,14 +51,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _accelerate_launch(tmp_path: Path, script: Path, *args: str) -> None:
-    """Run ``script args`` on 2 CPU processes via ``python -m accelerate.commands.launch``; check both ranks ran."""
+def _accelerate_launch(tmp_path: Path, script: Path, *args: str, flags: tuple[str, ...] = ("--multi_gpu",)) -> None:
+    """Run ``script args`` on 2 CPU processes via ``python -m accelerate.commands.launch``; check both ranks ran.
+
+    ``flags``: the launcher's mode (``--multi_gpu`` for DDP; ``--use_fsdp ...`` in tests/test_hf_fsdp.py)."""
     shim, markers = tmp_path / "shim.py", tmp_path / "ranks"
     shim.write_text(SHIM)
     markers.mkdir(exist_ok=True)
     for marker in markers.iterdir():
         marker.unlink()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(shim), str(markers), str(script), *args]
     # HF_HOME/HOME in tmp: no user accelerate config is read. No CUDA: gloo, as on the CI machine.

@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         mixing: Optional[str] = typer.Option(None, "--mixing", help="How domains are drawn: " + "; ".join(f"{k}: {v}" for k, v in MIXINGS.items()) + " (default ddk)."),
         ddk_interval: Optional[int] = typer.Option(None, "--ddk-interval", help="DDK: steps K between per-domain perplexity measurements and weight updates (default 50; the paper 1000)."),
         ddk_smoothing: Optional[float] = typer.Option(None, "--ddk-smoothing", help="DDK: smoothing alpha in [0, 1] of the factor-smooth update (default 0.5; 1 = none)."),
+        student_quant: Optional[str] = typer.Option(None, "--student-quant", help="int8 or int4: students train with fake-quantized linear weights (per channel, straight-through); with --student = --teacher, a quantized model distilled from its full-precision self."),
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation, data order, splits and generation (default 0)."),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's)."),
         device: Optional[str] = typer.Option(None, help="cpu, cuda or auto (default auto)."),
@@ -118,7 +119,7 @@ def register(app: typer.Typer) -> None:
                     "reward": reward, "seq_kd_fraction": seq_kd, "fused": fused,
                     "chunk_size": chunk_size, "vocab_size": vocab_size, "seed": seed, "num_threads": threads,
                     "domain_column": domain_column, "mixing": mixing, "ddk_interval": ddk_interval,
-                    "ddk_smoothing": ddk_smoothing,
+                    "ddk_smoothing": ddk_smoothing, "student_quant": student_quant,
                     "device": device, "output_dir": text(out_dir),
                 },
             )

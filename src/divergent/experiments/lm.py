@@ -186,6 +186,10 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     generation_prompts: with seeds, held-out prompts each student generates from (ROUGE-L, distinct-n, reward; 0 = none).
     reward: with seeds, a reward scored on the generations: exact | math | regex:PATTERN | module:function (as ``rl``).
     reward_timeout: seconds a call of a module:function reward may take (0 = no limit, in this process).
+    student_quant: "" or int8 / int4: every student (scratch included) trains with its linear layers'
+        weights fake-quantized per output channel, straight-through (:mod:`divergent.models.fake_quant`;
+        the output layer stays full precision); give --student the teacher's folder to distil a model
+        into its quantized self. Saved model folders hold the quantized weights (checkpoints the latent ones).
     """
 
     student: str = ""
@@ -205,6 +209,7 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     generation_prompts: int = 32
     reward: str = ""
     reward_timeout: float = 60.0
+    student_quant: str = ""
 
     def __post_init__(self) -> None:
         self._check_data_settings()
@@ -240,6 +245,10 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
             if self.domain_column:
                 raise ValueError("cross_tokenizer and domain_column cannot be combined yet: DDK measures the teacher's "
                                  "per-domain perplexity in the student's tokens; drop one of them")
+        if self.student_quant:
+            from divergent.models.fake_quant import quant_bits
+
+            quant_bits(self.student_quant)
 
     def _check_comparison_settings(self) -> None:
         if len(set(self.seeds)) != len(self.seeds):
@@ -547,6 +556,10 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
         console.print(f"{name}: already finished (from {done})")
         return saved
     student = copy.deepcopy(setup.student_init)
+    if config.student_quant:
+        from divergent.models.fake_quant import quant_bits, quantize_linears
+
+        quantize_linears(student, quant_bits(config.student_quant))
     pad = _pad_id(setup.tokenizer)
     tokenizer = None if is_byte_tokenizer(setup.tokenizer) else setup.tokenizer
     teacher = setup.teacher if divergence is not None else None
@@ -571,7 +584,12 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
     model_dir = folder / "model"
 
     def export(step: int, path: Path) -> None:
-        save_pretrained(trainer.student, model_dir, tokenizer=tokenizer, state_dict=trainer.exported_state)
+        state = trainer.exported_state
+        if config.student_quant:  # the weights it computes with, not the latent full-precision ones
+            from divergent.models.fake_quant import quantized_state
+
+            state = quantized_state(trainer.student, state)
+        save_pretrained(trainer.student, model_dir, tokenizer=tokenizer, state_dict=state)
 
     checkpointer = Checkpointer(folder / "checkpoints", keep=config.keep_checkpoints, on_save=export)
     row: dict[str, Any] = {"model": "distilled" if divergence else name, "divergence": divergence or "-",
