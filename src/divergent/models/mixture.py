@@ -96,7 +96,7 @@ def check_teacher_settings(config) -> None:
     served = [t for t in teachers if is_served(t)]
     if served:
         raise ValueError(f"several teachers must be local Hugging Face folders; the served teacher {served[0]} "
-                         f"cannot be mixed (serve one teacher, or cache each and give local folders)")
+                         f"cannot be mixed (give local folders, or distil from the one served teacher)")
     if config.teacher and config.teacher != teachers[0]:
         raise ValueError(f"teacher {config.teacher!r} and teachers {teachers}: give the teachers in teachers only")
     for name, value in (("teacher_cache", config.teacher_cache), ("cross_tokenizer", config.cross_tokenizer),
