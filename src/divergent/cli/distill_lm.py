@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
     @app.command("distill-lm")
     def distill_lm(
         config_file: ConfigOption = None,
-        teacher: Optional[str] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: a byte-level GPT trained once and cached)."),
+        teacher: Optional[list[str]] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: a byte-level GPT trained once and cached). Repeat it for several local teachers: the student matches their weighted mixture."),
+        teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="Several teachers: comma-separated positive weights, one per --teacher, normalised to sum to 1 (default: equal)."),
         teacher_tokenizer: Optional[Path] = ServedTokenizerOption,
         teacher_model: Optional[str] = ServedModelOption,
         teacher_api: Optional[str] = ServedApiOption,
@@ -106,7 +107,9 @@ def register(app: typer.Typer) -> None:
             config = settings(
                 DistillLMConfig, config_file=config_file, sets=set_, resume=resume,
                 options={
-                    "teacher": text(teacher), "teacher_tokenizer": text(teacher_tokenizer),
+                    "teacher": teacher[0] if teacher and len(teacher) == 1 else None,
+                    "teachers": teacher if teacher and len(teacher) > 1 else None,
+                    "teacher_weights": split_list(teacher_weights), "teacher_tokenizer": text(teacher_tokenizer),
                     "teacher_model": teacher_model, "teacher_api": teacher_api, "student": text(student), "data": text(data), "eval_data": text(eval_data),
                     "eval_fraction": eval_fraction, "max_length": max_length, "packing": packing,
                     "teacher_cache": text(teacher_cache), "divergences": split_list(divergences), "steps": steps,

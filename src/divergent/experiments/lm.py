@@ -193,6 +193,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     """
 
     student: str = ""
+    teachers: list[str] = field(default_factory=list)
+    teacher_weights: list[float] = field(default_factory=list)
     teacher_cache: str = ""
     divergences: list[str] | None = None
     divergence_params: dict = field(default_factory=dict)
@@ -227,6 +229,10 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
         unknown = [k for k in self.divergence_params if k not in self.divergences]
         if unknown:
             raise ValueError(f"divergence_params names {unknown}, which are not in divergences {self.divergences}")
+        if self.teachers or self.teacher_weights:
+            from divergent.models.mixture import check_teacher_settings
+
+            check_teacher_settings(self)
         if self.teacher_cache and (self.data or self.eval_data):
             raise ValueError("give teacher_cache (its rows are the data) or data/eval_data, not both")
         if bool(self.student) and not (self.teacher or self.teacher_cache):
@@ -397,7 +403,19 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
         from divergent.experiments.served_teacher import served_cache
 
         return _setup_from_cache(config, console, served_cache(config, Path(run_dir or "."), console))
-    if config.teacher:
+    if config.teachers:
+        from divergent.models.mixture import TeacherMixture, mixture_weights
+
+        student = load_causal_lm(config.student, what="--student")
+        tokenizer = _tokenizer_for(config.student, "--student", student)
+        teachers = [load_causal_lm(path, what="--teacher") for path in config.teachers]
+        for path, model in zip(config.teachers, teachers):
+            cross_tokenizer.check_same(tokenizer, _tokenizer_for(path, "--teacher", model), check_same_tokenizer,
+                                       is_byte_tokenizer)
+        weights = mixture_weights(config.teacher_weights, len(teachers))
+        teacher = TeacherMixture(teachers, weights, temperature=config.temperature)
+        teacher_description = f"mixture (T = {config.temperature:g}) of " + ", ".join(f"{w:.3g} x {p}" for w, p in zip(weights, config.teachers))
+    elif config.teacher:
         teacher = load_causal_lm(config.teacher, what="--teacher")
         student = load_causal_lm(config.student, what="--student")
         teacher_tokenizer = _tokenizer_for(config.teacher, "--teacher", teacher)

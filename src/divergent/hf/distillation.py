@@ -94,6 +94,8 @@ class DistillationConfig(transformers.TrainingArguments):
     ddk_smoothing: float = field(default=0.5, metadata={"help": "DDK: alpha in [0, 1] of the factor-smooth update."})
     domain_eval_fraction: float = field(default=0.05, metadata={
         "help": "With domain_column and no eval_dataset: fraction of each domain's rows held out to measure it."})
+    teacher_weights: list[float] | None = field(default=None, metadata={
+        "help": "Several teachers (teacher_model=[a, b]): positive weights, one per teacher, normalised (default equal)."})
     cross_tokenizer: str = field(default="", metadata={
         "help": "'' (one shared tokenizer; another is an error) or 'uld': the teacher has another tokenizer "
                 "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence)."})
@@ -194,6 +196,15 @@ def _prepare(dataset: Any, tokenizer: Any, args: DistillationConfig, name: str, 
     return _Examples(examples), stats
 
 
+def _mixture(teachers: Any, args: DistillationConfig, tokenizer: Any) -> nn.Module:
+    from divergent.models.mixture import load_teachers
+
+    for name in ("cross_tokenizer", "seq_kd_fraction", "teacher_cache"):
+        if getattr(args, name):
+            raise ValueError(f"several teachers cannot be combined with args.{name}={getattr(args, name)!r} yet")
+    return load_teachers(list(teachers), args.teacher_weights, temperature=args.temperature, tokenizer=tokenizer)
+
+
 class DistillationTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that distils ``teacher_model`` into ``model`` with any divergence.
 
@@ -235,6 +246,10 @@ class DistillationTrainer(transformers.Trainer):
             model = load_causal_lm(path, what="model")
             processing_class = processing_class if processing_class is not None else load_tokenizer(path, "model")
         served = None
+        if isinstance(teacher_model, (list, tuple)):  # several local teachers: their weighted mixture
+            teacher_model = _mixture(teacher_model, args, processing_class)
+        elif args.teacher_weights:
+            raise ValueError("args.teacher_weights is given with one teacher_model: give a list of teachers")
         if is_served(teacher_model):  # a remote cache: each batch's top-k comes from the server
             check_topk_divergences([args.divergence])
             if args.on_policy_fraction + args.seq_kd_fraction > 0:
