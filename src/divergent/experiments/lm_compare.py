@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from divergent.metrics.diversity import distinct_n as metrics_distinct_n
 from divergent.config import config_to_dict, save_config
 from divergent.experiments import lm, report, verdict
 from divergent.io import atomic_write_text, read_json, write_json
@@ -111,8 +112,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     >>> distinct_n(["a b a b"], 1), distinct_n(["a b a b"], 2)
     (0.5, 0.6666666666666666)
     """
-    grams = [tuple(words[i:i + n]) for text in texts for words in [text.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return metrics_distinct_n([text.split() for text in texts], n)
 
 
 @dataclass
