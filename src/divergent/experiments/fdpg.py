@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
-from divergent.config import config_to_dict, load_run_config, save_config
+from divergent.config import config_to_dict, load_run_config
 from divergent.experiments import report
 from divergent.experiments import verdict as verdict_module
 from divergent.io import read_json, write_json
 from divergent.rl.generators import check_f_divergence
 from divergent.train.fdpg import FDPGConfig, FDPGTarget, FDPGTrainer
-from divergent.train.run import Checkpointer, RunInterrupted
+from divergent.train.run import Checkpointer
 
 __all__ = ["FDPGRunConfig", "COMPARE_DIVERGENCES", "DEFAULT_CONSTRAINT", "run_fdpg", "resume_fdpg", "build_target"]
 
@@ -336,28 +334,10 @@ def run_fdpg(config: FDPGRunConfig, *, run_dir: str | Path | None = None, consol
              command: str | None = None) -> dict[str, Any]:
     """Run ``divergent fdpg`` (or continue the run in ``run_dir``); returns the results."""
     console = console or report.output_console()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads)
-    setup = None
-    try:
-        with report.run_folder(config.output_dir, "fdpg-compare" if config.compare else "fdpg", resume=run_dir) as folder:
-            if run_dir is None:
-                save_config(config, folder.path / "config.yaml")
-            setup = build_setup(config, console)
-            folder.started()
-            console.print(f"[bold]divergent fdpg[/] → {folder.path}")
-            try:
-                return run_comparison(setup, config, folder.path, resume=run_dir is not None, console=console,
-                                      command=command)
-            except KeyboardInterrupt as exc:
-                step = getattr(exc, "step", 0)
-                checkpoint = getattr(exc, "checkpoint", None)
-                raise RunInterrupted(step, checkpoint, f"interrupted after step {step}; resume with: divergent fdpg "
-                                                       f"--resume {shlex.quote(str(folder.path))}") from None
-    finally:
-        if setup is not None:
-            setup.close()
-        torch.set_num_threads(previous)
+    return report.run_with_setup(
+        "fdpg", config, run_dir, console, build_setup,
+        lambda setup, folder: run_comparison(setup, config, folder, resume=run_dir is not None, console=console,
+                                             command=command))
 
 
 def resume_fdpg(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import io
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+import shlex
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from divergent.experiments.verdict import mean_std, paired_difference
 
 __all__ = [
     "run_folder",
+    "run_with_setup",
     "RunFolder",
     "cache_dir",
     "make_run_dir",
@@ -96,6 +98,45 @@ def run_folder(root: str | os.PathLike, name: str, *, resume: str | os.PathLike 
         if folder.created and not folder.is_started:
             shutil.rmtree(folder.path, ignore_errors=True)
         raise
+
+
+def run_with_setup(command: str, config: Any, run_dir: str | os.PathLike | None, console: Console,
+                   build_setup: Callable[[Any, Console], Any], body: Callable[[Any, Path], Any]) -> Any:
+    """The frame of a training command (``divergent rl``, ``divergent fdpg``) around ``body(setup, folder)``.
+
+    Sets ``config.num_threads`` (restored after), opens the run folder (``<command>-compare`` with
+    ``config.compare``; ``run_dir`` to continue one) and saves ``config.yaml`` in a new one, builds the
+    setup (closed after), and turns a Ctrl-C into a :class:`RunInterrupted` naming the resume command.
+    """
+    import torch
+
+    from divergent.config import save_config
+    from divergent.train.run import RunInterrupted
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    setup = None
+    try:
+        name = f"{command}-compare" if config.compare else command
+        with run_folder(config.output_dir, name, resume=run_dir) as folder:
+            if run_dir is None:
+                save_config(config, folder.path / "config.yaml")
+            setup = build_setup(config, console)
+            folder.started()
+            console.print(f"[bold]divergent {command}[/] → {folder.path}")
+            try:
+                return body(setup, folder.path)
+            except KeyboardInterrupt as exc:  # RunInterrupted (saved by drive) or Ctrl-C outside training
+                step = getattr(exc, "step", 0)
+                checkpoint = getattr(exc, "checkpoint", None)
+                saved = f" (saved {checkpoint})" if checkpoint else ""
+                raise RunInterrupted(step, checkpoint, f"interrupted after step {step}{saved}; resume with: "
+                                                       f"divergent {command} --resume {shlex.quote(str(folder.path))}"
+                                     ) from None
+    finally:
+        if setup is not None:
+            setup.close()
+        torch.set_num_threads(previous)
 
 
 def _plain(value: Any) -> Any:

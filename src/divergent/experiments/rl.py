@@ -42,12 +42,11 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from divergent.config import config_to_dict, load_run_config, save_config
+from divergent.config import config_to_dict, load_run_config
 from divergent.experiments import report, verdict
 from divergent.io import read_json, write_json
 from divergent.rl import get_regulariser
 from divergent.train.rl import GRPOConfig, GRPOTrainer, evaluate_policy, supervised_warm_start
-from divergent.train.run import RunInterrupted
 
 __all__ = [
     "RLConfig",
@@ -617,40 +616,18 @@ def _comparison_markdown(table, columns, config: GRPOConfig, seeds, eval_samples
 # ----------------------------------------------------------------------------- the command
 
 
-def _interrupted(run_dir: Path, exc: BaseException) -> RunInterrupted:
-    step = getattr(exc, "step", 0)
-    checkpoint = getattr(exc, "checkpoint", None)
-    saved = f" (saved {checkpoint})" if checkpoint else ""
-    return RunInterrupted(step, checkpoint, f"interrupted after step {step}{saved}; resume with: "
-                                            f"divergent rl --resume {shlex.quote(str(run_dir))}")
-
-
 def run_rl(config: RLConfig, *, run_dir: str | Path | None = None, console: Console | None = None,
            command: str | None = None) -> dict[str, Any]:
     """Run ``divergent rl`` (or continue the run in ``run_dir``); returns the results."""
     console = console or report.output_console()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads)
-    setup = None
-    try:
-        with report.run_folder(config.output_dir, "rl-compare" if config.compare else "rl", resume=run_dir) as folder:
-            if run_dir is None:
-                save_config(config, folder.path / "config.yaml")
-            setup = build_setup(config, console)
-            folder.started()
-            console.print(f"[bold]divergent rl[/] → {folder.path}")
-            console.print(setup.description)
-            try:
-                if config.compare:
-                    return run_comparison(setup, config, folder.path, resume=run_dir is not None, console=console)
-                return _run_one(setup, config, folder.path, resume=run_dir is not None, console=console,
-                                command=command)
-            except KeyboardInterrupt as exc:  # RunInterrupted (saved by drive) or Ctrl-C outside training
-                raise _interrupted(folder.path, exc) from None
-    finally:
-        if setup is not None:
-            setup.close()
-        torch.set_num_threads(previous)
+
+    def body(setup: RLSetup, folder: Path) -> dict[str, Any]:
+        console.print(setup.description)
+        if config.compare:
+            return run_comparison(setup, config, folder, resume=run_dir is not None, console=console)
+        return _run_one(setup, config, folder, resume=run_dir is not None, console=console, command=command)
+
+    return report.run_with_setup("rl", config, run_dir, console, build_setup, body)
 
 
 def resume_rl(run_dir: str | Path, *, console: Console | None = None) -> dict[str, Any]:
