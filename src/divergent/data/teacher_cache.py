@@ -470,5 +470,5 @@ class TeacherCache:
         packed = "" if not self.compression else (
             f", ids {self.compression['index_bits']} bits, log-probs {self.compression['logprob_bits']} bits "
             f"(KL error ≤ {self.compression['kl_bound_max']:.2g} nats/token)")
-        return (f"{self.directory} [{self.split}]: {self._length} sequences, {tokens:,} tokens, k={self.k}, "
+        return (f"{self.directory} ({self.split} split): {self._length} sequences, {tokens:,} tokens, k={self.k}, "
                 f"{self.index['total_bytes'] / 1e6:.2f} MB in all, {self.bytes_per_token:.1f} bytes/token{packed}")
