@@ -39,7 +39,7 @@ from divergent.functional import _validation as v
 from divergent.functional.generators import MEASURE_DIVERGENCES, check_f_divergence, registry_f
 
 __all__ = ["uld_distance", "uld_sequence_loss", "VocabularyMatch", "byte_offset_groups", "merge_groups",
-           "gold_sequence_loss", "MERGE_STRATEGIES", "MEASURE_DIVERGENCES"]
+           "gold_sequence_loss", "check_gold_settings", "MERGE_STRATEGIES", "MEASURE_DIVERGENCES"]
 
 # How a run of several tokens becomes one distribution (merge_groups).
 MERGE_STRATEGIES = ("observed", "bayesian")
@@ -171,7 +171,8 @@ def uld_sequence_loss(
         student_logits: ``[B, Ls, Vs]``; teacher_logits: ``[B, Lt, Vt]`` (lengths and vocabularies may differ).
         student_labels: ``[B, Ls]``; teacher_labels: ``[B, Lt]`` (``ignore_index`` = not an answer token).
     """
-    student_logits, teacher_logits = _check_sequences(student_logits, teacher_logits, labels=(student_labels, teacher_labels))
+    student_logits, teacher_logits = _check_sequences(student_logits, teacher_logits,
+                                                      labels=(student_labels, teacher_labels))
     student_temperature = _temperature(student_temperature, "student_temperature")
     teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
     if reduction not in ("mean", "sum"):
@@ -236,7 +237,8 @@ class VocabularyMatch:
 
     def masks(self, student_size: int, teacher_size: int, device=None) -> tuple[Tensor, Tensor]:
         """Boolean ``[student_size]``, ``[teacher_size]``: True where the entry is shared."""
-        for name, size, ids in (("student", student_size, self.student_ids), ("teacher", teacher_size, self.teacher_ids)):
+        for name, size, ids in (("student", student_size, self.student_ids),
+                                ("teacher", teacher_size, self.teacher_ids)):
             if len(self) and int(ids.max()) >= size:
                 raise ValueError(f"the vocabulary match holds {name} id {int(ids.max())}, but the {name} logits have "
                                  f"{size} entries; build it from the tokenizers of these two models")
@@ -337,15 +339,29 @@ def merge_groups(probs: Tensor, groups: Sequence[Sequence[int]], token_ids: Sequ
     return merged
 
 
-def _weights(matched_weight, unmatched_weight) -> tuple[float, float] | None:
+def check_gold_settings(divergence: str, divergence_params: Mapping | None, strategy: str,
+                        matched_weight: float | None, unmatched_weight: float | None, *,
+                        prefix: str = "") -> tuple[float, float] | None:
+    """Raise naming the setting (``prefix`` + its name) when :func:`gold_sequence_loss` cannot use these.
+
+    Returns the fixed ``(matched_weight, unmatched_weight)``, or None (adaptive).
+    """
+    check_f_divergence(divergence, valid=MEASURE_DIVERGENCES)
+    if divergence_params is not None and not isinstance(divergence_params, Mapping):
+        raise TypeError(f"divergence_params must be a mapping of {divergence}'s parameters, "
+                        f"got {type(divergence_params).__name__}")
+    registry_f(torch.zeros(1), divergence, **dict(divergence_params or {}))  # unknown or out-of-range parameters
+    if strategy not in MERGE_STRATEGIES:
+        raise ValueError(f"{prefix}strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
     if (matched_weight is None) != (unmatched_weight is None):
-        raise ValueError(f"matched_weight and unmatched_weight are both None (adaptive: the shared fraction of the "
-                         f"teacher's vocabulary) or both numbers, got {matched_weight!r} and {unmatched_weight!r}")
+        raise ValueError(f"{prefix}matched_weight and {prefix}unmatched_weight are both None (adaptive: the shared "
+                         f"fraction of the teacher's vocabulary) or both numbers, got {matched_weight!r} and "
+                         f"{unmatched_weight!r}")
     if matched_weight is None:
         return None
     for name, value in (("matched_weight", matched_weight), ("unmatched_weight", unmatched_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {value!r}")
     return float(matched_weight), float(unmatched_weight)
 
 
@@ -421,12 +437,8 @@ def gold_sequence_loss(
     if not isinstance(match, VocabularyMatch):
         raise TypeError(f"match must be a VocabularyMatch (VocabularyMatch.from_tokenizers(student_tokenizer, "
                         f"teacher_tokenizer)), got {type(match).__name__}")
-    check_f_divergence(divergence, valid=MEASURE_DIVERGENCES)
+    fixed = check_gold_settings(divergence, divergence_params, strategy, matched_weight, unmatched_weight)
     params = dict(divergence_params or {})
-    registry_f(torch.zeros(1), divergence, **params)  # an unknown or out-of-range parameter fails here
-    if strategy not in MERGE_STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}")
-    fixed = _weights(matched_weight, unmatched_weight)
     student_temperature = _temperature(student_temperature, "student_temperature")
     teacher_temperature = _temperature(teacher_temperature, "teacher_temperature")
     if reduction not in ("mean", "sum"):
