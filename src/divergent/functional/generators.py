@@ -178,8 +178,11 @@ MEASURE_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "tvd", "chi2", "helling
 def _js_beta_f(lr, beta):
     # generalized JSD, m = beta p + (1 - beta) q = p (beta + (1 - beta) u):
     # beta p log(p/m) + (1 - beta) q log(q/m) = p [-beta log w + (1 - beta) u (log u - log w)],
-    # w = beta + (1 - beta) u, log w = logaddexp(log beta, log(1 - beta) + log u)
-    log_w = torch.logaddexp(torch.full_like(lr, math.log(beta)), math.log1p(-beta) + lr)
+    # w = beta + (1 - beta) u; log w = log1p((1 - beta) expm1(l)) for l <= 0 and
+    # l + log1p(beta expm1(-l)) for l > 0: exact at u = 1, finite for any l (each branch clamped)
+    below, above = lr.clamp_max(0.0), lr.clamp_min(0.0)
+    log_w = torch.where(lr <= 0, torch.log1p((1.0 - beta) * torch.expm1(below)),
+                        above + torch.log1p(beta * torch.expm1(-above)))
     return -beta * log_w + (1.0 - beta) * torch.exp(lr) * (lr - log_w)
 
 
