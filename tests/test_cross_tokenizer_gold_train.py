@@ -159,3 +159,15 @@ def test_hf_distillation_trainer_with_gold(tmp_path):
         DistillationConfig(cross_tokenizer="gold", divergence="cauchy_schwarz", **settings)
     with pytest.raises(ValueError, match="gold_unmatched_weight must be a finite number"):
         DistillationConfig(cross_tokenizer="gold", gold_matched_weight=1.0, gold_unmatched_weight=-1.0, **settings)
+
+
+def test_objective_refuses_settings_of_the_wrong_mode_or_unknown_ones():
+    from divergent.train.cross_tokenizer import CrossTokenizerObjective
+
+    student_tok, teacher_tok = H.tokenizer(300), teacher_tokenizer()
+    with pytest.raises(ValueError, match="holds the settings of mode 'gold', got mode 'uld'"):
+        CrossTokenizerObjective("uld", student_tok, teacher_tok, gold={"strategy": "bayesian"})
+    with pytest.raises(ValueError, match=r"unknown settings \['stratgy'\]"):
+        CrossTokenizerObjective("gold", student_tok, teacher_tok, gold={"stratgy": "bayesian"})
+    with pytest.raises(ValueError, match="strategy must be one of observed, bayesian"):
+        CrossTokenizerObjective("gold", student_tok, teacher_tok, gold={"strategy": "first"})

@@ -236,6 +236,11 @@ class CrossTokenizerObjective:
             raise ValueError(f"CrossTokenizerObjective: gold={gold!r} holds the settings of mode 'gold', "
                              f"got mode {mode!r}")
         self.gold = dict(gold or {})
+        unknown = sorted(set(self.gold) - {"divergence", "divergence_params", "strategy", "matched_weight",
+                                           "unmatched_weight"})
+        if unknown:
+            raise ValueError(f"CrossTokenizerObjective: gold has unknown settings {unknown}; it takes divergence, "
+                             f"divergence_params, strategy, matched_weight, unmatched_weight")
         if mode == "gold":
             check_gold_settings(self.gold.get("divergence", "js"), self.gold.get("divergence_params"),
                                 self.gold.get("strategy", "observed"), self.gold.get("matched_weight"),
@@ -275,9 +280,10 @@ class CrossTokenizerObjective:
         return loss
 
     def teacher_side(self, teacher: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
-        """``(t_ids, t_mask, t_labels, teacher_logits)``: the batch in the teacher's tokens, its dense logits ``[B, Lt, Vt]``.
+        """``(t_ids, t_mask, t_labels, teacher_logits)``: the batch in the teacher's tokens and its logits.
 
-        The one place the teacher is read: another teacher (cached, served) gives the same four.
+        ``teacher_logits`` is dense, ``[B, Lt, Vt]``. The one place the teacher is read: another
+        kind of teacher (cached, served) gives the same four.
         """
         t_ids, t_mask, t_labels = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels,
                                                 self.student_tokenizer, self.teacher_tokenizer)
