@@ -191,3 +191,23 @@ def test_bad_tensors_name_the_argument(pair):
         byte_offset_groups([(0, 3), (0, 2)], [(0, 3)])
     with pytest.raises(TypeError, match="teacher_vocab must be a mapping"):
         VocabularyMatch.from_vocabularies({"a": 0}, ["a"])
+
+
+def test_equals_trl_in_float32_too(pair):
+    """The dtype training uses: float32 logits, TRL's and ours computed in float32."""
+    gold = pytest.importorskip("trl.experimental.gold")
+    from trl.experimental.gold.gold_trainer import ULDLoss
+
+    s_tok, t_tok, (s_logits, t_logits, s_labels, t_labels, s_ids, t_ids, s_off, t_off) = pair
+    config = gold.GOLDConfig(output_dir="unused", report_to="none", bf16=False, use_cpu=True, use_uld_loss=True,
+                             use_extended_uld=True, uld_use_hybrid_loss=True, beta=0.5)
+    s32, t32 = s_logits.float(), t_logits.float()
+    ours_in, trl_in = s32.clone().requires_grad_(True), s32.clone().requires_grad_(True)
+    theirs = ULDLoss(config, s_tok, t_tok)(trl_in, t32, s_labels, t_labels, s_ids, t_ids, s_off, t_off)
+    ours = gold_sequence_loss(ours_in, t32, s_labels, t_labels, s_ids, t_ids, s_off, t_off,
+                              VocabularyMatch.from_tokenizers(s_tok, t_tok))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.reshape(()), rtol=1e-5, atol=1e-7)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_in.grad, trl_in.grad, rtol=1e-4, atol=1e-8)
