@@ -22,15 +22,35 @@ def test_answer_byte_offsets_equal_trls_encoder_offsets():
     pytest.importorskip("trl.experimental.gold")
     from trl.experimental.utils import encode_with_byte_offsets
 
-    from divergent.train.cross_tokenizer import answer_byte_offsets
+    from divergent.train.cross_tokenizer import answer_byte_offsets, decoded_byte_offsets
 
     for tok in (H.tokenizer(300, template=False), teacher_tokenizer()):
         for text in TEXTS:
             ((ids, want),) = encode_with_byte_offsets(tok.backend_tokenizer, [text])
-            assert answer_byte_offsets(ids, tok) == [tuple(o) for o in want], text
+            for offsets in (answer_byte_offsets, decoded_byte_offsets):  # the byte-level path and the generic one
+                assert offsets(ids, tok) == [tuple(o) for o in want], (offsets.__name__, text)
         ids = tok("é!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert len(ids) == 4  # é is two byte tokens: the first ends inside the character
-        assert answer_byte_offsets(ids, tok) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+        for offsets in (answer_byte_offsets, decoded_byte_offsets):
+            assert offsets(ids, tok) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+
+
+def test_offsets_of_a_tokenizer_that_is_not_byte_level():
+    """A WordPiece-like tokenizer (whitespace pre-tokenizer): offsets from decoding, by hand."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from divergent.train.cross_tokenizer import answer_byte_offsets
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(H.CORPUS, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]", "</s>"],
+                                                                show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
+    ids = fast("the cat sat", add_special_tokens=False)["input_ids"] + [fast.eos_token_id]
+    assert fast.decode(ids, skip_special_tokens=True) == "the cat sat" and len(ids) == 4
+    assert answer_byte_offsets(ids, fast) == [(0, 3), (3, 7), (7, 11), (11, 11)]
 
 
 def test_objective_is_gold_per_counted_token_and_accumulation_consistent():

@@ -33,7 +33,7 @@ from divergent.functional.cross_tokenizer import (
 )
 
 __all__ = ["MODES", "check_mode", "check_settings", "check_trainer_settings", "check_same", "objective", "teacher_batch",
-           "answer_byte_offsets", "gold_options", "CrossTokenizerObjective"]
+           "answer_byte_offsets", "decoded_byte_offsets", "gold_options", "CrossTokenizerObjective"]
 
 # How the two tokenizations are compared; "" = not at all (one shared tokenizer required).
 MODES = ("uld", "gold")
@@ -169,16 +169,49 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 def answer_byte_offsets(ids: list[int], tokenizer: Any) -> list[tuple[int, int]]:
     """UTF-8 byte ``(start, end)`` of each of ``ids`` in ``tokenizer.decode(ids)``, special tokens zero-width.
 
-    Token k ends where the decoded prefix ``ids[:k + 1]`` ends and starts where token k - 1
-    ends: offsets relative to the answer text, as TRL's ``encode_with_byte_offsets`` gives
-    for the completion (TRL 1.16, ``trl/experimental/utils.py``), for any tokenizer that
-    decodes, and for the tokens the model actually read. A prefix that stops inside a
-    multi-byte character (it decodes to U+FFFD) ends one byte per character of the token's
-    piece later for a byte-level BPE (each piece character is one byte, as TRL counts), else
-    where its complete characters end.
+    Offsets relative to the answer text, as TRL's ``encode_with_byte_offsets`` gives for the
+    completion (TRL 1.16, ``trl/experimental/utils.py``), for the tokens the model actually
+    read. A byte-level BPE (Llama 3, Qwen, GPT-2, ...) counts one byte per character of each
+    token's piece (as TRL does), checked against the decoded text's length; any other
+    tokenizer, or a mismatch, takes :func:`decoded_byte_offsets`.
     """
+    lengths = _byte_level_lengths(ids, tokenizer)
+    if lengths is None:
+        return decoded_byte_offsets(ids, tokenizer)
+    offsets, end = [], 0
+    for length in lengths:
+        offsets.append((end, end + length))
+        end += length
+    return offsets
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    byte_level = backend is not None and "ByteLevel" in repr(backend.decoder)
+    return backend is not None and "ByteLevel" in repr(backend.decoder)
+
+
+def _byte_level_lengths(ids: list[int], tokenizer: Any) -> list[int] | None:
+    """Bytes per token of a byte-level BPE, or None (not byte-level, an added non-special token, or no match)."""
+    if not _is_byte_level(tokenizer):
+        return None
+    special = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values()) - special
+    if any(i in added for i in ids):
+        return None
+    lengths = [0 if i in special else len(piece) for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return lengths if sum(lengths) == len(text.encode("utf-8")) else None
+
+
+def decoded_byte_offsets(ids: list[int], tokenizer: Any) -> list[tuple[int, int]]:
+    """:func:`answer_byte_offsets` for any tokenizer that decodes, from the decoded prefixes (quadratic in len(ids)).
+
+    Token k ends where the decoded prefix ``ids[:k + 1]`` ends and starts where token k - 1
+    ends. A prefix that stops inside a multi-byte character (it decodes to U+FFFD) ends one
+    byte per character of the token's piece later for a byte-level BPE, else where its
+    complete characters end.
+    """
+    byte_level = _is_byte_level(tokenizer)
     offsets, end = [], 0
     for k in range(len(ids)):
         text = tokenizer.decode(ids[:k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False)
