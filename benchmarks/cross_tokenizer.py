@@ -1,13 +1,16 @@
-"""A teacher with another tokenizer: `distill-lm --cross-tokenizer uld` against scratch, over seeds.
+"""A teacher with another tokenizer: `distill-lm --cross-tokenizer uld|gold` against scratch, over seeds.
 
 Two byte-level BPE tokenizers are trained with `tokenizers` on the Python standard library's
 source (the student's with --student-vocab tokens, the teacher's with --teacher-vocab), a tiny
 Llama teacher is trained on that text in its own tokens, and then, for each seed, distill-lm
 trains the same tiny student from the same initial weights with cross-entropy alone
 (scratch) and with cross-entropy + ULD to the teacher (--cross-tokenizer uld,
-hard_weight 1, soft_weight --uld-weight). Held-out loss is in the student's tokens.
+hard_weight 1, soft_weight --uld-weight); with ``--modes uld,gold`` also with GOLD
+(--cross-tokenizer gold, the shared vocabulary by --gold-divergence, merge --gold-strategy,
+the same weights). Held-out loss is in the student's tokens.
 
     python benchmarks/cross_tokenizer.py --out benchmarks/results/cross_tokenizer_cpu.csv
+    python benchmarks/cross_tokenizer.py --modes uld,gold --threads 1 --out benchmarks/results/cross_tokenizer_gold_cpu.csv
 
 ``--teacher DIR --student DIR`` reuse a teacher and an initial student written by an earlier
 run (folders ``teacher-init``'s trained row and ``student`` of its work folder, printed at
@@ -64,7 +67,10 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--student-vocab", type=int, default=384)
     parser.add_argument("--teacher-vocab", type=int, default=768)
-    parser.add_argument("--uld-weight", type=float, default=1.0)
+    parser.add_argument("--uld-weight", type=float, default=1.0, help="soft_weight of every cross-tokenizer row")
+    parser.add_argument("--modes", default="uld", help="comma-separated cross-tokenizer modes, one row each")
+    parser.add_argument("--gold-divergence", default="forward_kl", help="gold: the divergence on the shared vocabulary")
+    parser.add_argument("--gold-strategy", default="observed", help="gold: observed or bayesian")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/cross_tokenizer_cpu.csv")
     parser.add_argument("--teacher", default="", help="a trained teacher folder to reuse (skips its training)")
@@ -103,24 +109,37 @@ def run_seeds(args, teacher: Path, student: Path, teacher_loss, work: Path, comm
     from divergent.models.hf import load_tokenizer
 
     student_tok, teacher_tok = load_tokenizer(student, "--student"), load_tokenizer(teacher, "--teacher")
+    modes = args.modes.split(",")
+    gold = dict(divergences=[args.gold_divergence], gold_strategy=args.gold_strategy)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        result = run_distill_lm(DistillLMConfig(teacher=str(teacher), student=str(student), steps=args.steps,
-                                                cross_tokenizer="uld", hard_weight=1.0, soft_weight=args.uld_weight,
-                                                seed=seed, output_dir=str(work / f"s{seed}"), **common),
-                                console=console)
-        by_label = {r["label"]: r for r in result["rows"]}
-        rows.append({"seed": seed, "scratch_eval_loss": round(by_label["scratch"]["loss"], 4),
-                     "uld_eval_loss": round(by_label["uld"]["loss"], 4),
-                     "difference": round(by_label["uld"]["loss"] - by_label["scratch"]["loss"], 4),
-                     "teacher_eval_loss_own_tokens": round(teacher_loss, 4) if teacher_loss is not None else "",
-                     "student_vocab": len(student_tok), "teacher_vocab": len(teacher_tok), "steps": args.steps,
-                     "teacher_steps": "" if args.teacher else args.teacher_steps, "uld_weight": args.uld_weight})
+        by_label = {}
+        for i, mode in enumerate(modes):  # the scratch row once per seed, with the first mode
+            result = run_distill_lm(DistillLMConfig(teacher=str(teacher), student=str(student), steps=args.steps,
+                                                    cross_tokenizer=mode, hard_weight=1.0, soft_weight=args.uld_weight,
+                                                    seed=seed, include_scratch=i == 0,
+                                                    output_dir=str(work / f"s{seed}-{mode}"), **common,
+                                                    **(gold if mode == "gold" else {})), console=console)
+            by_label.update({r["label"]: r for r in result["rows"]})
+        scratch = by_label["scratch"]["loss"]
+        row = {"seed": seed, "scratch_eval_loss": round(scratch, 4)}
+        for mode in modes:
+            difference = "difference" if modes == ["uld"] else f"{mode}_difference"  # the first CSV's columns
+            row.update({f"{mode}_eval_loss": round(by_label[mode]["loss"], 4),
+                        difference: round(by_label[mode]["loss"] - scratch, 4)})
+        row.update({"teacher_eval_loss_own_tokens": round(teacher_loss, 4) if teacher_loss is not None else "",
+                    "student_vocab": len(student_tok), "teacher_vocab": len(teacher_tok), "steps": args.steps,
+                    "teacher_steps": "" if args.teacher else args.teacher_steps, "uld_weight": args.uld_weight})
+        if "gold" in modes:
+            row.update(gold_divergence=args.gold_divergence, gold_strategy=args.gold_strategy)
+        rows.append(row)
         console.print(rows[-1])
-    differences = [r["difference"] for r in rows]
-    spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
-    console.print(f"uld − scratch held-out loss: mean {statistics.mean(differences):+.4f} ± {spread:.4f} "
-                  f"(sd over {len(rows)} seeds)")
+    for mode in modes:
+        differences = [by_mode for r in rows for key, by_mode in r.items() if key.endswith("difference")
+                       and (key == f"{mode}_difference" or modes == ["uld"])]
+        spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+        console.print(f"{mode} − scratch held-out loss: mean {statistics.mean(differences):+.4f} ± {spread:.4f} "
+                      f"(sd over {len(rows)} seeds)")
     write_results(rows, args.out)
     console.print(f"written {args.out}")
 

@@ -92,3 +92,37 @@ def text_rows(n: int = 12):
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def train_across_tokenizers(tmp_path: Path, student_tok, teacher_tok, **config):
+    """Two steps of DistillationTrainer with a teacher in another tokenizer: ``(trainer, losses, settings)``.
+
+    Asserts the student's weights changed; ``settings`` are the shared DistillationConfig arguments
+    (without ``config``), for building other configs in the same test.
+    """
+    from divergent.hf import DistillationConfig, DistillationTrainer
+
+    student, teacher = llama(len(student_tok), 32, 1, seed=0), llama(len(teacher_tok), 48, 1, seed=1)
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                    save_strategy="no", use_cpu=True, report_to=[], seed=0, disable_tqdm=True, logging_steps=1)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(**config, **settings),
+                                  train_dataset=text_rows(8), processing_class=student_tok,
+                                  teacher_processing_class=teacher_tok)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h], settings
+
+
+def answer_batch(tok, n: int = 4, *, eos: bool = False):
+    """A right-padded ``divergent.train.lm.Batch`` of prompt_completion_rows(n), the first 3 tokens of each row not counted."""
+    from divergent.train.lm import Batch
+
+    rows = [tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+            for r in prompt_completion_rows(n)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :3] = -100
+    return Batch(ids, mask, labels)

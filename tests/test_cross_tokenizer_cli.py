@@ -76,18 +76,11 @@ def test_objective_is_uld_per_counted_token_and_accumulation_consistent():
     """The step loss equals uld_sequence_loss(reduction='sum') / counted tokens on the re-tokenized batch."""
     from divergent.functional.cross_tokenizer import uld_sequence_loss
     from divergent.train.cross_tokenizer import CrossTokenizerObjective, teacher_batch
-    from divergent.train.lm import Batch
 
     student_tok, teacher_tok = H.tokenizer(300), H.tokenizer(400)
     student, teacher = H.llama(len(student_tok), 32, 1, seed=0), H.llama(len(teacher_tok), 48, 1, seed=1)
-    rows = [student_tok(r["prompt"] + r["completion"], add_special_tokens=False)["input_ids"]
-            for r in H.prompt_completion_rows(4)]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = torch.where(mask.bool(), ids, -100)
-    labels[:, :3] = -100
-    batch = Batch(ids, mask, labels)
+    batch = H.answer_batch(student_tok)
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
     objective = CrossTokenizerObjective("uld", student_tok, teacher_tok, hard_weight=0.0, soft_weight=1.0)
     got = objective(student, student, batch, teacher=teacher, normalizer=17.0)
     t_ids, t_mask, t_labels = teacher_batch(ids, mask, labels, student_tok, teacher_tok)
@@ -102,21 +95,11 @@ def test_objective_is_uld_per_counted_token_and_accumulation_consistent():
 
 
 def test_hf_distillation_trainer_across_tokenizers(tmp_path):
-    from divergent.hf import DistillationConfig, DistillationTrainer
+    from divergent.hf import DistillationConfig
 
-    student_tok, teacher_tok = H.tokenizer(300), H.tokenizer(400)
-    student, teacher = H.llama(len(student_tok), 32, 1, seed=0), H.llama(len(teacher_tok), 48, 1, seed=1)
-    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-                    save_strategy="no", use_cpu=True, report_to=[], seed=0, disable_tqdm=True, logging_steps=1,
-                    hard_weight=1.0, soft_weight=1.0)
-    args = DistillationConfig(cross_tokenizer="uld", **settings)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=H.text_rows(8),
-                                  processing_class=student_tok, teacher_processing_class=teacher_tok)
-    before = [p.detach().clone() for p in student.parameters()]
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    _, losses, settings = H.train_across_tokenizers(tmp_path, H.tokenizer(300), H.tokenizer(400),
+                                                    cross_tokenizer="uld", hard_weight=1.0, soft_weight=1.0)
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
-    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     with pytest.raises(ValueError, match="did you mean 'uld'"):
         DistillationConfig(cross_tokenizer="ULD", **settings)
     with pytest.raises(ValueError, match="cross_tokenizer='uld' trains on the data's text only"):

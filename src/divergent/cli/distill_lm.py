@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Concatenate training rows into blocks of --max-length tokens."),
         teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Folder written by `divergent cache-teacher`: train with no teacher in memory."),
         divergences: Optional[str] = typer.Option(None, "--divergences", "-d", help="Comma-separated divergences; one distilled student each (default forward_kl; the embedded comparison: six)."),
-        cross_tokenizer: Optional[str] = typer.Option(None, "--cross-tokenizer", help="uld: the teacher has another tokenizer; distil with Universal Logit Distillation (default: one shared tokenizer required)."),
+        cross_tokenizer: Optional[str] = typer.Option(None, "--cross-tokenizer", help="uld or gold: the teacher has another tokenizer; distil with Universal Logit Distillation, or GOLD (byte-aligned; the shared vocabulary by --divergences, gold_* settings via --set) (default: one shared tokenizer required)."),
         steps: Optional[int] = typer.Option(None, help="Optimisation steps per student (default 150)."),
         teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Steps to train the default teacher when it is not cached (default 300)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per micro-batch (default 16)."),

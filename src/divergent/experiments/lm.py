@@ -169,9 +169,12 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     divergences: one distilled student per registered divergence (divergent.available()); unset (null):
         forward_kl, reverse_kl, js, tvd, skew_kl, alpha_beta in the embedded comparison, else forward_kl.
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
-    cross_tokenizer: "" (teacher and student share one tokenizer; another is an error) or "uld":
-        the teacher has another tokenizer and each distilled student is trained with Universal
-        Logit Distillation (divergent.train.cross_tokenizer), which replaces the divergence.
+    cross_tokenizer: "" (teacher and student share one tokenizer; another is an error), "uld" or
+        "gold": the teacher has another tokenizer (divergent.train.cross_tokenizer); uld (Universal
+        Logit Distillation) replaces the divergence, gold compares the shared vocabulary with it.
+    gold_strategy, gold_matched_weight, gold_unmatched_weight: with cross_tokenizer gold: how a
+        run of tokens merges (observed | bayesian), and fixed weights of the shared and the other
+        vocabulary entries (both null: adaptive, the shared fraction of the teacher's vocabulary).
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
     eval_batch_size: examples per evaluation batch.
@@ -199,6 +202,9 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     divergences: list[str] | None = None
     divergence_params: dict = field(default_factory=dict)
     cross_tokenizer: str = ""
+    gold_strategy: str = "observed"
+    gold_matched_weight: float | None = None
+    gold_unmatched_weight: float | None = None
     include_scratch: bool = True
     evaluations: int = 5
     eval_batch_size: int = 16

@@ -97,8 +97,16 @@ class DistillationConfig(transformers.TrainingArguments):
     teacher_weights: list[float] | None = field(default=None, metadata={
         "help": "Several teachers (teacher_model=[a, b]): positive weights, one per teacher, normalised (default equal)."})
     cross_tokenizer: str = field(default="", metadata={
-        "help": "'' (one shared tokenizer; another is an error) or 'uld': the teacher has another tokenizer "
-                "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence)."})
+        "help": "'' (one shared tokenizer; another is an error), 'uld' or 'gold': the teacher has another tokenizer "
+                "(teacher_processing_class); uld (Universal Logit Distillation) replaces the divergence, gold compares "
+                "the shared vocabulary with it and the rest by ULD (divergent.train.cross_tokenizer)."})
+    gold_strategy: str = field(default="observed", metadata={
+        "help": "cross_tokenizer='gold': how a run of tokens merges into one distribution, observed or bayesian."})
+    gold_matched_weight: float | None = field(default=None, metadata={
+        "help": "cross_tokenizer='gold': fixed weight of the shared vocabulary part (with gold_unmatched_weight; "
+                "both None: adaptive, the shared fraction of the teacher's vocabulary)."})
+    gold_unmatched_weight: float | None = field(default=None, metadata={
+        "help": "cross_tokenizer='gold': fixed weight of the sorted-L1 part on the other entries."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
