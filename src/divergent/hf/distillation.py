@@ -140,14 +140,19 @@ class _Examples(torch.utils.data.Dataset):
 
 class DistillationCollator:
     """Right-pads examples into ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)
-    and, for cached rows, ``teacher_indices``/``teacher_logprobs``."""
+    and, for cached rows, ``teacher_indices``/``teacher_logprobs`` (cached rows in another
+    tokenizer: ``teacher_rows``, the teacher's own tokens and top-k collated alike)."""
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         extra = ("teacher_indices", "teacher_logprobs") if "teacher_indices" in examples[0] else ()
-        return collate(examples, self.pad_token_id, extra=extra)
+        batch = collate(examples, self.pad_token_id, extra=extra)
+        if "teacher_row" in examples[0]:
+            batch["teacher_rows"] = collate([e["teacher_row"] for e in examples], 0,
+                                            extra=("teacher_indices", "teacher_logprobs"))
+        return batch
 
 
 class _ServedCollator:
@@ -255,6 +260,9 @@ class DistillationTrainer(transformers.Trainer):
             if args.on_policy_fraction + args.seq_kd_fraction > 0:
                 raise ValueError("on_policy_fraction / seq_kd_fraction need a local teacher_model to score generated "
                                  "continuations; a served teacher gives log-probs of the data only")
+            if args.cross_tokenizer and teacher_processing_class is None:
+                raise ValueError("cross_tokenizer with a served teacher needs teacher_processing_class: a local copy "
+                                 "of the served model's tokenizer")
             served = ServedTeacher(teacher_model, teacher_processing_class or processing_class,
                                    model=args.teacher_model_name, api=args.teacher_api)
             teacher_processing_class, teacher_model = served.tokenizer, None
@@ -263,11 +271,6 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model = load_causal_lm(path, what="teacher_model")
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer(path, "teacher_model")
-        if args.cross_tokenizer:
-            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class)
-        else:
-            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
-            self.objective = LMObjective.from_config(args)
         generates = args.on_policy_fraction + args.seq_kd_fraction > 0
 
         cache = None
@@ -279,12 +282,26 @@ class DistillationTrainer(transformers.Trainer):
                 raise ValueError("args.teacher_cache holds the training rows; pass no train_dataset with it")
             cache = TeacherCache(args.teacher_cache)
             cache.verify_all()
-            if processing_class is not None and cache.tokenizer and cache.tokenizer != tokenizer_fingerprint(processing_class):
+            if args.cross_tokenizer:  # rows in the teacher's tokens, re-tokenized for the student
+                teacher_processing_class = cross_tokenizer.cache_tokenizer(cache, teacher_processing_class)
+            elif processing_class is not None and cache.tokenizer and \
+                    cache.tokenizer != tokenizer_fingerprint(processing_class):
                 raise ValueError(f"the teacher cache {args.teacher_cache} was written with another tokenizer than the "
-                                 f"student's (cross-tokenizer distillation is not supported yet)")
-            train_dataset = _Examples(cache.examples())
+                                 f"student's; set cross_tokenizer='uld' to distil across tokenizers")
+
+            def rows(split: TeacherCache) -> list[dict[str, Any]]:
+                if not args.cross_tokenizer:
+                    return split.examples()
+                return cross_tokenizer.student_rows(split.examples(), teacher_processing_class, processing_class)
+
+            train_dataset = _Examples(rows(cache))
             if eval_dataset is None and "eval" in cache.index.get("splits", {}):
-                eval_dataset = _Examples(TeacherCache(args.teacher_cache, "eval").examples())
+                eval_dataset = _Examples(rows(TeacherCache(args.teacher_cache, "eval")))
+        if args.cross_tokenizer:
+            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class, served=served)
+        else:
+            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
+            self.objective = LMObjective.from_config(args)
         if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None and served is None)):
             raise ValueError(
                 "teacher_model is required: soft_weight > 0 needs a teacher (or args.teacher_cache), and "
@@ -303,7 +320,7 @@ class DistillationTrainer(transformers.Trainer):
         pad = getattr(processing_class, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
         data_collator = data_collator or DistillationCollator(self.pad_token_id)
-        if served is not None:
+        if served is not None and not args.cross_tokenizer:  # (across tokenizers the objective asks the server)
             data_collator = _ServedCollator(data_collator, served, args.teacher_top_k, len(served.tokenizer))
         self.served_teacher = served
         super().__init__(
@@ -374,7 +391,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def _batch(self, inputs: dict[str, torch.Tensor]) -> Batch:
         return Batch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"))
+                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"), inputs.get("teacher_rows"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)
