@@ -81,7 +81,9 @@ class LMDataSettings:
         GPT teacher, trained on the standard-library corpus once and cached; or a served teacher,
         ``http://HOST:PORT/v1`` (vLLM or SGLang; :mod:`divergent.models.served`), read as a
         top-k teacher (log-probs at temperature 1; the distillation temperature is applied locally).
-    teacher_tokenizer: a served teacher's tokenizer (a local copy; distill-lm: default the student's).
+    teacher_tokenizer: a served teacher's tokenizer (a local copy; distill-lm: default the student's);
+        with teacher_cache and cross_tokenizer, the tokenizer the cache was written with
+        (default: the copy cache-teacher saves in it).
     teacher_model: the served model's name ("" = the one model the server lists).
     teacher_api: auto, vllm or sglang (auto: from the server's /v1/models).
     teacher_in_flight: requests sent to a served teacher at once.
@@ -171,7 +173,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
     cross_tokenizer: "" (teacher and student share one tokenizer; another is an error) or "uld":
         the teacher has another tokenizer and each distilled student is trained with Universal
-        Logit Distillation (divergent.train.cross_tokenizer), which replaces the divergence.
+        Logit Distillation (divergent.train.cross_tokenizer), which replaces the divergence;
+        the teacher may be a local folder, a served teacher or a cache in its own tokens.
     include_scratch: also train the student on the data alone (cross-entropy), the baseline.
     evaluations: evaluations per student run, evenly spaced, the last at the end (curves.png).
     eval_batch_size: examples per evaluation batch.

@@ -98,7 +98,8 @@ class DistillationConfig(transformers.TrainingArguments):
         "help": "Several teachers (teacher_model=[a, b]): positive weights, one per teacher, normalised (default equal)."})
     cross_tokenizer: str = field(default="", metadata={
         "help": "'' (one shared tokenizer; another is an error) or 'uld': the teacher has another tokenizer "
-                "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence)."})
+                "(teacher_processing_class) and the loss is Universal Logit Distillation (replaces the divergence); "
+                "the teacher may be a model, served (teacher_model='http://...') or a teacher_cache in its own tokens."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -225,7 +226,9 @@ class DistillationTrainer(transformers.Trainer):
     ``teacher_model="http://HOST:PORT/v1"``: a served teacher (vLLM/SGLang, :mod:`divergent.models.served`)
     whose top-k log-probs (``args.teacher_top_k``, at temperature 1) are fetched for each batch,
     as a cache's rows are read; ``teacher_processing_class`` is then a local copy of its tokenizer
-    (default: the student's).
+    (default: the student's). With ``args.cross_tokenizer`` a served teacher is asked for the top-k
+    of each batch re-tokenized for it, and a ``teacher_cache`` in the teacher's tokens gives rows
+    re-tokenized for the student (``teacher_processing_class``: default the cache's saved copy).
     """
 
     def __init__(
