@@ -210,6 +210,12 @@ def test_distillation_trainer_with_served_and_cached_teachers(models, server, tm
     with pytest.raises(ValueError, match="written with another tokenizer than --teacher-tokenizer"):
         DistillationTrainer(model=H.llama(len(s_tok), 32, 1), args=args, processing_class=s_tok,
                             teacher_processing_class=s_tok)
+    with pytest.raises(ValueError, match="holds no copy of its tokenizer .*; give --teacher-tokenizer PATH"):
+        DistillationTrainer(model=H.llama(len(s_tok), 32, 1), args=args, processing_class=s_tok)  # (none saved here)
+    args = DistillationConfig(output_dir=str(tmp_path / "t"), **settings)
+    with pytest.raises(ValueError, match="served teacher needs teacher_processing_class"):
+        DistillationTrainer(model=H.llama(len(s_tok), 32, 1), teacher_model=server.url, args=args,
+                            processing_class=s_tok, train_dataset=H.prompt_completion_rows(4))
     server.max_logprobs = 20
     args = DistillationConfig(output_dir=str(tmp_path / "k"), **{**settings, "teacher_top_k": 32})
     trainer = DistillationTrainer(model=H.llama(len(s_tok), 32, 1), teacher_model=server.url, args=args,
@@ -280,3 +286,27 @@ def test_distill_lm_with_a_served_teacher_across_tokenizers(models, server, tmp_
         bad = runner.invoke(app, [*base, *args, "-o", str(tmp_path / "bad")])
         assert bad.exit_code == 2 and message in bad.stderr, (args, bad.output)  # (stdout: the teacher it reached)
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.output
+
+
+def test_an_interrupted_served_run_resumes_to_the_uninterrupted_result(models, server, tmp_path, monkeypatch):
+    """Ctrl-C in the ULD student's step 3; --resume reads the run's teacher-cache (no new requests) and ends equal."""
+    data = H.write_jsonl(tmp_path / "pc.jsonl", H.prompt_completion_rows(16))
+    args = ["distill-lm", "--teacher", server.url, "--teacher-tokenizer", str(models["root"] / "teacher"), "--student",
+            str(models["root"] / "student"), "--data", str(data), "--cross-tokenizer", "uld", "--steps", "6",
+            "--batch-size", "4", "--threads", "1", "--set", "teacher_top_k=16", "--set", "checkpoint_every=2"]
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "reference")]).exit_code == 0
+    H.ctrl_c_in_student(monkeypatch, 2, 3)  # the ULD student (after scratch), after its step 3
+    assert runner.invoke(app, [*args, "-o", str(tmp_path / "cut")]).exit_code == 130
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "cut").iterdir()
+    requests = server.requests
+    resumed = runner.invoke(app, ["distill-lm", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert server.requests == requests  # the teacher's top-k were cached in the run folder the first time
+    (reference,) = (tmp_path / "reference").iterdir()
+    rows = {r["label"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    want = {r["label"]: r for r in json.loads((reference / "results.json").read_text())["rows"]}
+    for label in ("scratch", "uld"):
+        assert rows[label]["loss"] == pytest.approx(want[label]["loss"], rel=1e-6), label
+        assert [h.get("loss") for h in rows[label]["history"]] == pytest.approx(
+            [h.get("loss") for h in want[label]["history"]], rel=1e-6)
