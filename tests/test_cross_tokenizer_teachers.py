@@ -121,7 +121,8 @@ def _tail_max(teacher, t_ids, t_mask, k):
     return float((1 - probs.topk(k, -1).values.sum(-1))[t_mask.bool()].max())
 
 
-def test_served_teacher_gives_the_local_loss(models, server):
+@pytest.mark.parametrize("api", ["vllm", "sglang"])
+def test_served_teacher_gives_the_local_loss(models, api):
     from divergent.models.served import ServedTeacher
     from divergent.train.cross_tokenizer import CrossTokenizerObjective, teacher_batch
 
@@ -129,10 +130,16 @@ def test_served_teacher_gives_the_local_loss(models, server):
     batch = _student_batch(s_tok)
     n = float((batch.labels[:, 1:] != -100).sum())
     local = CrossTokenizerObjective("uld", s_tok, t_tok)(student, student, batch, teacher=teacher, normalizer=n)
-    with ServedTeacher(server.url, t_tok, retries=0) as served:
-        assert served.tokenizer_checked
+    local_t2 = CrossTokenizerObjective("uld", s_tok, t_tok, temperature=2.0)(student, student, batch, teacher=teacher,
+                                                                            normalizer=n)
+    assert abs(float(local_t2.detach()) - float(local.detach())) > 1e-3  # the temperature matters here
+    with Server(ServedModel(teacher, t_tok, api=api, max_logprobs=V_TEACHER)) as url, \
+            ServedTeacher(url, t_tok, retries=0) as served:
+        assert served.api == api and served.tokenizer_checked == (api == "vllm")
         full = CrossTokenizerObjective("uld", s_tok, t_tok, served=served, top_k=V_TEACHER)
         torch.testing.assert_close(full(student, student, batch, normalizer=n), local, rtol=1e-5, atol=1e-6)
+        full_t2 = CrossTokenizerObjective("uld", s_tok, t_tok, served=served, top_k=V_TEACHER, temperature=2.0)
+        torch.testing.assert_close(full_t2(student, student, batch, normalizer=n), local_t2, rtol=1e-5, atol=1e-6)
         t_ids, t_mask, _ = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, s_tok, t_tok)
         for k in (8, 64):
             got = CrossTokenizerObjective("uld", s_tok, t_tok, served=served, top_k=k)(student, student, batch,
