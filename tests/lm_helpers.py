@@ -126,3 +126,26 @@ def answer_batch(tok, n: int = 4, *, eos: bool = False):
     labels = torch.where(mask.bool(), ids, -100)
     labels[:, :3] = -100
     return Batch(ids, mask, labels)
+
+
+def ctrl_c_in_student(monkeypatch, number: int, step: int) -> None:
+    """Make distill-lm's ``number``-th student run (1 = the first) stop as on Ctrl-C after its ``step``.
+
+    Patches ``divergent.experiments.lm.drive``; ``monkeypatch.undo()`` restores it.
+    """
+    from divergent.experiments import lm as experiment
+    from divergent.train.run import current_interrupt
+
+    real_drive, calls = experiment.drive, []
+
+    def interrupted_drive(trainer, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            def ctrl_c(record):
+                kwargs["on_step"](record)
+                if record["step"] == step:
+                    current_interrupt().request()
+            return real_drive(trainer, **{**kwargs, "on_step": ctrl_c})
+        return real_drive(trainer, **kwargs)
+
+    monkeypatch.setattr(experiment, "drive", interrupted_drive)

@@ -187,33 +187,17 @@ def test_user_errors_are_one_line_exit_2_and_leave_no_run_folder(tmp_path, monke
 
 
 def test_resume_continues_the_interrupted_student_and_keeps_finished_ones(tmp_path, monkeypatch):
-    from divergent.experiments import lm as experiment
-    from divergent.train.run import current_interrupt
-
     args = [*TINY, "--steps", "6", "-d", "forward_kl", "--set", "checkpoint_every=2", "-o", str(tmp_path)]
     reference = _run(["distill-lm", *args[:-1], str(tmp_path / "reference")])
     assert reference.exit_code == 0, reference.output
-    real_drive = experiment.drive
-    calls = []
-
-    def interrupted_drive(trainer, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the distilled student: Ctrl-C after its step 3
-            def ctrl_c(record):
-                kwargs["on_step"](record)
-                if record["step"] == 3:
-                    current_interrupt().request()
-            return real_drive(trainer, **{**kwargs, "on_step": ctrl_c})
-        return real_drive(trainer, **kwargs)
-
-    monkeypatch.setattr(experiment, "drive", interrupted_drive)
+    H.ctrl_c_in_student(monkeypatch, 2, 3)  # the distilled student: Ctrl-C after its step 3
     first = _run(["distill-lm", *args])
     assert first.exit_code == 130
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("distill-lm-")]
     assert f"divergent distill-lm --resume {run_dir}" in " ".join(first.output.split())
     assert (run_dir / "runs" / "scratch" / "result.json").is_file()
     assert (run_dir / "runs" / "forward_kl" / "model" / "config.json").is_file()  # exported at the checkpoint
-    monkeypatch.setattr(experiment, "drive", real_drive)
+    monkeypatch.undo()
     resumed = _run(["distill-lm", "--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
     assert "scratch: already finished" in resumed.output

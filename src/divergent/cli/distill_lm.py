@@ -28,7 +28,7 @@ def _command(name: str) -> str | None:
 
 
 ServedTokenizerOption = typer.Option(
-    None, "--teacher-tokenizer", help="Served teacher: a local copy of its tokenizer (distill-lm: default the student's).")
+    None, "--teacher-tokenizer", help="Served teacher: a local copy of its tokenizer (distill-lm: default the student's). With --teacher-cache and --cross-tokenizer: the cache's tokenizer (default: the copy saved in it).")
 ServedModelOption = typer.Option(None, "--teacher-model", help="Served teacher: the model's name (default: the one the server lists).")
 ServedApiOption = typer.Option(None, "--teacher-api", help="Served teacher: auto (default), vllm or sglang.")
 

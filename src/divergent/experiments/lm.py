@@ -81,7 +81,9 @@ class LMDataSettings:
         GPT teacher, trained on the standard-library corpus once and cached; or a served teacher,
         ``http://HOST:PORT/v1`` (vLLM or SGLang; :mod:`divergent.models.served`), read as a
         top-k teacher (log-probs at temperature 1; the distillation temperature is applied locally).
-    teacher_tokenizer: a served teacher's tokenizer (a local copy; distill-lm: default the student's).
+    teacher_tokenizer: a served teacher's tokenizer (a local copy; distill-lm: default the student's);
+        with teacher_cache and cross_tokenizer, the tokenizer the cache was written with
+        (default: the copy cache-teacher saves in it).
     teacher_model: the served model's name ("" = the one model the server lists).
     teacher_api: auto, vllm or sglang (auto: from the server's /v1/models).
     teacher_in_flight: requests sent to a served teacher at once.
@@ -171,7 +173,8 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
     divergence_params: parameters per divergence, e.g. {js: {beta: 0.3}}.
     cross_tokenizer: "" (teacher and student share one tokenizer; another is an error), "uld" or
         "gold": the teacher has another tokenizer (divergent.train.cross_tokenizer); uld (Universal
-        Logit Distillation) replaces the divergence, gold compares the shared vocabulary with it.
+        Logit Distillation) replaces the divergence, gold compares the shared vocabulary with it; the
+        teacher may be a local folder, a served teacher or a cache in its own tokens.
     gold_strategy, gold_matched_weight, gold_unmatched_weight: with cross_tokenizer gold: how a
         run of tokens merges (observed | bayesian), and fixed weights of the shared and the other
         vocabulary entries (both null: adaptive, the shared fraction of the teacher's vocabulary).
@@ -484,7 +487,10 @@ def _setup_from_cache(config: DistillLMConfig, console: Console, directory: str 
     else:
         raise ValueError(f"the teacher cache {config.teacher_cache} was written for the teacher "
                          f"{metadata.get('teacher')!r}: give the student with --student PATH")
-    if cache.tokenizer and cache.tokenizer != tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer):
+    teacher_tokenizer = None
+    if config.cross_tokenizer:  # rows in the teacher's tokens: read as text with its tokenizer
+        teacher_tokenizer = cross_tokenizer.cache_tokenizer(cache, config.teacher_tokenizer)
+    elif cache.tokenizer and cache.tokenizer != tokenizer_fingerprint(None if is_byte_tokenizer(tokenizer) else tokenizer):
         raise ValueError(f"the teacher cache {config.teacher_cache} was written with another tokenizer than the "
                          f"student's: token ids would not mean the same strings (cross-tokenizer distillation is "
                          f"not supported yet)")
@@ -501,13 +507,17 @@ def _setup_from_cache(config: DistillLMConfig, console: Console, directory: str 
                          f"`divergent cache-teacher` (it caches evaluation rows too)")
     evaluation = TeacherCache(directory, "eval").examples()[: config.max_eval_examples]
     vocab = config.vocab_size
-    if vocab is None and _model_vocab(student) != cache.vocab_size:
+    if vocab is None and _model_vocab(student) != cache.vocab_size and teacher_tokenizer is None:
         vocab = cache.vocab_size
+    description = f"cached top-{cache.k} of {metadata.get('teacher')}"
+    if teacher_tokenizer is not None:  # the same text in the student's tokens, the cache's rows riding along
+        train, evaluation = (cross_tokenizer.student_rows(rows, teacher_tokenizer, tokenizer) for rows in (train, evaluation))
+        description += f" (its own tokenizer; {config.cross_tokenizer})"
     console.print(f"teacher cache: {cache.describe()}")
     return _Setup(teacher=teacher, student_init=student, tokenizer=tokenizer, train=train, eval=evaluation,
                   byte_level=is_byte_tokenizer(tokenizer), data_description=str(metadata.get("data", "")),
-                  stats=dict(metadata.get("stats", {})), vocab_size=vocab,
-                  teacher_description=f"cached top-{cache.k} of {metadata.get('teacher')}", cached_teacher=True)
+                  stats=dict(metadata.get("stats", {})), vocab_size=vocab, teacher_description=description,
+                  cached_teacher=True, teacher_tokenizer=teacher_tokenizer)
 
 
 def default_teacher(
@@ -963,6 +973,8 @@ def run_cache_teacher(config: CacheTeacherConfig, *, resume: bool = False, conso
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_config(config, out / "config.yaml")
+            if not is_byte_tokenizer(tokenizer):  # to read the rows as text (cross-tokenizer distillation)
+                tokenizer.save_pretrained(str(out / cross_tokenizer.TOKENIZER_DIR))
         total = len(train) + len(evaluation)
         started = time.perf_counter()
         done = [0]

@@ -29,9 +29,11 @@ def check_served_settings(settings: Any) -> None:
         if getattr(settings, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(settings, name)}")
     served = is_served(settings.teacher)
-    if not served and (settings.teacher_tokenizer or settings.teacher_model):
+    read_cache = bool(getattr(settings, "teacher_cache", "") and getattr(settings, "cross_tokenizer", ""))
+    if not served and (settings.teacher_model or (settings.teacher_tokenizer and not read_cache)):
         raise ValueError("--teacher-tokenizer / --teacher-model name a served teacher; give --teacher "
-                         "http://HOST:PORT/v1 with them (a local teacher folder holds its own tokenizer)")
+                         "http://HOST:PORT/v1 with them (a local teacher folder holds its own tokenizer; with "
+                         "--teacher-cache DIR --cross-tokenizer uld, --teacher-tokenizer is the cache's tokenizer)")
     if not served:
         return
     if getattr(settings, "teacher_cache", ""):

@@ -12,10 +12,12 @@ inequality every f-divergence on the buckets is at most the full one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["TopK"]
+__all__ = ["TopK", "topk_to_dense_logprobs"]
 
 
 def _stored_dtype(logprobs: Tensor) -> torch.dtype:
@@ -172,20 +174,70 @@ def bucket_logprobs(student_logits: Tensor, teacher: TopK, temperature: float, d
     indices = teacher.indices.to(student_logits.device)
     lq_full = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     lq_top = lq_full.gather(-1, indices)
-    lp_top = teacher.logprobs.to(device=student_logits.device, dtype=dtype)
-    top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True)
+    lp_top, lp_tail = _top_and_tail(teacher.logprobs.to(device=student_logits.device, dtype=dtype),
+                                     whole=teacher.k == vocab)
     if teacher.k == vocab:
-        # The stored log-probs are the whole distribution: normalising removes their rounding.
-        lp_top = lp_top - top_mass
-        neg_inf = torch.full_like(lq_top[..., :1], float("-inf"))
-        lq_tail, lp_tail = neg_inf, neg_inf
+        lq_tail = torch.full_like(lq_top[..., :1], float("-inf"))
     else:
         lq_tail = torch.logsumexp(lq_full.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True)
-        # Rounding (see TopK) may put the top k slightly above 1: scale them back to 1, tail 0.
-        lp_top = lp_top - top_mass.clamp_min(0.0)
-        lp_tail = torch.log(-torch.expm1(top_mass.clamp_max(0.0)))  # log(1 − Σ p_topk); -inf when Σ = 1
     lq = torch.cat([lq_top, lq_tail], dim=-1)
     lp = torch.cat([lp_top, lp_tail], dim=-1)
     if temperature != 1.0:
         lp = torch.log_softmax(lp / temperature, dim=-1)
     return lp, lq
+
+
+def _top_and_tail(lp_top: Tensor, whole: bool) -> tuple[Tensor, Tensor]:
+    """The stored top-k log-probs made a distribution with its tail: ``(log p_top, log(1 − Σ p_top))``.
+
+    ``whole`` (k equals the vocabulary size): the stored values are the whole distribution,
+    normalised to sum to 1 (removing a low-precision cache's rounding), tail -inf. Otherwise
+    values whose sum rounding (see :class:`TopK`) put slightly above 1 are scaled back to 1,
+    tail -inf; else the tail is log(1 − Σ p_top), computed with expm1 to stay exact.
+    """
+    top_mass = torch.logsumexp(lp_top, dim=-1, keepdim=True)
+    if whole:
+        return lp_top - top_mass, torch.full_like(top_mass, float("-inf"))
+    return lp_top - top_mass.clamp_min(0.0), torch.log(-torch.expm1(top_mass.clamp_max(0.0)))
+
+
+def topk_to_dense_logprobs(teacher: TopK, vocab_size: int) -> Tensor:
+    """Dense teacher log-probs ``[..., vocab_size]`` from a top-k teacher: the tail spread uniformly.
+
+    With τ = 1 − Σ_{i∈top-k} p_i the mass outside the stored classes, every one of the
+    V − k classes not stored gets τ / (V − k):
+
+        p̂_i = p_i (i in the top-k),   p̂_j = τ / (V − k) (j not in it),   Σ p̂ = 1.
+
+    Of all distributions that agree with the top-k and the tail mass this is the one of
+    largest entropy (the stored numbers say nothing about how the tail is split). It is exact
+    when k = V (then the stored log-probs are the whole distribution, renormalised to remove
+    storage rounding); and since each tail class of the true p is at most p_(k) and so is
+    their mean τ / (V − k), the sorted p̂ keeps the top-k in place and
+    ‖sort↓(p) − sort↓(p̂)‖₁ ≤ 2τ: a sorted-probability loss such as ULD moves by at most 2τ
+    per position. For cross-tokenizer distillation from a served or cached teacher
+    (:mod:`divergent.train.cross_tokenizer`), whose losses read the teacher's full
+    distribution over its own vocabulary.
+
+    Args:
+        teacher: a :class:`TopK` (its log-probs at temperature 1, float32 or float64 out).
+        vocab_size: V, the teacher's vocabulary size (≥ k, above every stored index).
+
+    >>> import torch
+    >>> from divergent.functional.topk import TopK, topk_to_dense_logprobs
+    >>> top = TopK(torch.tensor([[2, 0]]), torch.tensor([0.5, 0.3]).log()[None])
+    >>> [round(p, 4) for p in topk_to_dense_logprobs(top, 4).exp()[0].tolist()]  # 0.2 left for ids 1 and 3
+    [0.3, 0.1, 0.5, 0.1]
+    """
+    if not isinstance(teacher, TopK):
+        raise TypeError(f"teacher must be a TopK (indices and log-probs), got {type(teacher).__name__}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < teacher.k:
+        raise ValueError(f"vocab_size must be an int >= k={teacher.k} (the teacher's vocabulary size), got {vocab_size!r}")
+    if teacher.indices.numel() and int(teacher.indices.max()) >= vocab_size:
+        raise ValueError(f"TopK indices go up to {int(teacher.indices.max())}, outside vocab_size={vocab_size}")
+    dtype = torch.float64 if teacher.logprobs.dtype == torch.float64 else torch.float32
+    lp_top, lp_tail = _top_and_tail(teacher.logprobs.to(dtype), whole=teacher.k == vocab_size)
+    if teacher.k < vocab_size:
+        lp_tail = lp_tail - math.log(vocab_size - teacher.k)  # τ / (V − k) for each class not stored
+    dense = lp_tail.expand(*lp_top.shape[:-1], vocab_size).clone()
+    return dense.scatter_(-1, teacher.indices.to(dense.device), lp_top)

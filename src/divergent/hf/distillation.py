@@ -99,7 +99,8 @@ class DistillationConfig(transformers.TrainingArguments):
     cross_tokenizer: str = field(default="", metadata={
         "help": "'' (one shared tokenizer; another is an error), 'uld' or 'gold': the teacher has another tokenizer "
                 "(teacher_processing_class); uld (Universal Logit Distillation) replaces the divergence, gold compares "
-                "the shared vocabulary with it and the rest by ULD (divergent.train.cross_tokenizer)."})
+                "the shared vocabulary with it and the rest by ULD (divergent.train.cross_tokenizer); the teacher may be a "
+                "model, served (teacher_model='http://...') or a teacher_cache in its own tokens."})
     gold_strategy: str = field(default="observed", metadata={
         "help": "cross_tokenizer='gold': how a run of tokens merges into one distribution, observed or bayesian."})
     gold_matched_weight: float | None = field(default=None, metadata={
@@ -148,14 +149,19 @@ class _Examples(torch.utils.data.Dataset):
 
 class DistillationCollator:
     """Right-pads examples into ``input_ids``, ``attention_mask``, ``labels`` (-100 on padding)
-    and, for cached rows, ``teacher_indices``/``teacher_logprobs``."""
+    and, for cached rows, ``teacher_indices``/``teacher_logprobs`` (cached rows in another
+    tokenizer: ``teacher_rows``, the teacher's own tokens and top-k collated alike)."""
 
     def __init__(self, pad_token_id: int = 0) -> None:
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         extra = ("teacher_indices", "teacher_logprobs") if "teacher_indices" in examples[0] else ()
-        return collate(examples, self.pad_token_id, extra=extra)
+        batch = collate(examples, self.pad_token_id, extra=extra)
+        if "teacher_row" in examples[0]:
+            batch["teacher_rows"] = collate([e["teacher_row"] for e in examples], 0,
+                                            extra=("teacher_indices", "teacher_logprobs"))
+        return batch
 
 
 class _ServedCollator:
@@ -228,7 +234,9 @@ class DistillationTrainer(transformers.Trainer):
     ``teacher_model="http://HOST:PORT/v1"``: a served teacher (vLLM/SGLang, :mod:`divergent.models.served`)
     whose top-k log-probs (``args.teacher_top_k``, at temperature 1) are fetched for each batch,
     as a cache's rows are read; ``teacher_processing_class`` is then a local copy of its tokenizer
-    (default: the student's).
+    (default: the student's). With ``args.cross_tokenizer`` a served teacher is asked for the top-k
+    of each batch re-tokenized for it, and a ``teacher_cache`` in the teacher's tokens gives rows
+    re-tokenized for the student (``teacher_processing_class``: default the cache's saved copy).
     """
 
     def __init__(
@@ -263,6 +271,9 @@ class DistillationTrainer(transformers.Trainer):
             if args.on_policy_fraction + args.seq_kd_fraction > 0:
                 raise ValueError("on_policy_fraction / seq_kd_fraction need a local teacher_model to score generated "
                                  "continuations; a served teacher gives log-probs of the data only")
+            if args.cross_tokenizer and teacher_processing_class is None:
+                raise ValueError("cross_tokenizer with a served teacher needs teacher_processing_class: a local copy "
+                                 "of the served model's tokenizer")
             served = ServedTeacher(teacher_model, teacher_processing_class or processing_class,
                                    model=args.teacher_model_name, api=args.teacher_api)
             teacher_processing_class, teacher_model = served.tokenizer, None
@@ -271,11 +282,6 @@ class DistillationTrainer(transformers.Trainer):
             teacher_model = load_causal_lm(path, what="teacher_model")
             if teacher_processing_class is None:
                 teacher_processing_class = load_tokenizer(path, "teacher_model")
-        if args.cross_tokenizer:
-            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class)
-        else:
-            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
-            self.objective = LMObjective.from_config(args)
         generates = args.on_policy_fraction + args.seq_kd_fraction > 0
 
         cache = None
@@ -287,12 +293,26 @@ class DistillationTrainer(transformers.Trainer):
                 raise ValueError("args.teacher_cache holds the training rows; pass no train_dataset with it")
             cache = TeacherCache(args.teacher_cache)
             cache.verify_all()
-            if processing_class is not None and cache.tokenizer and cache.tokenizer != tokenizer_fingerprint(processing_class):
+            if args.cross_tokenizer:  # rows in the teacher's tokens, re-tokenized for the student
+                teacher_processing_class = cross_tokenizer.cache_tokenizer(cache, teacher_processing_class)
+            elif processing_class is not None and cache.tokenizer and \
+                    cache.tokenizer != tokenizer_fingerprint(processing_class):
                 raise ValueError(f"the teacher cache {args.teacher_cache} was written with another tokenizer than the "
-                                 f"student's (cross-tokenizer distillation is not supported yet)")
-            train_dataset = _Examples(cache.examples())
+                                 f"student's; set cross_tokenizer='uld' to distil across tokenizers")
+
+            def rows(split: TeacherCache) -> list[dict[str, Any]]:
+                if not args.cross_tokenizer:
+                    return split.examples()
+                return cross_tokenizer.student_rows(split.examples(), teacher_processing_class, processing_class)
+
+            train_dataset = _Examples(rows(cache))
             if eval_dataset is None and "eval" in cache.index.get("splits", {}):
-                eval_dataset = _Examples(TeacherCache(args.teacher_cache, "eval").examples())
+                eval_dataset = _Examples(rows(TeacherCache(args.teacher_cache, "eval")))
+        if args.cross_tokenizer:
+            self.objective = cross_tokenizer.objective(args, processing_class, teacher_processing_class, served=served)
+        else:
+            cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
+            self.objective = LMObjective.from_config(args)
         if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None and served is None)):
             raise ValueError(
                 "teacher_model is required: soft_weight > 0 needs a teacher (or args.teacher_cache), and "
@@ -311,7 +331,7 @@ class DistillationTrainer(transformers.Trainer):
         pad = getattr(processing_class, "pad_token_id", None)
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
         data_collator = data_collator or DistillationCollator(self.pad_token_id)
-        if served is not None:
+        if served is not None and not args.cross_tokenizer:  # (across tokenizers the objective asks the server)
             data_collator = _ServedCollator(data_collator, served, args.teacher_top_k, len(served.tokenizer))
         self.served_teacher = served
         super().__init__(
@@ -382,7 +402,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def _batch(self, inputs: dict[str, torch.Tensor]) -> Batch:
         return Batch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"))
+                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"), inputs.get("teacher_rows"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)

@@ -101,7 +101,8 @@ class ServedTeacher:
     url: the server's OpenAI-compatible base, ``http://HOST:PORT/v1`` (SGLang's ``/generate``
         is found at the same host and port).
     tokenizer: a local copy of the served model's tokenizer (a folder or a loaded tokenizer);
-        it is checked against the server's (vLLM's ``/tokenize``) and must be the student's.
+        it is checked against the server's (vLLM's ``/tokenize``) and must be the student's, unless
+        the ids are the teacher's own (cross-tokenizer distillation, :mod:`divergent.train.cross_tokenizer`).
     model: the served model's name; ``None`` = the one model ``/v1/models`` lists.
     api: ``"vllm"``, ``"sglang"`` or ``"auto"`` (from ``owned_by`` in ``/v1/models``).
     max_in_flight: requests sent at once.

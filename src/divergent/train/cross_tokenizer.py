@@ -14,6 +14,15 @@ compared by the run's divergence, the rest by ULD, as TRL's ``ULDLoss`` with
 on the student's own labels.
 It has :class:`divergent.train.lm.LMObjective`'s call signature, so the LM trainer runs
 it unchanged.
+
+The teacher may be local (a model: its logits), served (a
+:class:`divergent.models.served.ServedTeacher`: each step's re-tokenized rows are sent to the
+server for their top-k log-probs) or cached (``cache-teacher`` in the teacher's tokens: the
+rows come from the cache and are re-tokenized for the student by :func:`student_rows`, the
+batch carrying the teacher's tokens and top-k as ``Batch.teacher_rows``). A top-k teacher is
+made dense over its vocabulary by :func:`divergent.functional.topk.topk_to_dense_logprobs`
+(the tail mass spread uniformly; exact at k = V). :meth:`CrossTokenizerObjective.teacher_side`
+is the one place that tells these apart.
 """
 
 from __future__ import annotations
@@ -31,9 +40,14 @@ from divergent.functional.cross_tokenizer import (
     gold_sequence_loss,
     uld_sequence_loss,
 )
+from divergent.functional.topk import TopK, topk_to_dense_logprobs
 
 __all__ = ["MODES", "check_mode", "check_settings", "check_trainer_settings", "check_same", "objective", "teacher_batch",
-           "answer_byte_offsets", "decoded_byte_offsets", "gold_options", "CrossTokenizerObjective"]
+           "answer_byte_offsets", "decoded_byte_offsets", "gold_options", "student_rows", "cache_tokenizer", "TOKENIZER_DIR",
+           "CrossTokenizerObjective"]
+
+# Where cache-teacher saves the teacher's tokenizer in a cache folder (to read its rows as text).
+TOKENIZER_DIR = "teacher-tokenizer"
 
 # How the two tokenizations are compared; "" = not at all (one shared tokenizer required).
 MODES = ("uld", "gold")
@@ -57,11 +71,17 @@ _HINT = ("give --cross-tokenizer uld or gold (cross_tokenizer='uld' or 'gold' in
 
 def check_settings(config: Any) -> None:
     """What a run with ``config.cross_tokenizer`` set needs (distill-lm's DistillLMConfig); raises naming the setting."""
+    from divergent.models.served import is_served
+
     mode = config.cross_tokenizer
-    if not (config.teacher and config.student) or getattr(config, "teacher_cache", ""):
-        raise ValueError(f"cross_tokenizer={mode!r} needs --teacher PATH and --student PATH (local Hugging Face "
-                         f"folders, each with its tokenizer); a teacher cache holds the teacher's top-k in its own "
-                         f"tokens, which cannot be realigned, and the default teacher shares the student's bytes")
+    if not config.student or not (config.teacher or getattr(config, "teacher_cache", "")):
+        raise ValueError(f"cross_tokenizer={mode!r} needs --student PATH and a teacher with its own tokenizer: "
+                         f"--teacher PATH (a local folder with its tokenizer), --teacher http://HOST:PORT/v1 with "
+                         f"--teacher-tokenizer PATH, or --teacher-cache DIR; the default teacher shares the "
+                         f"student's bytes")
+    if is_served(config.teacher) and not config.teacher_tokenizer:
+        raise ValueError(f"cross_tokenizer={mode!r} with a served teacher needs --teacher-tokenizer PATH: a local copy "
+                         f"of the served model's tokenizer (the student's is another one)")
     if len(config.divergences) != 1:
         what = ("with ULD, which replaces the divergence; give no --divergences" if mode == "uld" else
                 "that uses one divergence on the shared vocabulary; give one with -d")
@@ -75,9 +95,6 @@ def check_settings(config: Any) -> None:
 def check_trainer_settings(args: Any) -> None:
     """What ``DistillationConfig(cross_tokenizer=...)`` needs; raises naming the setting."""
     mode = args.cross_tokenizer
-    if args.teacher_cache is not None:
-        raise ValueError(f"cross_tokenizer={mode!r} needs the teacher model: a teacher cache holds its top-k in its "
-                         f"own tokens, which cannot be realigned; set teacher_cache=None")
     if args.on_policy_fraction + args.seq_kd_fraction > 0:
         raise ValueError(f"cross_tokenizer={mode!r} trains on the data's text only: set on_policy_fraction and "
                          f"seq_kd_fraction to 0")
@@ -121,11 +138,63 @@ def check_same(student_tokenizer: Any, teacher_tokenizer: Any, check_same_tokeni
         raise ValueError(message if _HINT in message else f"{message}; {_HINT}") from None
 
 
-def objective(config: Any, student_tokenizer: Any, teacher_tokenizer: Any) -> CrossTokenizerObjective:
-    """The objective of a distilled row of ``config`` (its temperature and weights)."""
+def objective(config: Any, student_tokenizer: Any, teacher_tokenizer: Any, *, served: Any = None) -> CrossTokenizerObjective:
+    """The objective of a distilled row of ``config`` (its temperature and weights; with ``served``, its top-k)."""
     return CrossTokenizerObjective(config.cross_tokenizer, student_tokenizer, teacher_tokenizer,
                                    temperature=config.temperature, hard_weight=config.hard_weight,
-                                   soft_weight=config.soft_weight, gold=gold_options(config))
+                                   soft_weight=config.soft_weight, gold=gold_options(config), served=served,
+                                   top_k=getattr(config, "teacher_top_k", 20))
+
+
+def cache_tokenizer(cache: Any, given: Any = "") -> Any:
+    """The tokenizer a teacher cache was written with: ``given`` (a path or tokenizer), else the cache's own copy.
+
+    Either is checked against the fingerprint in the cache's index; a difference is a
+    ValueError naming both.
+    """
+    from divergent.models.hf import load_tokenizer, tokenizer_fingerprint
+
+    where = cache.directory / TOKENIZER_DIR
+    if cache.tokenizer in ("", "bytes"):
+        raise ValueError(f"the teacher cache {cache.directory} was written by a byte-level teacher; cross-tokenizer "
+                         f"distillation needs the teacher's tokenizer (write the cache from a model with one)")
+    if given is None or given == "":
+        if not where.is_dir():
+            raise ValueError(f"the teacher cache {cache.directory} holds no copy of its tokenizer ({where}); give "
+                             f"--teacher-tokenizer PATH (the tokenizer it was written with)")
+        given, what = str(where), f"the teacher cache's {TOKENIZER_DIR}"
+    else:
+        what = "--teacher-tokenizer"
+    tokenizer = load_tokenizer(given, what) if isinstance(given, str) or hasattr(given, "__fspath__") else given
+    if tokenizer is None:
+        raise ValueError(f"{what} {given} holds no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if tokenizer_fingerprint(tokenizer) != cache.tokenizer:
+        raise ValueError(f"the teacher cache {cache.directory} was written with another tokenizer than {what} "
+                         f"{given if isinstance(given, str) else type(given).__name__}: its token ids would be read as "
+                         f"other strings; give the tokenizer the cache was written with")
+    return tokenizer
+
+
+def student_rows(examples: list[dict[str, Any]], teacher_tokenizer: Any, student_tokenizer: Any) -> list[dict[str, Any]]:
+    """A teacher cache's rows (the teacher's tokens and top-k) as the student's examples.
+
+    Each row is re-tokenized the other way round from :func:`teacher_batch` (prompt and answer
+    decoded by the teacher's tokenizer, encoded by the student's, the answer's EOS kept); the
+    teacher's tokens, labels and cached top-k ride along as ``teacher_row`` (collated into
+    ``Batch.teacher_rows``). Rows with nothing left in the student's tokens are dropped.
+    """
+    out = []
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]])
+        s_ids, s_mask, s_labels = teacher_batch(ids, None, torch.tensor([example["labels"]]), teacher_tokenizer,
+                                                student_tokenizer)
+        n = int(s_mask.sum())
+        if n == 0:
+            continue
+        out.append({"input_ids": s_ids[0, :n].tolist(), "labels": s_labels[0, :n].tolist(),
+                    "teacher_row": {key: example[key] for key in
+                                    ("input_ids", "labels", "teacher_indices", "teacher_logprobs")}})
+    return out
 
 
 def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
@@ -248,19 +317,27 @@ class CrossTokenizerObjective:
     tokens, the ULD over the aligned answer positions (``uld_sequence_loss(...,
     reduction="sum")``), both divided by ``n`` (the step's counted tokens), so gradient
     accumulation gives the same step as one large batch. No T² factor (ULD is an L1
-    distance, not a KL); the temperature divides both models' logits. ``"gold"``:
+    distance, not a KL); the temperature divides both models' logits (for a top-k teacher:
+    its densified log-probs, tempered as logits). ``"gold"``:
     ``gold_sequence_loss(..., reduction="sum")`` (the sum over aligned groups) instead, with
     ``gold`` its settings (:func:`gold_options`: divergence, divergence_params, strategy,
     matched_weight, unmatched_weight).
+
+    ``served``: a :class:`divergent.models.served.ServedTeacher` asked for ``top_k`` log-probs
+    of each step's re-tokenized rows (no teacher model then). ``teacher_vocab_size``: the
+    vocabulary a served or cached top-k is densified over (default: the teacher tokenizer's size).
     """
 
     def __init__(self, mode: str, student_tokenizer: Any, teacher_tokenizer: Any, *, temperature: float = 1.0,
-                 hard_weight: float = 0.0, soft_weight: float = 1.0, gold: dict[str, Any] | None = None) -> None:
+                 hard_weight: float = 0.0, soft_weight: float = 1.0, gold: dict[str, Any] | None = None,
+                 served: Any = None, top_k: int = 20, teacher_vocab_size: int | None = None) -> None:
         if check_mode(mode) == "":
             raise ValueError("CrossTokenizerObjective needs a mode: one of " + ", ".join(MODES))
         if student_tokenizer is None or teacher_tokenizer is None:
             raise ValueError("cross-tokenizer distillation needs both tokenizers (the student's and the teacher's); "
                              "a byte-level model without a tokenizer is not supported here")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive int (log-probs per token asked of a served teacher), got {top_k!r}")
         self.mode = mode
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.temperature = float(temperature)
@@ -279,10 +356,40 @@ class CrossTokenizerObjective:
                                 self.gold.get("strategy", "observed"), self.gold.get("matched_weight"),
                                 self.gold.get("unmatched_weight"))
             self.match = VocabularyMatch.from_tokenizers(student_tokenizer, teacher_tokenizer)
+        self.served = served
+        self.teacher_vocab_size = int(teacher_vocab_size or len(teacher_tokenizer))
+        self.top_k = min(top_k, self.teacher_vocab_size)
 
     @property
     def needs_teacher(self) -> bool:
         return self.soft_weight > 0
+
+    def teacher_side(self, batch: Any, teacher: nn.Module | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch as the teacher sees it: ``(t_ids, t_mask, t_labels, teacher_logits [B, Lt, Vt])``.
+
+        Local ``teacher``: the rows re-tokenized (:func:`teacher_batch`) and its logits. Served
+        (``self.served``): the same rows, the server's top-k densified. Cached
+        (``batch.teacher_rows``): the cache's tokens and its top-k densified. The dense top-k
+        are log-probs (a softmax of them gives the densified distribution back), no gradient.
+        """
+        rows = getattr(batch, "teacher_rows", None)
+        if rows is not None:
+            t_ids, t_mask, t_labels = rows["input_ids"], rows["attention_mask"], rows["labels"]
+            top = TopK(rows["teacher_indices"], rows["teacher_logprobs"])
+            return t_ids, t_mask, t_labels, topk_to_dense_logprobs(top, self.teacher_vocab_size).to(t_ids.device)
+        t_ids, t_mask, t_labels = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels,
+                                                self.student_tokenizer, self.teacher_tokenizer)
+        if self.served is not None:
+            indices, logprobs, _ = self.served.served_topk(t_ids.cpu(), t_mask.cpu(), k=self.top_k,
+                                                           vocab_size=self.teacher_vocab_size)
+            dense = topk_to_dense_logprobs(TopK(indices, logprobs), self.teacher_vocab_size)
+            return t_ids, t_mask, t_labels, dense.to(t_ids.device)
+        if teacher is None:
+            raise ValueError(f"soft_weight={self.soft_weight} needs a teacher for cross-tokenizer distillation: "
+                             f"a teacher model, a served teacher or a teacher cache in the teacher's tokens")
+        with torch.no_grad():
+            return t_ids, t_mask, t_labels, _logits(teacher, t_ids, t_mask)
 
     def __call__(self, model: nn.Module, student: nn.Module, batch: Any, *, teacher: nn.Module | None = None,
                  normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -295,10 +402,7 @@ class CrossTokenizerObjective:
                 student_logits[:, :-1].reshape(-1, student_logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum") / n
         if self.needs_teacher:
-            if teacher is None:
-                raise ValueError(f"soft_weight={self.soft_weight} needs a teacher model for cross-tokenizer "
-                                 f"distillation (a teacher cache holds the teacher's tokens, not the text)")
-            t_ids, t_mask, t_labels, teacher_logits = self.teacher_side(teacher, batch)
+            t_ids, t_mask, t_labels, teacher_logits = self.teacher_side(batch, teacher)
             if self.mode == "gold":
                 soft = gold_sequence_loss(
                     student_logits, teacher_logits, batch.labels, t_labels, batch.input_ids, t_ids,
@@ -311,15 +415,3 @@ class CrossTokenizerObjective:
                                          reduction="sum")
             loss = loss + self.soft_weight * soft / n
         return loss
-
-    def teacher_side(self, teacher: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
-        """``(t_ids, t_mask, t_labels, teacher_logits)``: the batch in the teacher's tokens and its logits.
-
-        ``teacher_logits`` is dense, ``[B, Lt, Vt]``. The one place the teacher is read: another
-        kind of teacher (cached, served) gives the same four.
-        """
-        t_ids, t_mask, t_labels = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels,
-                                                self.student_tokenizer, self.teacher_tokenizer)
-        with torch.no_grad():
-            teacher_logits = _logits(teacher, t_ids, t_mask)
-        return t_ids, t_mask, t_labels, teacher_logits

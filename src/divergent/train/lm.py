@@ -205,7 +205,10 @@ class Batch:
     """``input_ids``/``attention_mask``/``labels`` ``[B, T]`` (HF convention) and an optional cached teacher.
 
     ``teacher_indices``/``teacher_logprobs`` ``[B, T, k]``: a cached top-k teacher at every
-    position (what the teacher predicts for the next token).
+    position (what the teacher predicts for the next token). ``teacher_rows``: a cached
+    teacher with another tokenizer (:mod:`divergent.train.cross_tokenizer`): the same rows in
+    the teacher's tokens, ``input_ids``/``attention_mask``/``labels`` ``[B, Tt]`` and its
+    ``teacher_indices``/``teacher_logprobs`` ``[B, Tt, k]``.
     """
 
     input_ids: torch.Tensor
@@ -213,27 +216,28 @@ class Batch:
     labels: torch.Tensor
     teacher_indices: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
+    teacher_rows: dict[str, torch.Tensor] | None = None
+
+    def _map(self, change) -> Batch:
+        rows = None if self.teacher_rows is None else {key: change(t) for key, t in self.teacher_rows.items()}
+        return Batch(*(None if t is None else change(t) for t in (self.input_ids, self.attention_mask, self.labels,
+                                                                  self.teacher_indices, self.teacher_logprobs)), rows)
 
     def rows(self, start: int, end: int) -> Batch:
-        def cut(t):
-            return None if t is None else t[start:end]
-
-        return Batch(self.input_ids[start:end], self.attention_mask[start:end], self.labels[start:end],
-                     cut(self.teacher_indices), cut(self.teacher_logprobs))
+        return self._map(lambda t: t[start:end])
 
     def to(self, device: torch.device | str) -> Batch:
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return Batch(*(move(getattr(self, name)) for name in
-                       ("input_ids", "attention_mask", "labels", "teacher_indices", "teacher_logprobs")))
+        return self._map(lambda t: t.to(device))
 
     @classmethod
     def from_examples(cls, examples: Sequence[Example], pad_token_id: int = 0) -> Batch:
         cached = "teacher_indices" in examples[0]
         data = collate(examples, pad_token_id, extra=("teacher_indices", "teacher_logprobs") if cached else ())
+        rows = None
+        if "teacher_row" in examples[0]:  # the teacher's own tokens (cross-tokenizer, cached teacher)
+            rows = collate([e["teacher_row"] for e in examples], 0, extra=("teacher_indices", "teacher_logprobs"))
         return cls(data["input_ids"], data["attention_mask"], data["labels"],
-                   data.get("teacher_indices"), data.get("teacher_logprobs"))
+                   data.get("teacher_indices"), data.get("teacher_logprobs"), rows)
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
