@@ -315,3 +315,52 @@ def test_an_interrupted_served_run_resumes_to_the_uninterrupted_result(models, s
         assert rows[label]["loss"] == pytest.approx(want[label]["loss"], rel=1e-6), label
         assert [h.get("loss") for h in rows[label]["history"]] == pytest.approx(
             [h.get("loss") for h in want[label]["history"]], rel=1e-6)
+
+
+# -- GOLD from the same served and cached teachers --------------------------------------------------
+
+
+def test_gold_from_served_and_cached_teachers_gives_the_local_loss(models, tmp_path):
+    """GOLD reads the teacher through the same teacher_side: at k = V the served and the cached teacher give the
+    local teacher's loss; at k = 8 the uniform tail changes it, but it stays finite and positive."""
+    from divergent.models.served import ServedTeacher
+    from divergent.train.cross_tokenizer import CrossTokenizerObjective, student_rows
+    from divergent.train.lm import Batch
+
+    s_tok, t_tok, student, teacher = models["student_tok"], models["teacher_tok"], models["student"], models["teacher"]
+    gold = {"divergence": "forward_kl", "strategy": "bayesian"}
+    batch = _student_batch(s_tok)
+    n = float((batch.labels[:, 1:] != -100).sum())
+    local = CrossTokenizerObjective("gold", s_tok, t_tok, gold=gold)(student, student, batch, teacher=teacher,
+                                                                      normalizer=n)
+    assert float(local.detach()) > 0
+    with Server(ServedModel(teacher, t_tok, max_logprobs=V_TEACHER)) as url, ServedTeacher(url, t_tok, retries=0) as served:
+        full = CrossTokenizerObjective("gold", s_tok, t_tok, gold=gold, served=served, top_k=V_TEACHER)
+        torch.testing.assert_close(full(student, student, batch, normalizer=n), local, rtol=1e-5, atol=1e-6)
+        small = CrossTokenizerObjective("gold", s_tok, t_tok, gold=gold, served=served, top_k=8)
+        got = float(small(student, student, batch, normalizer=n).detach())
+        assert np.isfinite(got) and got > 0 and abs(got - float(local.detach())) > 1e-6
+    cache = _cache(models, tmp_path, V_TEACHER)
+    cached_batch = Batch.from_examples(student_rows(cache.examples(), t_tok, s_tok), s_tok.pad_token_id)
+    objective = CrossTokenizerObjective("gold", s_tok, t_tok, gold=gold)
+    plain = Batch(cached_batch.input_ids, cached_batch.attention_mask, cached_batch.labels)
+    n = float((plain.labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(objective(student, student, cached_batch, normalizer=n),
+                               objective(student, student, plain, teacher=teacher, normalizer=n), rtol=1e-5, atol=1e-6)
+
+
+def test_cache_teacher_then_distill_lm_with_gold(models, tmp_path):
+    data = H.write_jsonl(tmp_path / "pc.jsonl", H.prompt_completion_rows(16))
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["cache-teacher", "--teacher", str(models["root"] / "teacher"), "--data", str(data),
+                                 "--k", "16", "-o", str(cache), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["distill-lm", "--teacher-cache", str(cache), "--student", str(models["root"] / "student"),
+                                 "--cross-tokenizer", "gold", "-d", "forward_kl", "--set", "gold_strategy=bayesian",
+                                 "--batch-size", "4", "--threads", "1", "--set", "evaluations=1", "--steps", "8",
+                                 "--lr", "1e-2", "-o", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "runs").iterdir())
+    results = json.loads((run / "results.json").read_text())
+    assert {(r["label"], r["status"]) for r in results["rows"]} == {("scratch", "finished"), ("gold", "finished")}
+    assert (run / "runs" / "gold" / "model" / "config.json").is_file()
