@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import lm_helpers as H  # noqa: E402
 
 from divergent.cli import app  # noqa: E402
-from divergent.models.hf import output_layer_input  # noqa: E402
+from divergent.models.hf import teacher_side  # noqa: E402
 from divergent.models.mixture import TeacherMixture  # noqa: E402
 from divergent.train.lm import Batch, LMObjective  # noqa: E402
 
@@ -44,8 +44,8 @@ def test_mixture_logits_give_the_hand_mixture_of_tempered_teachers(tiny, tempera
     mixture = TeacherMixture([a, b], [7, 3], temperature=temperature).eval()  # normalised to 0.7, 0.3
     assert mixture.weights == pytest.approx([0.7, 0.3])
     with torch.no_grad():
-        hidden, weight = output_layer_input(mixture, ids)  # what the objective reads
-        logits = hidden @ weight.T
+        hidden, logits = teacher_side(mixture, ids)  # what the objective reads
+    assert hidden is None  # the mixture gives its logits
     # the losses temper the teacher: softmax(logits / T) must be the mixture itself
     ours = torch.softmax(logits.double() / temperature, -1)
     expected = _hand_mixture([a, b], [0.7, 0.3], ids, temperature)

@@ -355,9 +355,9 @@ def _load_examples(settings: LMDataSettings, tokenizer: Any) -> tuple[list[dict]
 
 
 def _model_vocab(model: torch.nn.Module) -> int:
-    from divergent.models.hf import output_layer
+    from divergent.models.hf import output_vocab
 
-    return int(output_layer(model).weight.shape[0])
+    return output_vocab(model)
 
 
 def _resolve_vocab(config_vocab: int | None, student: torch.nn.Module, teacher_vocab: int | None, tokenizer: Any) -> int | None:

@@ -61,7 +61,7 @@ from divergent.functional.topk import TopK
 from divergent.functional.fused_linear import default_chunk_size
 from divergent.losses.linear import LinearDistillationLoss
 from divergent.losses.modules import DistillationLoss
-from divergent.models.hf import check_plain_output_layer, is_hf_model, output_layer_input, replace_output
+from divergent.models.hf import check_plain_output_layer, gives_logits, is_hf_model, replace_output, teacher_side
 from divergent.train import distributed
 from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
 from divergent.train.run import NonFiniteLossError, check_finite
@@ -381,10 +381,13 @@ class LMObjective:
                                       batch.teacher_logprobs[:, :-1].reshape(-1, k).float())
             elif teacher is not None:
                 with torch.no_grad():
-                    hidden, teacher_weight = _as_autocast(*output_layer_input(teacher, batch.input_ids,
-                                                                              batch.attention_mask))
-                teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                teacher_weight = teacher_weight.detach()
+                    hidden, teacher_weight = teacher_side(teacher, batch.input_ids, batch.attention_mask)
+                if hidden is None:  # a teacher that gives its logits [B, T, V]
+                    teacher_weight = teacher_weight[:, :-1].reshape(-1, teacher_weight.shape[-1]).detach()
+                else:
+                    hidden, teacher_weight = _as_autocast(hidden, teacher_weight)
+                    teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                    teacher_weight = teacher_weight.detach()
             else:
                 raise ValueError(
                     f"soft_weight={self.soft_weight} needs a teacher: pass a teacher model or batches with a "
@@ -409,7 +412,8 @@ class LMObjective:
             if isinstance(teacher_weight, TopK):
                 teacher_logits = teacher_weight
             else:
-                teacher_logits = (teacher_input @ teacher_weight.T)[:, :vocab]
+                dense = teacher_weight if teacher_input is None else teacher_input @ teacher_weight.T
+                teacher_logits = dense[:, :vocab]
                 if teacher_logits.shape[-1] != student_logits.shape[-1]:
                     raise ValueError(
                         f"student vocabulary ({student_logits.shape[-1]}) and teacher vocabulary "
@@ -614,7 +618,8 @@ class LMTrainer:
         self.student = student.to(self.device).train()
         self.teacher = None
         if teacher is not None and (self.objective.needs_teacher or config.seq_kd_fraction > 0):
-            check_plain_output_layer(teacher)
+            if not gives_logits(teacher):
+                check_plain_output_layer(teacher)
             self.teacher = teacher.to(self.device).eval()
             for parameter in self.teacher.parameters():
                 parameter.requires_grad_(False)
@@ -877,10 +882,12 @@ def evaluate_lm(
             counted = targets != -100
             teacher_logits = None
             if teacher is not None:
-                hidden, weight = output_layer_input(teacher, batch.input_ids, batch.attention_mask)
-                teacher_logits = (hidden[:, :-1][counted] @ weight.T).float()
-            model_hidden, model_weight = output_layer_input(model, batch.input_ids, batch.attention_mask)
-            logits = (model_hidden[:, :-1][counted] @ model_weight.T).float()
+                hidden, weight = teacher_side(teacher, batch.input_ids, batch.attention_mask)
+                teacher_logits = (weight[:, :-1][counted] if hidden is None
+                                  else hidden[:, :-1][counted] @ weight.T).float()
+            model_hidden, model_weight = teacher_side(model, batch.input_ids, batch.attention_mask)
+            logits = (model_weight[:, :-1][counted] if model_hidden is None
+                      else model_hidden[:, :-1][counted] @ model_weight.T).float()
             vocab = vocab_size or logits.shape[-1]
             logits = logits[:, :vocab]
             y = targets[counted]
