@@ -328,10 +328,16 @@ def output_vocab(model: nn.Module) -> int:
 
 def teacher_side(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    domains: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The teacher as the fused loss takes it: ``(hidden [B, T, H], weight [V, H])`` of its output
-    layer, or ``(None, logits [B, T, V])`` for a model that gives its logits (:func:`gives_logits`)."""
+    layer, or ``(None, logits [B, T, V])`` for a model that gives its logits (:func:`gives_logits`).
+
+    ``domains`` ``[B]``: each row's domain, passed to a model that takes it (``takes_domains``,
+    :class:`divergent.models.domain_teachers.DomainTeachers`)."""
     if gives_logits(model):
+        if getattr(model, "takes_domains", False):
+            return None, model.teacher_logits(input_ids, attention_mask, domains)
         return None, model.teacher_logits(input_ids, attention_mask)
     return output_layer_input(model, input_ids, attention_mask)
 
