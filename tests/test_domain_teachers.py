@@ -20,6 +20,7 @@ from divergent.models.gpt import GPTConfig, TinyGPT  # noqa: E402
 from divergent.train.ddk import DomainMixingTrainer  # noqa: E402
 from divergent.train.lm import Batch, LMDistillConfig, LMObjective, evaluate_lm  # noqa: E402
 from divergent.train.run import Checkpointer, RunInterrupted, current_interrupt, drive  # noqa: E402
+from signal_helpers import ctrl_c_in_drive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,30 @@ def test_distillation_trainer_takes_a_teacher_per_domain(tmp_path, tiny):
         DistillationTrainer(model=copy.deepcopy(student).float(), teacher_model={"parity": a},
                             args=DistillationConfig(output_dir=str(tmp_path / "o2"), use_cpu=True, report_to=[]),
                             train_dataset=_task_rows(), processing_class=tok)
+
+
+def test_cli_run_interrupted_then_resumed_equals_the_uninterrupted_run(tmp_path, tiny, monkeypatch):
+    from divergent.experiments import lm as experiment
+
+    tok, a, b, student = tiny
+    _save(tmp_path, tok, a=copy.deepcopy(a), b=copy.deepcopy(b), student=copy.deepcopy(student))
+    data = H.write_jsonl(tmp_path / "tasks.jsonl", _task_rows())
+    args = ["--teacher", f"parity={tmp_path / 'a'}", "--teacher", f"sums={tmp_path / 'b'}", "--student",
+            str(tmp_path / "student"), "--data", str(data), "--domain-column", "task", "--ddk-interval", "2",
+            "--steps", "5", "--batch-size", "4", "--max-length", "30", "--threads", "1",
+            "--set", "include_scratch=false", "--set", "checkpoint_every=2"]
+    reference = CliRunner().invoke(app, ["distill-lm", *args, "-o", str(tmp_path / "reference")])
+    assert reference.exit_code == 0, reference.output
+    ctrl_c_in_drive(monkeypatch, experiment, 3)
+    first = CliRunner().invoke(app, ["distill-lm", *args, "-o", str(tmp_path / "runs")])
+    assert first.exit_code == 130, first.output
+    monkeypatch.undo()
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("distill-lm-")]
+    resumed = CliRunner().invoke(app, ["distill-lm", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    got = json.loads((run_dir / "results.json").read_text())["rows"][0]
+    (ref_dir,) = [p for p in (tmp_path / "reference").iterdir() if p.name.startswith("distill-lm-")]
+    want = json.loads((ref_dir / "results.json").read_text())["rows"][0]
+    assert [h["weights"] for h in got["domains"]["history"]] == [h["weights"] for h in want["domains"]["history"]]
+    assert got["domains"]["after"] == pytest.approx(want["domains"]["after"], rel=1e-9)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
