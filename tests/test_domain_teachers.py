@@ -5,6 +5,7 @@ the gradient): sum over rows b and counted positions t of T^2 * KL(p_{teacher(do
 the normaliser given (the step's global count), never through the code under test."""
 
 import copy
+import csv
 import json
 
 import pytest
@@ -179,6 +180,9 @@ def test_cli_distils_each_domain_from_its_teacher(tmp_path, tiny, mixing):
     report = (run_dir / "report.md").read_text()
     assert f"sums = {tmp_path / 'b'}" in report and f"parity = {tmp_path / 'a'}" in report
     assert row["domains"]["names"] == ["parity", "sums"]
+    with open(run_dir / "domains.csv") as handle:
+        assert {(r["domain"], r["teacher"]) for r in csv.DictReader(handle)} == {
+            ("parity", str(tmp_path / "a")), ("sums", str(tmp_path / "b"))}
     # each domain's teacher perplexity is its own teacher's: with teacher a for both domains,
     # parity's is unchanged and sums' is another
     _, same = _cli_run(tmp_path, "same", mixing, "a", "a")
@@ -263,3 +267,11 @@ def test_cli_run_interrupted_then_resumed_equals_the_uninterrupted_run(tmp_path,
     assert [h["weights"] for h in got["domains"]["history"]] == [h["weights"] for h in want["domains"]["history"]]
     assert got["domains"]["after"] == pytest.approx(want["domains"]["after"], rel=1e-9)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-9)
+
+
+def test_sequence_level_kd_from_teachers_that_only_give_logits_is_refused():
+    teachers = DomainTeachers({"a": _gpt(1), "b": _gpt(2)}, ["a", "b"])
+    with pytest.raises(ValueError, match="seq_kd_fraction=0.5 needs a teacher that generates"):
+        DomainMixingTrainer(_gpt(0), teachers, {"a": _rows(3, 20, 4, 0), "b": _rows(20, 48, 4, 1)},
+                            {"a": _rows(3, 20, 2, 2), "b": _rows(20, 48, 2, 3)},
+                            LMDistillConfig(steps=2, batch_size=2, seq_kd_fraction=0.5), mixing="uniform")

@@ -457,7 +457,7 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
     if by_domain:
         from divergent.models.domain_teachers import DomainTeachers
 
-        teacher = DomainTeachers(by_domain, domains.data.names)
+        teacher, domains.teachers = DomainTeachers(by_domain, domains.data.names), paths
     elif teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
     teacher = teacher.to(device).eval()  # evaluated before any student trains

@@ -641,6 +641,9 @@ class LMTrainer:
         self.student = student.to(self.device).train()
         self.teacher = None
         if teacher is not None and (self.objective.needs_teacher or config.seq_kd_fraction > 0):
+            if gives_logits(teacher) and config.seq_kd_fraction > 0:
+                raise ValueError(f"seq_kd_fraction={config.seq_kd_fraction} needs a teacher that generates; the "
+                                 f"{type(teacher).__name__} teacher gives logits only (set seq_kd_fraction=0)")
             if not gives_logits(teacher):
                 check_plain_output_layer(teacher)
             self.teacher = teacher.to(self.device).eval()
