@@ -141,3 +141,23 @@ def test_distillation_trainer_with_two_teacher_folders_trains(tmp_path, tiny):
                             args=DistillationConfig(output_dir=str(tmp_path / "o2"), use_cpu=True, report_to=[],
                                                     teacher_weights=[1, 2]),
                             train_dataset=H.prompt_completion_rows(8), processing_class=tok)
+
+
+def test_a_comparison_with_generations_runs_with_a_mixture_that_does_not_generate(tmp_path, tiny):
+    """--seeds with generation prompts: the students generate; the mixture (logits only) has no generation metrics."""
+    import json
+
+    tok, a, b, student = tiny
+    for name, model in (("a", a), ("b", b), ("student", student)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = H.write_jsonl(tmp_path / "rows.jsonl", H.prompt_completion_rows(12))
+    result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"),
+                   "--student", str(tmp_path / "student"), "--data", str(data), "--seeds", "0,1", "-d", "forward_kl",
+                   "--steps", "1", "--batch-size", "4", "--threads", "1", "--set", "generation_prompts=2",
+                   "-o", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("distill-lm-")]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["teacher"].get("rouge_l") is None
+    assert [r["rouge_l"] is not None for r in results["runs"]] == [True] * 4  # 2 rows x 2 seeds generated
