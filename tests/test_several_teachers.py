@@ -81,11 +81,16 @@ def _run(args):
     return CliRunner().invoke(app, args)
 
 
-def test_cli_distils_from_two_teacher_folders(tmp_path, tiny):
-    tok, a, b, student = tiny
+def _save_three(tmp_path, tok, a, b, student):
+    """Folders a, b and student, each with the tokenizer."""
     for name, model in (("a", a), ("b", b), ("student", student)):
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
+
+
+def test_cli_distils_from_two_teacher_folders(tmp_path, tiny):
+    tok, a, b, student = tiny
+    _save_three(tmp_path, tok, a, b, student)
     data = H.write_jsonl(tmp_path / "rows.jsonl", H.chat_rows(12))
     result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"),
                    "--teacher-weights", "0.7,0.3", "--student", str(tmp_path / "student"), "--data", str(data),
@@ -148,14 +153,12 @@ def test_a_comparison_with_generations_runs_with_a_mixture_that_does_not_generat
     import json
 
     tok, a, b, student = tiny
-    for name, model in (("a", a), ("b", b), ("student", student)):
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    _save_three(tmp_path, tok, a, b, student)
     data = H.write_jsonl(tmp_path / "rows.jsonl", H.prompt_completion_rows(12))
-    result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"),
-                   "--student", str(tmp_path / "student"), "--data", str(data), "--seeds", "0,1", "-d", "forward_kl",
-                   "--steps", "1", "--batch-size", "4", "--threads", "1", "--set", "generation_prompts=2",
-                   "-o", str(tmp_path / "runs")])
+    result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"), "--seeds",
+                   "0,1", "-d", "forward_kl", "--student", str(tmp_path / "student"), "--data", str(data), "--steps",
+                   "1", "--batch-size", "4", "--threads", "1", "--set", "generation_prompts=2", "-o",
+                   str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("distill-lm-")]
     results = json.loads((run_dir / "results.json").read_text())
