@@ -6,6 +6,7 @@ the normaliser given (the step's global count), never through the code under tes
 
 import copy
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -119,11 +120,11 @@ def _rows(low, high, n, seed):
             for _ in range(n)]
 
 
-def _trainer(mixing="uniform", steps=8):
+def _trainer(mixing="uniform", steps=8, **overrides):
     train = {"a": _rows(3, 20, 12, 0), "b": _rows(20, 48, 12, 1)}
     evaluation = {"a": _rows(3, 20, 3, 2), "b": _rows(20, 48, 3, 3)}
     teachers = DomainTeachers({"a": _gpt(1, 48, 5.0), "b": _gpt(2, 48, -5.0)}, ["a", "b"])
-    config = LMDistillConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, log_every=1, seed=2)
+    config = LMDistillConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, log_every=1, seed=2, **overrides)
     return DomainMixingTrainer(_gpt(0), teachers, train, evaluation, config, mixing=mixing, interval=3,
                                teacher_ppl=(3.0, 5.0), eval_batch_size=3)
 
@@ -230,9 +231,14 @@ def test_distillation_trainer_takes_a_teacher_per_domain(tmp_path, tiny):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    # each evaluation row's loss against its own domain's teacher
-    batch = trainer.data_collator(trainer.eval_dataset.examples[:4])
-    assert "domain_index" in batch
+    assert "domain_index" in trainer.data_collator(trainer.eval_dataset.examples[:4])
+    # on-policy steps: the student's continuations keep their rows' domains
+    on_policy = DistillationTrainer(model=copy.deepcopy(student).float(), teacher_model={"parity": a, "sums": b},
+                                    args=dataclasses.replace(args, output_dir=str(tmp_path / "op"),
+                                                             on_policy_fraction=1.0, max_new_tokens=4),
+                                    train_dataset=_task_rows(), processing_class=tok)
+    on_policy.train()
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in on_policy.state.log_history if "loss" in h])))
     with pytest.raises(ValueError, match="'prse', which the data does not have"):
         DistillationTrainer(model=copy.deepcopy(student).float(), teacher_model={"parity": a, "prse": b}, args=args,
                             train_dataset=_task_rows(), processing_class=tok)
@@ -275,3 +281,12 @@ def test_sequence_level_kd_from_teachers_that_only_give_logits_is_refused():
         DomainMixingTrainer(_gpt(0), teachers, {"a": _rows(3, 20, 4, 0), "b": _rows(20, 48, 4, 1)},
                             {"a": _rows(3, 20, 2, 2), "b": _rows(20, 48, 2, 3)},
                             LMDistillConfig(steps=2, batch_size=2, seq_kd_fraction=0.5), mixing="uniform")
+
+
+
+def test_on_policy_steps_keep_each_rows_domain_in_the_lm_trainer():
+    """Every step on the student's own continuations: each generated row is still scored by its domain's teacher
+    (a row without its domain would be refused by DomainTeachers)."""
+    trainer = _trainer(steps=2, on_policy_fraction=1.0, max_new_tokens=4)
+    drive(trainer)
+    assert len(trainer.history) == 2 and all(torch.isfinite(torch.tensor([h["loss"] for h in trainer.history])))

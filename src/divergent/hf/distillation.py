@@ -458,7 +458,8 @@ class DistillationTrainer(transformers.Trainer):
                         source, self._batch(inputs), max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                         temperature=args.generation_temperature, generator=generator, pad_token_id=self.pad_token_id,
                         eos_token_id=self.eos_token_id, device=args.device)
-                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
+                          **({} if batch.domains is None else {"domain_index": batch.domains})}
                 # The step's token count was taken before generation: this micro-batch is
                 # normalised by its own count (and the Trainer divides by the accumulation steps).
                 num_items_in_batch = None
