@@ -27,7 +27,10 @@ One optimisation step of :class:`LMTrainer`:
    from the output layer's input and weight, by ``LinearDistillationLoss`` (output
    layer fused, chunked over tokens; default) or ``DistillationLoss`` on full logits
    (``fused=False``). The teacher side is the teacher's output-layer input and
-   weight (no grad) or a cached top-k teacher (``dv.TopK``).
+   weight (no grad), the logits of a teacher that gives them (a mixture of teachers,
+   :func:`divergent.models.hf.gives_logits`), or a cached top-k teacher (``dv.TopK``); with
+   one teacher per domain (:class:`divergent.models.domain_teachers.DomainTeachers`) each
+   domain's rows of the batch against their own teacher, summed under the one ``n``.
 4. Stop with :class:`~divergent.train.run.NonFiniteLossError` (before any update)
    on a non-finite loss or gradient; clip; AdamW/SGD step; linear warm-up then
    cosine (or constant) learning rate.
@@ -319,7 +322,8 @@ class LMObjective:
     with ``s_t`` the student's logits at position ``t``, ``y_{t+1} = labels[t + 1]`` (tokens
     whose label is -100 do not count) and ``D_t`` the divergence between the tempered
     teacher and student distributions at ``t``. The teacher is ``teacher`` (a causal LM,
-    run without grad) or the batch's cached top-k. ``n`` is ``normalizer`` — the step's
+    run without grad; a module that gives its logits; or :class:`DomainTeachers`, whose
+    domain ``d`` teacher scores the rows with ``batch.domains == d``) or the batch's cached top-k. ``n`` is ``normalizer`` — the step's
     global count of counted tokens under accumulation and data parallelism — or the batch's
     own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
     in chunks so the logits are never whole).
