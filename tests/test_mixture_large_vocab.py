@@ -149,3 +149,10 @@ def test_evaluation_and_teacher_cache_read_the_mixture(models):
     torch.testing.assert_close(logprobs[0, :-1].double(), top.values, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(next_logprob[0, :-1].double(), p.log().gather(1, ids[0, 1:, None])[:, 0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_mixture_is_a_teacher_without_gradient(models):
+    a, b, _ = models
+    trainable = [H.llama(300, 16, 1, seed=s) for s in (5, 6)]  # parameters that require grad, grad mode on
+    logits = TeacherMixture(trainable, [0.5, 0.5], temperature=2.0)(torch.tensor([[3, 4, 5]]))
+    assert not logits.requires_grad and torch.isfinite(logits).all()

@@ -63,22 +63,26 @@ class TeacherMixture(nn.Module):
         self.temperature = float(temperature)
 
     def log_mixture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p_mix`` ``[B, T, V]`` (float32; float64 for float64 teachers) of the tempered teachers.
+        """``log p_mix`` ``[B, T, V]`` (float32; float64 for float64 teachers) of the tempered teachers, without grad.
 
-        Summed one teacher at a time (``log(a + b) = logaddexp``): one ``[B, T, V]`` tensor
-        of each kind lives at a time, whatever the number of teachers.
+        Summed one teacher at a time (``log(a + b) = logaddexp``), in place where the tensor is
+        this method's own: at most three ``[B, T, V]`` tensors live at once (the sum, a
+        teacher's logits, its log-probabilities), whatever the number of teachers.
         """
         total = None
         for teacher, log_weight in zip(self.teachers, [math.log(w) for w in self.weights]):
-            _, logits = hidden_and_logits(teacher, input_ids, attention_mask)
-            logits = logits if logits.dtype == torch.float64 else logits.float()
-            term = torch.log_softmax(logits / self.temperature, dim=-1) + log_weight
-            total = term if total is None else torch.logaddexp(total, term)
+            with torch.no_grad():  # a teacher: no gradient (and the in-place steps below rely on it)
+                _, logits = hidden_and_logits(teacher, input_ids, attention_mask)  # a new tensor: hidden @ weight.T
+            logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+            term = torch.log_softmax(logits.div_(self.temperature), dim=-1).add_(log_weight)
+            del logits
+            total = term if total is None else torch.logaddexp(total, term, out=total)
+            del term
         return total
 
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``T * log p_mix`` ``[B, T, V]``: ``softmax(logits / T) = p_mix``."""
-        return self.temperature * self.log_mixture(input_ids, attention_mask)
+        return self.log_mixture(input_ids, attention_mask).mul_(self.temperature)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same as :meth:`teacher_logits`."""
