@@ -290,3 +290,12 @@ def test_on_policy_steps_keep_each_rows_domain_in_the_lm_trainer():
     trainer = _trainer(steps=2, on_policy_fraction=1.0, max_new_tokens=4)
     drive(trainer)
     assert len(trainer.history) == 2 and all(torch.isfinite(torch.tensor([h["loss"] for h in trainer.history])))
+
+
+def test_a_folder_whose_name_holds_an_equals_sign_is_a_path(tmp_path, monkeypatch):
+    from divergent.models.domain_teachers import is_domain_teacher
+
+    monkeypatch.chdir(tmp_path)
+    assert is_domain_teacher("code=teacher-a") and not is_domain_teacher("runs/code=a")
+    (tmp_path / "code=teacher-a").mkdir()
+    assert not is_domain_teacher("code=teacher-a")

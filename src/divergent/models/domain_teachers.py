@@ -18,6 +18,7 @@ row's logits from its domain's teacher (:meth:`DomainTeachers.teacher_logits`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +33,9 @@ SEPARATOR = "="
 
 
 def is_domain_teacher(spec: Any) -> bool:
-    """Whether a ``--teacher`` value is ``DOMAIN=PATH`` (a domain name: no ``/``, no ``:``, not empty)."""
-    if not isinstance(spec, str) or SEPARATOR not in spec:
+    """Whether a ``--teacher`` value is ``DOMAIN=PATH`` (a domain name: no ``/``, no ``:``, not empty;
+    an existing file or folder of that very name is a path)."""
+    if not isinstance(spec, str) or SEPARATOR not in spec or Path(spec).exists():
         return False
     name, path = spec.split(SEPARATOR, 1)
     return bool(name) and bool(path) and "/" not in name and ":" not in name and "\\" not in name
