@@ -156,3 +156,14 @@ def test_the_mixture_is_a_teacher_without_gradient(models):
     trainable = [H.llama(300, 16, 1, seed=s) for s in (5, 6)]  # parameters that require grad, grad mode on
     logits = TeacherMixture(trainable, [0.5, 0.5], temperature=2.0)(torch.tensor([[3, 4, 5]]))
     assert not logits.requires_grad and torch.isfinite(logits).all()
+
+
+def test_dense_teacher_logits_with_padding_columns_are_cut_to_vocab_size():
+    """Teacher logits wider than the vocabulary compared (a padded output layer): only the first vocab_size count."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    teacher = torch.randn(6, 48, dtype=torch.float64, generator=g)
+    loss = fused_linear_distillation("forward_kl", x, w, None, teacher, vocab_size=32, chunk_size=4)
+    expected = _forward_kl((x @ w.T)[:, :32], teacher[:, :32], 1.0).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)

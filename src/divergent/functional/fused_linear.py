@@ -294,7 +294,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
             if teacher_topk is not None:
                 teacher_chunk = _slice_topk(teacher_topk, start, end)
             elif teacher_logits is not None:
-                teacher_chunk = teacher_logits[start:end, :vocab].to(student_logits.dtype)
+                # As x_t @ W_t.T would be: the student logits' dtype, contiguous (a copy only when
+                # padding columns beyond vocab are cut or the dtypes differ).
+                teacher_chunk = teacher_logits[start:end, :vocab].to(student_logits.dtype).contiguous()
             else:
                 x_t = teacher_input[start:end]
                 teacher_chunk = x_t @ teacher_w.T
