@@ -2,7 +2,8 @@
 
 References are computed by hand in float64 from each teacher's own HF logits and the student's
 own HF logits with autograd (p_mix = sum_i w_i softmax(z_i / T); forward KL and JS written out),
-never through the code under test."""
+never through the code under test; the fused loss with dense teacher logits also against the unfused
+loss on full float64 logits (dv.DistillationLoss, another code path) for more registry divergences."""
 
 import math
 
@@ -111,7 +112,7 @@ def test_fused_loss_with_dense_teacher_logits_equals_the_float64_reference(name,
     counted = labels != -100
     expected = temperature**2 * reference(x @ w.T, teacher, temperature)[counted].sum() / counted.sum()
     ex, ew = torch.autograd.grad(expected, [x, w])
-    assert float(loss) == pytest.approx(float(expected), rel=1e-10)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
     torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-12)
 
@@ -167,3 +168,23 @@ def test_dense_teacher_logits_with_padding_columns_are_cut_to_vocab_size():
     loss = fused_linear_distillation("forward_kl", x, w, None, teacher, vocab_size=32, chunk_size=4)
     expected = _forward_kl((x @ w.T)[:, :32], teacher[:, :32], 1.0).mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+
+
+@pytest.mark.parametrize("name, params", [("reverse_kl", {}), ("tvd", {}), ("skew_kl", {"alpha": 0.1}),
+                                          ("alpha_beta", {"alpha": 0.5, "beta": 0.7})])
+def test_fused_dense_teacher_logits_equal_the_unfused_loss_on_full_logits(name, params):
+    """Against the unfused path (dv.DistillationLoss on the [N, V] logits, float64), with labels and a CE term."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 8, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g).requires_grad_(True)
+    teacher = 2 * torch.randn(9, 50, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 50, (9,), generator=g)
+    labels[4] = -100
+    common = dict(temperature=1.7, hard_weight=0.3, soft_weight=0.7, **params)
+    loss = dv.LinearDistillationLoss(name, chunk_size=4, **common)(x, w, None, teacher, labels)
+    gx, gw = torch.autograd.grad(loss, [x, w])
+    expected = dv.DistillationLoss(name, **common)(x @ w.T, teacher, labels)
+    ex, ew = torch.autograd.grad(expected, [x, w])
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-12)
