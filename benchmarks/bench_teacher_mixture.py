@@ -10,8 +10,8 @@ for a tiny Llama student on ``--batch`` x ``--length`` random tokens, with as te
 Reported per vocabulary: the extra peak memory of the step (CPU: growth of VmHWM, the lower of
 two measurements, see ``harness.peak_memory_mb``), its median wall time, the size of the
 teacher's tensors and what the former ``[V, V]`` identity output layer of the mixture would
-have taken in float32 (refused above V = 16384). The models are tiny (hidden ``--hidden``, one layer) so that the vocabulary-
-sized tensors dominate.
+have taken in float32 (refused above V = 16384). The models are tiny (hidden ``--hidden``,
+one layer) so that the vocabulary-sized tensors dominate.
 
     python benchmarks/bench_teacher_mixture.py                  # V = 32000, 128256
     python benchmarks/bench_teacher_mixture.py --vocab 20000 --batch 2 --length 64

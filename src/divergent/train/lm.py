@@ -323,9 +323,9 @@ class LMObjective:
     whose label is -100 do not count) and ``D_t`` the divergence between the tempered
     teacher and student distributions at ``t``. The teacher is ``teacher`` (a causal LM,
     run without grad; a module that gives its logits; or :class:`DomainTeachers`, whose
-    domain ``d`` teacher scores the rows with ``batch.domains == d``) or the batch's cached top-k. ``n`` is ``normalizer`` — the step's
-    global count of counted tokens under accumulation and data parallelism — or the batch's
-    own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
+    domain ``d`` teacher scores the rows with ``batch.domains == d``) or the batch's cached
+    top-k. ``n`` is ``normalizer`` — the step's global count of counted tokens under
+    accumulation and data parallelism — or the batch's own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
     in chunks so the logits are never whole).
     """
 
