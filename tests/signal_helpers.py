@@ -60,3 +60,20 @@ def signal_then_resume(tmp_path: Path, make: str, sig: int, *, after: int = 3, e
     resumed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return json.loads((tmp_path / "history.json").read_text())
+
+
+def ctrl_c_in_drive(monkeypatch, module, step: int) -> None:
+    """Make ``module.drive`` (an experiment's) ask for Ctrl-C after step ``step``, as a user pressing it would;
+    undo with ``monkeypatch.undo()`` or by setting ``module.drive`` back."""
+    from divergent.train.run import current_interrupt
+
+    real_drive = module.drive
+
+    def interrupted_drive(trainer, **kwargs):
+        def ctrl_c(record):
+            kwargs["on_step"](record)
+            if record["step"] == step:
+                current_interrupt().request()
+        return real_drive(trainer, **{**kwargs, "on_step": ctrl_c})
+
+    monkeypatch.setattr(module, "drive", interrupted_drive)

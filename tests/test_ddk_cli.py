@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from divergent.cli import app
+from signal_helpers import ctrl_c_in_drive
 
 TINY = ["--steps", "6", "--teacher-steps", "3", "--batch-size", "4", "--max-length", "32", "--threads", "1",
         "--set", "max_eval_examples=3", "--set", "evaluations=2"]
@@ -89,26 +90,16 @@ def test_fixed_mixings_run_and_report(tmp_path, mixing, expected):
 
 def test_interrupted_ddk_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     from divergent.experiments import lm as experiment
-    from divergent.train.run import current_interrupt
 
     data = _corpus(tmp_path / "mix.jsonl")
     args = [*TINY, "--data", str(data), "--domain-column", "kind", "--ddk-interval", "2", "-d", "forward_kl",
             "--set", "include_scratch=false", "--set", "checkpoint_every=2"]
     reference = CliRunner().invoke(app, ["distill-lm", *args, "-o", str(tmp_path / "reference")])
     assert reference.exit_code == 0, reference.output
-    real_drive = experiment.drive
-
-    def interrupted_drive(trainer, **kwargs):
-        def ctrl_c(record):
-            kwargs["on_step"](record)
-            if record["step"] == 3:  # between two DDK updates (2 and 4)
-                current_interrupt().request()
-        return real_drive(trainer, **{**kwargs, "on_step": ctrl_c})
-
-    monkeypatch.setattr(experiment, "drive", interrupted_drive)
+    ctrl_c_in_drive(monkeypatch, experiment, 3)  # between two DDK updates (2 and 4)
     first = CliRunner().invoke(app, ["distill-lm", *args, "-o", str(tmp_path / "runs")])
     assert first.exit_code == 130, first.output
-    monkeypatch.setattr(experiment, "drive", real_drive)
+    monkeypatch.undo()
     run_dir = _run_dir(tmp_path / "runs")
     resumed = CliRunner().invoke(app, ["distill-lm", "--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output

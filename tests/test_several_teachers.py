@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import lm_helpers as H  # noqa: E402
 
 from divergent.cli import app  # noqa: E402
-from divergent.models.hf import output_layer_input  # noqa: E402
+from divergent.models.hf import teacher_side  # noqa: E402
 from divergent.models.mixture import TeacherMixture  # noqa: E402
 from divergent.train.lm import Batch, LMObjective  # noqa: E402
 
@@ -44,8 +44,8 @@ def test_mixture_logits_give_the_hand_mixture_of_tempered_teachers(tiny, tempera
     mixture = TeacherMixture([a, b], [7, 3], temperature=temperature).eval()  # normalised to 0.7, 0.3
     assert mixture.weights == pytest.approx([0.7, 0.3])
     with torch.no_grad():
-        hidden, weight = output_layer_input(mixture, ids)  # what the objective reads
-        logits = hidden @ weight.T
+        hidden, logits = teacher_side(mixture, ids)  # what the objective reads
+    assert hidden is None  # the mixture gives its logits
     # the losses temper the teacher: softmax(logits / T) must be the mixture itself
     ours = torch.softmax(logits.double() / temperature, -1)
     expected = _hand_mixture([a, b], [0.7, 0.3], ids, temperature)
@@ -81,11 +81,16 @@ def _run(args):
     return CliRunner().invoke(app, args)
 
 
-def test_cli_distils_from_two_teacher_folders(tmp_path, tiny):
-    tok, a, b, student = tiny
+def _save_three(tmp_path, tok, a, b, student):
+    """Folders a, b and student, each with the tokenizer."""
     for name, model in (("a", a), ("b", b), ("student", student)):
         model.save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
+
+
+def test_cli_distils_from_two_teacher_folders(tmp_path, tiny):
+    tok, a, b, student = tiny
+    _save_three(tmp_path, tok, a, b, student)
     data = H.write_jsonl(tmp_path / "rows.jsonl", H.chat_rows(12))
     result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"),
                    "--teacher-weights", "0.7,0.3", "--student", str(tmp_path / "student"), "--data", str(data),
@@ -141,3 +146,21 @@ def test_distillation_trainer_with_two_teacher_folders_trains(tmp_path, tiny):
                             args=DistillationConfig(output_dir=str(tmp_path / "o2"), use_cpu=True, report_to=[],
                                                     teacher_weights=[1, 2]),
                             train_dataset=H.prompt_completion_rows(8), processing_class=tok)
+
+
+def test_a_comparison_with_generations_runs_with_a_mixture_that_does_not_generate(tmp_path, tiny):
+    """--seeds with generation prompts: the students generate; the mixture (logits only) has no generation metrics."""
+    import json
+
+    tok, a, b, student = tiny
+    _save_three(tmp_path, tok, a, b, student)
+    data = H.write_jsonl(tmp_path / "rows.jsonl", H.prompt_completion_rows(12))
+    result = _run(["distill-lm", "--teacher", str(tmp_path / "a"), "--teacher", str(tmp_path / "b"), "--seeds",
+                   "0,1", "-d", "forward_kl", "--student", str(tmp_path / "student"), "--data", str(data), "--steps",
+                   "1", "--batch-size", "4", "--threads", "1", "--set", "generation_prompts=2", "-o",
+                   str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("distill-lm-")]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["teacher"].get("rouge_l") is None
+    assert [r["rouge_l"] is not None for r in results["runs"]] == [True] * 4  # 2 rows x 2 seeds generated

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
     @app.command("distill-lm")
     def distill_lm(
         config_file: ConfigOption = None,
-        teacher: Optional[list[str]] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: a byte-level GPT trained once and cached). Repeat it for several local teachers: the student matches their weighted mixture."),
+        teacher: Optional[list[str]] = typer.Option(None, help="Local Hugging Face (or TinyGPT) teacher folder, or a served teacher http://HOST:PORT/v1 (vLLM/SGLang; default: a byte-level GPT trained once and cached). Repeat it for several local teachers: the student matches their weighted mixture; with --domain-column, DOMAIN=PATH gives each domain its own teacher."),
         teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="Several teachers: comma-separated positive weights, one per --teacher, normalised to sum to 1 (default: equal)."),
         teacher_tokenizer: Optional[Path] = ServedTokenizerOption,
         teacher_model: Optional[str] = ServedModelOption,

@@ -318,7 +318,9 @@ def split_domains(train_rows: list[dict[str, Any]], eval_rows: list[dict[str, An
 def tokenize_domains(train_groups: dict[str, list], eval_groups: dict[str, list], tokenizer: Any, *,
                      max_length: int = 512, packing: bool = False, max_eval_examples: int | None = None,
                      source: str = "data", eval_source: str = "eval data", column: str = "domain") -> DomainData:
-    """Tokenize each domain's rows (:func:`divergent.data.lm_data.tokenize_rows`); domains sorted by name."""
+    """Tokenize each domain's rows (:func:`divergent.data.lm_data.tokenize_rows`); domains sorted by name.
+
+    Each example holds ``domain_index``, its domain's position in the result's ``names``."""
     from divergent.data.lm_data import _columns, detect_format, pack_examples, tokenize_rows
 
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
@@ -338,6 +340,8 @@ def tokenize_domains(train_groups: dict[str, list], eval_groups: dict[str, list]
         train[name] = pack_examples(examples, max_length) if packing else examples
         evaluation[name] = held_out[:max_eval_examples] if max_eval_examples is not None else held_out
         per_domain[name] = {"train": train_stats, "eval": eval_stats}
+        for example in (*train[name], *evaluation[name]):  # which domain (of ``names``) each row is from
+            example["domain_index"] = len(per_domain) - 1
     notes = [f"{len(names)} domains by {column!r}: "
              + ", ".join(f"{name} ({len(train[name])} / {len(evaluation[name])})" for name in names)
              + " train / eval examples"]

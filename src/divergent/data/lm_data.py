@@ -580,7 +580,8 @@ def collate(examples: Sequence[Example], pad_token_id: int = 0, extra: Sequence[
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding) ``[B, T]``.
 
     ``extra``: keys holding per-position tensors ``[T, ...]`` (e.g. a cached teacher's top-k),
-    padded by repeating their last position.
+    padded by repeating their last position. Examples of domain-grouped data also give
+    ``domain_index`` ``[B]`` (each row's domain).
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -595,6 +596,8 @@ def collate(examples: Sequence[Example], pad_token_id: int = 0, extra: Sequence[
         labels[row, :n] = torch.as_tensor(example["labels"], dtype=torch.long)
         attention[row, :n] = 1
     out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if "domain_index" in examples[0]:
+        out["domain_index"] = torch.tensor([int(e["domain_index"]) for e in examples], dtype=torch.long)
     for key in extra:
         values = [torch.as_tensor(e[key]) for e in examples]
         padded = []

@@ -95,16 +95,19 @@ def teacher_topk(
     """``(indices [B, T, k], logprobs [B, T, k], next_logprob [B, T])`` of a teacher on a batch.
 
     ``teacher``: a causal LM (its output layer's input and weight are used chunk by chunk,
-    at most ``max_logits`` logits at a time) or a function ``(input_ids, attention_mask) ->
+    at most ``max_logits`` logits at a time), a module that gives its logits
+    (:func:`divergent.models.hf.gives_logits`) or a function ``(input_ids, attention_mask) ->
     logits [B, T, V]``. ``next_logprob[:, t]`` is the log-prob of ``input_ids[:, t + 1]``
     (0 at the last position). A served teacher (:class:`divergent.models.served.ServedTeacher`,
     anything with ``served_topk``) answers the same triple from its server.
     """
     if hasattr(teacher, "served_topk"):
         return teacher.served_topk(input_ids.cpu(), attention_mask.cpu(), k=k, vocab_size=vocab_size)
-    if isinstance(teacher, torch.nn.Module):
-        from divergent.models.hf import output_layer_input
+    from divergent.models.hf import gives_logits, output_layer_input
 
+    if gives_logits(teacher):  # e.g. a mixture of teachers: its logits, not an output layer
+        teacher = teacher.teacher_logits
+    if isinstance(teacher, torch.nn.Module):
         hidden, weight = output_layer_input(teacher, input_ids, attention_mask)
         logits_of = lambda rows: rows.float() @ weight.float().T  # noqa: E731
         flat = hidden.reshape(-1, hidden.shape[-1])

@@ -35,6 +35,7 @@ class DomainSetup:
     smoothing: float
     column: str
     teacher_ppl: list[float] | None = None
+    teachers: dict[str, str] | None = None  # {domain: teacher} with one teacher per domain
 
 
 def load_domains(config: Any, tokenizer: Any) -> tuple[DomainSetup, tuple[list, list, str, dict]]:
@@ -86,6 +87,7 @@ def _table(rows: list[dict[str, Any]], domains: DomainSetup) -> list[dict[str, A
             teacher = info["teacher_ppl"][i] if info["teacher_ppl"] else None
             table.append({
                 "model": row.get("label", row["model"]), "domain": name,
+                **({"teacher": domains.teachers[name]} if domains.teachers else {}),
                 "train_examples": len(domains.data.train[name]), "eval_examples": len(domains.data.eval[name]),
                 "teacher_ppl": teacher, "ppl_before": info["before"][i], "ppl_after": info["after"][i],
                 "ratio_before": info["before"][i] / teacher if teacher else None,
@@ -128,7 +130,8 @@ def report_domains(rows: list[dict[str, Any]], domains: DomainSetup, run_dir: Pa
     table = _table(rows, domains)
     if not table:
         return ""
-    report.print_table(table, _COLUMNS, title=f"per domain ({domains.mixing} mixing by {domains.column!r})",
+    columns = _COLUMNS[:2] + ["teacher"] + _COLUMNS[2:] if domains.teachers else _COLUMNS
+    report.print_table(table, columns, title=f"per domain ({domains.mixing} mixing by {domains.column!r})",
                        console=console)
     report.write_csv(table, run_dir / "domains.csv")
     plot = _weights_plot(rows, domains, run_dir / "domain_weights.png",
@@ -140,10 +143,10 @@ def report_domains(rows: list[dict[str, Any]], domains: DomainSetup, run_dir: Pa
     return f"""
 ## Domains
 
-Domains by the column `{domains.column}`, drawn by {rule}. Per student and domain: the teacher's and
+Domains by the column `{domains.column}`, drawn by {rule}.{" Each domain has its own teacher (column teacher)." if domains.teachers else ""} Per student and domain: the teacher's and
 the student's perplexity on the domain's evaluation rows before and after training, their ratio
 ppl_S/ppl_T (what DDK weighs by), the share of training examples drawn from the domain and the
 final weight. Also in `domains.csv`.
 
-{report.markdown_table(table, _COLUMNS)}
+{report.markdown_table(table, columns)}
 {'' if plot is None else chr(10) + '![domain weights](domain_weights.png)' + chr(10)}"""

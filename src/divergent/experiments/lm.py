@@ -238,7 +238,11 @@ class DistillLMConfig(LMDataSettings, LMTrainingSettings, DomainMixingSettings):
         unknown = [k for k in self.divergence_params if k not in self.divergences]
         if unknown:
             raise ValueError(f"divergence_params names {unknown}, which are not in divergences {self.divergences}")
-        if self.teachers or self.teacher_weights:
+        from divergent.models.domain_teachers import check_domain_teacher_settings
+
+        if check_domain_teacher_settings(self) is not None:
+            pass  # one teacher per domain (--teacher DOMAIN=PATH)
+        elif self.teachers or self.teacher_weights:
             from divergent.models.mixture import check_teacher_settings
 
             check_teacher_settings(self)
@@ -364,9 +368,9 @@ def _load_examples(settings: LMDataSettings, tokenizer: Any) -> tuple[list[dict]
 
 
 def _model_vocab(model: torch.nn.Module) -> int:
-    from divergent.models.hf import output_layer
+    from divergent.models.hf import output_vocab
 
-    return int(output_layer(model).weight.shape[0])
+    return output_vocab(model)
 
 
 def _resolve_vocab(config_vocab: int | None, student: torch.nn.Module, teacher_vocab: int | None, tokenizer: Any) -> int | None:
@@ -412,7 +416,20 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
         from divergent.experiments.served_teacher import served_cache
 
         return _setup_from_cache(config, console, served_cache(config, Path(run_dir or "."), console))
-    if config.teachers:
+    from divergent.models.domain_teachers import check_domain_teacher_settings, describe_domain_teachers
+
+    paths = check_domain_teacher_settings(config)  # {domain: path}: one teacher per domain (--teacher DOMAIN=PATH)
+    by_domain = None
+    if paths:
+        student = load_causal_lm(config.student, what="--student")
+        tokenizer = _tokenizer_for(config.student, "--student", student)
+        by_domain = {name: load_causal_lm(path, what=f"--teacher {name}=") for name, path in paths.items()}
+        for name, path in paths.items():
+            cross_tokenizer.check_same(tokenizer, _tokenizer_for(path, f"--teacher {name}=", by_domain[name]),
+                                       check_same_tokenizer, is_byte_tokenizer)
+        teacher = None  # made below, when the data's domains are known
+        teacher_description = describe_domain_teachers(paths)
+    elif config.teachers:
         from divergent.models.mixture import TeacherMixture, mixture_weights
 
         student = load_causal_lm(config.student, what="--student")
@@ -446,7 +463,11 @@ def _setup(config: DistillLMConfig, console: Console, device: torch.device, run_
         domains, (train, evaluation, description, stats) = load_domains(config, tokenizer)
     else:
         train, evaluation, description, stats = _load_examples(config, tokenizer)
-    if teacher is None:
+    if by_domain:
+        from divergent.models.domain_teachers import DomainTeachers
+
+        teacher, domains.teachers = DomainTeachers(by_domain, domains.data.names), paths
+    elif teacher is None:
         teacher, _ = default_teacher(train, config, console=console, device=device)
     teacher = teacher.to(device).eval()  # evaluated before any student trains
     if config.cross_tokenizer:

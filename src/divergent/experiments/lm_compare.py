@@ -348,7 +348,10 @@ def run_lm_comparison(config: lm.DistillLMConfig, folder: report.RunFolder, cons
 def _compare(config, setup, prompts, scorer, run_dir, device, console, command, started) -> dict[str, Any]:
     teacher_row = lm._teacher_row(setup, config, device)
     teacher_greedy = None
-    if prompts is not None and setup.teacher is not None:
+    from divergent.models.hf import gives_logits
+
+    # A teacher that only gives logits (several teachers mixed, one per domain) does not generate.
+    if prompts is not None and setup.teacher is not None and not gives_logits(setup.teacher):
         teacher_greedy = _generate(setup.teacher, prompts, config, setup, config.seed, 0.0, device)
         teacher_row.update(_generation_metrics(setup.teacher, prompts, teacher_greedy, config, setup, config.seed,
                                                device, scorer))

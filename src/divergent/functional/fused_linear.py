@@ -223,6 +223,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         teacher_weight,
         labels,
         teacher_topk,
+        teacher_logits,
         options,
     ):
         name = options["name"]
@@ -246,7 +247,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
         soft_scale = options["soft_weight"] * options["t2"] / denominator
         hard_scale = options["hard_weight"] / denominator
 
-        teacher_grad = teacher_topk is None and (
+        # A precomputed teacher (dv.TopK or dense logits) is data: it gets no gradient.
+        given = teacher_topk is not None or teacher_logits is not None
+        teacher_grad = not given and (
             teacher_input.requires_grad or teacher_weight.requires_grad
         )
         # Row values and CE in float32 (float64 stays float64), like the functional layer.
@@ -258,7 +261,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             acc if student_input.device.type == "cpu" else student_weight.dtype
         )
         student_w = student_weight[:vocab]
-        teacher_w = teacher_weight[:vocab] if teacher_topk is None else None
+        teacher_w = None if given else teacher_weight[:vocab]
 
         # Every row is written by its chunk below, so no zero fill; contiguous, so that
         # each chunk's rows can be the matmul's output.
@@ -290,6 +293,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
 
             if teacher_topk is not None:
                 teacher_chunk = _slice_topk(teacher_topk, start, end)
+            elif teacher_logits is not None:
+                # As x_t @ W_t.T would be: the student logits' dtype, contiguous (a copy only when
+                # padding columns beyond vocab are cut or the dtypes differ).
+                teacher_chunk = teacher_logits[start:end, :vocab].to(student_logits.dtype).contiguous()
             else:
                 x_t = teacher_input[start:end]
                 teacher_chunk = x_t @ teacher_w.T
@@ -324,7 +331,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 )
             except ValueError as exc:
                 # Say what the logits the message names are: nobody passed them in.
-                teacher = "" if teacher_topk is not None else ", teacher_logits = teacher_input @ teacher_weight.T"
+                teacher = "" if given else ", teacher_logits = teacher_input @ teacher_weight.T"
                 raise ValueError(
                     f"{exc} (in the fused loss: student_logits = student_input @ student_weight.T{teacher}, "
                     f"tokens {start} to {end - 1})"
@@ -354,7 +361,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             # The inputs were checked finite, so the logits x @ W.T overflowed their dtype.
             raise ValueError(
                 f"the loss came out NaN from finite inputs: the logits student_input @ student_weight.T"
-                f"{'' if teacher_topk is not None else ' or teacher_input @ teacher_weight.T'} overflow "
+                f"{'' if given else ' or teacher_input @ teacher_weight.T'} overflow "
                 f"{student_input.dtype} (beyond ±{torch.finfo(student_input.dtype).max:.3g}) for some token, "
                 f"or their spread divided by temperature={temperature:g} does; check the hidden states' and "
                 f"weights' scale"
@@ -377,7 +384,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             grad_student_input,
             _pad_rows(grad_student_weight, student_weight),
             grad_teacher_input,
-            _pad_rows(grad_teacher_weight, teacher_weight) if teacher_topk is None else None,
+            None if given else _pad_rows(grad_teacher_weight, teacher_weight),
         )
         return total
 
@@ -402,14 +409,14 @@ class _FusedLinearDistillation(torch.autograd.Function):
         scale = float(grad_output)
         if _graph_is_kept():
             if scale == 1.0:
-                return (*grads, None, None, None)
-            return (*(None if g is None else g * scale for g in grads), None, None, None)
+                return (*grads, None, None, None, None)
+            return (*(None if g is None else g * scale for g in grads), None, None, None, None)
         del ctx.grads
         if scale != 1.0:
             for grad in grads:
                 if grad is not None:
                     grad.mul_(scale)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _check_matrix(value: Any, argument: str, width: int | None = None) -> None:
@@ -450,8 +457,10 @@ def fused_linear_distillation(
     ``student_input`` ``[..., H_s]`` and ``student_weight`` ``[V_s, H_s]`` give
     the student logits ``s = x_s @ W_s^T``; ``teacher_input`` ``[..., H_t]`` and
     ``teacher_weight`` ``[V_t, H_t]`` the teacher's. Instead of the teacher
-    pair, ``teacher_weight`` may be a ``dv.TopK`` over the same tokens (a
-    cached sparse teacher) with ``teacher_input=None``.
+    pair, with ``teacher_input=None``, ``teacher_weight`` may be the teacher
+    itself over the same tokens: a ``dv.TopK`` (a cached sparse teacher) or
+    dense logits ``[..., V_t]`` (a teacher that gives its logits, e.g. a mixture
+    of teachers); either is sliced per chunk and gets no gradient.
 
     Returns the scalar
 
@@ -468,7 +477,7 @@ def fused_linear_distillation(
 
     Gradients: to the student's input and weight; to the teacher's too when
     ``teacher_input`` or ``teacher_weight`` requires grad (online distillation). A
-    ``dv.TopK`` teacher is stored data: its ``logprobs`` may not require grad here.
+    ``dv.TopK`` or dense-logits teacher is data: it may not require grad here.
     Every tensor is checked once per call (dtypes and devices of each input/weight pair,
     finite values, weights with values, not on ``meta``), the settings as in
     :func:`check_options`.
@@ -508,7 +517,26 @@ def fused_linear_distillation(
 
     teacher_topk = None
     teacher_flat = None
-    if _is_topk(teacher_weight):
+    teacher_logits = None
+    if teacher_input is None and isinstance(teacher_weight, torch.Tensor):
+        # Dense teacher logits [..., V_t] over the same tokens.
+        if not teacher_weight.is_floating_point() or teacher_weight.dim() < 1:
+            raise TypeError(f"teacher logits (teacher_input=None) must be a floating-point tensor [..., vocab], "
+                            f"got dtype {teacher_weight.dtype} and shape {tuple(teacher_weight.shape)}")
+        if torch.is_grad_enabled() and teacher_weight.requires_grad:
+            raise ValueError(
+                "the teacher logits (teacher_input=None) require grad, but the fused loss gives precomputed "
+                "teacher logits no gradient; pass them detached, or pass the teacher's (input, weight) pair"
+            )
+        teacher_logits = teacher_weight.reshape(-1, teacher_weight.shape[-1])
+        if teacher_logits.shape[0] != n_tokens:
+            raise ValueError(f"the teacher logits cover {teacher_logits.shape[0]} tokens, student_input has {n_tokens}")
+        if teacher_logits.device != student_input.device:
+            raise ValueError(f"the teacher logits are on {teacher_logits.device} and the student's tensors on "
+                             f"{student_input.device}; move both to one device")
+        vocab = resolve_vocab_size(student_weight.shape[0], teacher_logits.shape[1], vocab_size)
+        teacher_weight_tensor = None
+    elif _is_topk(teacher_weight):
         if teacher_input is not None:
             raise ValueError("teacher_input must be None when the teacher is a dv.TopK")
         teacher_topk = teacher_weight
@@ -566,7 +594,10 @@ def fused_linear_distillation(
 
     _check_finite(
         ("student_input", student_flat), ("student_weight", student_weight[:vocab]),
-        ("teacher_input", teacher_flat), ("teacher_weight", None if teacher_topk is not None else teacher_weight[:vocab]),
+        ("teacher_input", teacher_flat),
+        ("teacher logits" if teacher_logits is not None else "teacher_weight",
+         None if teacher_topk is not None else teacher_weight[..., :vocab] if teacher_logits is not None
+         else teacher_weight[:vocab]),
     )
     options.update(
         normalizer=normalizer,
@@ -581,6 +612,7 @@ def fused_linear_distillation(
         teacher_weight_tensor,
         flat_labels,
         teacher_topk,
+        teacher_logits,
         options,
     )
 

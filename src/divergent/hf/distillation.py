@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +211,28 @@ def _prepare(dataset: Any, tokenizer: Any, args: DistillationConfig, name: str, 
     return _Examples(examples), stats
 
 
+def _by_domain(teachers: Mapping, args: DistillationConfig, tokenizer: Any) -> dict[str, nn.Module]:
+    """``{domain: model}`` of ``teacher_model={domain: model or local folder}`` (one teacher per domain)."""
+    if not args.domain_column:
+        raise ValueError(f"teacher_model is a dict by domain ({', '.join(map(str, teachers))}): one teacher per "
+                         f"domain needs args.domain_column (the rows' column naming their domain)")
+    for name in ("teacher_weights", "cross_tokenizer", "seq_kd_fraction", "teacher_cache"):
+        if getattr(args, name):
+            raise ValueError(f"one teacher per domain cannot be combined with args.{name}={getattr(args, name)!r}")
+    models = {}
+    for name, teacher in teachers.items():
+        if is_served(teacher):
+            raise ValueError(f"teacher_model[{name!r}]: the teachers by domain must be local folders or models; the "
+                             f"served teacher {teacher} cannot be one of them")
+        if isinstance(teacher, nn.Module):
+            models[str(name)] = teacher
+            continue
+        models[str(name)] = load_causal_lm(teacher, what=f"teacher_model[{name!r}]")
+        if tokenizer is not None:
+            check_same_tokenizer(tokenizer, load_tokenizer(teacher, f"teacher_model[{name!r}]"))
+    return models
+
+
 def _mixture(teachers: Any, args: DistillationConfig, tokenizer: Any) -> nn.Module:
     from divergent.models.mixture import load_teachers
 
@@ -231,6 +254,9 @@ class DistillationTrainer(transformers.Trainer):
     to be the student's unless ``args.cross_tokenizer`` is set (then the teacher reads each
     row re-tokenized; see :mod:`divergent.train.cross_tokenizer`).
     ``data_stats``: what became of the rows (truncated, skipped with nothing to learn).
+    ``teacher_model=[a, b]``: the weighted mixture of several teachers (``args.teacher_weights``);
+    ``teacher_model={"code": a, "prose": b}`` with ``args.domain_column``: one teacher per domain,
+    each row distilled from its domain's teacher (:mod:`divergent.models.domain_teachers`).
     ``teacher_model="http://HOST:PORT/v1"``: a served teacher (vLLM/SGLang, :mod:`divergent.models.served`)
     whose top-k log-probs (``args.teacher_top_k``, at temperature 1) are fetched for each batch,
     as a cache's rows are read; ``teacher_processing_class`` is then a local copy of its tokenizer
@@ -262,6 +288,9 @@ class DistillationTrainer(transformers.Trainer):
             model = load_causal_lm(path, what="model")
             processing_class = processing_class if processing_class is not None else load_tokenizer(path, "model")
         served = None
+        by_domain = None
+        if isinstance(teacher_model, Mapping):  # one teacher per domain: made once the data's domains are known
+            by_domain, teacher_model = _by_domain(teacher_model, args, processing_class), None
         if isinstance(teacher_model, (list, tuple)):  # several local teachers: their weighted mixture
             teacher_model = _mixture(teacher_model, args, processing_class)
         elif args.teacher_weights:
@@ -313,7 +342,7 @@ class DistillationTrainer(transformers.Trainer):
         else:
             cross_tokenizer.check_same(processing_class, teacher_processing_class, check_same_tokenizer)
             self.objective = LMObjective.from_config(args)
-        if teacher_model is None and (generates or (self.objective.needs_teacher and cache is None and served is None)):
+        if teacher_model is None and by_domain is None and (generates or (self.objective.needs_teacher and cache is None and served is None)):
             raise ValueError(
                 "teacher_model is required: soft_weight > 0 needs a teacher (or args.teacher_cache), and "
                 "on_policy_fraction / seq_kd_fraction need one to score generated continuations"
@@ -325,6 +354,10 @@ class DistillationTrainer(transformers.Trainer):
 
             domains, train_dataset, eval_dataset = domain_data(train_dataset, eval_dataset, processing_class, args)
             train_dataset, eval_dataset = _Examples(train_dataset), _Examples(eval_dataset)
+        if by_domain is not None:
+            from divergent.models.domain_teachers import DomainTeachers
+
+            teacher_model = DomainTeachers(by_domain, domains.names)
         train_dataset, self.data_stats["train"] = _prepare(train_dataset, processing_class, args, "train_dataset", True)
         eval_dataset, self.data_stats["eval"] = _prepare(eval_dataset, processing_class, args, "eval_dataset", False)
         self.eos_token_id = getattr(processing_class, "eos_token_id", None)
@@ -402,7 +435,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def _batch(self, inputs: dict[str, torch.Tensor]) -> Batch:
         return Batch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"), inputs.get("teacher_rows"))
+                     inputs.get("teacher_indices"), inputs.get("teacher_logprobs"), teacher_rows=inputs.get("teacher_rows"),
+                     domains=inputs.get("domain_index"))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)
@@ -453,7 +487,8 @@ class DistillationTrainer(transformers.Trainer):
                         source, self._batch(inputs), max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                         temperature=args.generation_temperature, generator=generator, pad_token_id=self.pad_token_id,
                         eos_token_id=self.eos_token_id, device=args.device)
-                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+                inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
+                          **({} if batch.domains is None else {"domain_index": batch.domains})}
                 # The step's token count was taken before generation: this micro-batch is
                 # normalised by its own count (and the Trainer divides by the accumulation steps).
                 num_items_in_batch = None

@@ -37,8 +37,8 @@ class LinearDistillationLoss(nn.Module):
 
     Same value and gradients as ``dv.DistillationLoss`` on the full logits,
     but tokens are processed ``chunk_size`` at a time so the ``[N, V]`` logits
-    are never held in memory. The teacher may be a ``dv.TopK`` (pass it as
-    ``teacher_weight`` with ``teacher_input=None``). Divergences that couple the
+    are never held in memory. The teacher may be a ``dv.TopK`` or dense logits
+    ``[..., V]`` (pass it as ``teacher_weight`` with ``teacher_input=None``). Divergences that couple the
     rows of a batch (``sinkhorn``) cannot be chunked and raise. ``chunk_size=None``
     picks as many tokens as fit 2^27 logits per chunk (1024 at V = 128256, 4096 at
     V = 32000; on the CPU 2^23: 256 at V = 32000); ``accumulation_dtype`` sets the dtype of the weight-gradient

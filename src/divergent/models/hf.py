@@ -16,6 +16,12 @@ layer whose input is the final hidden state):
   when the fused loss reads it, and DDP/FSDP see the loss as the model's output.
 - :func:`output_layer_input` returns ``(hidden, weight)`` the same way (the teacher side).
 - :func:`hidden_and_logits` and :func:`output_weight` for code that wants them directly.
+
+A teacher may instead **give its logits**: a module with a method
+``teacher_logits(input_ids, attention_mask) -> [B, T, V]`` (e.g.
+:class:`divergent.models.mixture.TeacherMixture`) has no output layer to read;
+:func:`gives_logits` recognises it and :func:`teacher_side` returns what the loss takes of
+either kind of teacher.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ __all__ = [
     "replace_output",
     "output_layer_input",
     "hidden_and_logits",
+    "gives_logits",
+    "output_vocab",
+    "teacher_side",
     "output_weight",
     "is_hf_model",
     "save_pretrained",
@@ -301,6 +310,36 @@ def output_layer_input(
     """``(hidden [B, T, H], weight [V, H])``: the output layer's input and weight for these tokens."""
     with replace_output(model, lambda hidden, weight: (hidden, weight)):
         return _call(model, input_ids, attention_mask)
+
+
+def gives_logits(model: Any) -> bool:
+    """Whether ``model`` gives its logits directly: it has a ``teacher_logits(input_ids, attention_mask)``
+    method returning ``[B, T, V]`` logits (and an int ``vocab_size``, V), instead of an output layer
+    whose input and weight are read."""
+    return callable(getattr(model, "teacher_logits", None))
+
+
+def output_vocab(model: nn.Module) -> int:
+    """V, the logits per token: the output layer's rows, or ``vocab_size`` of a model that gives its logits."""
+    if gives_logits(model):
+        return int(model.vocab_size)
+    return int(output_layer(model).weight.shape[0])
+
+
+def teacher_side(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    domains: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The teacher as the fused loss takes it: ``(hidden [B, T, H], weight [V, H])`` of its output
+    layer, or ``(None, logits [B, T, V])`` for a model that gives its logits (:func:`gives_logits`).
+
+    ``domains`` ``[B]``: each row's domain, passed to a model that takes it (``takes_domains``,
+    :class:`divergent.models.domain_teachers.DomainTeachers`)."""
+    if gives_logits(model):
+        if getattr(model, "takes_domains", False):
+            return None, model.teacher_logits(input_ids, attention_mask, domains)
+        return None, model.teacher_logits(input_ids, attention_mask)
+    return output_layer_input(model, input_ids, attention_mask)
 
 
 def hidden_and_logits(

@@ -9,9 +9,11 @@ computed in log space, ``log p_mix = logsumexp_i(log w_i + log_softmax(z_i / T))
 distillation losses temper the teacher's logits (``softmax(logits / T)``), so they see
 ``softmax(log p_mix) = p_mix``: the student matches the mixture of the *tempered* teachers.
 
-Its output layer is a fixed ``[V, V]`` identity (``logits = hidden @ I``), so the fused loss,
-evaluation and everything that reads a teacher's output-layer input work unchanged; that
-layer costs ``V^2`` floats, so vocabularies above :data:`MAX_VOCAB` are refused.
+It has no output layer: it *gives its logits* (``teacher_logits(input_ids, attention_mask)``,
+recognised by :func:`divergent.models.hf.gives_logits`), which the fused and unfused losses,
+evaluation, the teacher cache and the per-domain teacher measure take in place of a
+teacher's output-layer input and weight. Nothing of size ``V^2`` exists, so any vocabulary
+size works; the one ``[B, T, V]`` tensor is the mixture's logits themselves.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ from torch import nn
 
 from divergent.models.hf import hidden_and_logits, output_layer
 
-__all__ = ["TeacherMixture", "mixture_weights", "MAX_VOCAB"]
-
-MAX_VOCAB = 16384  # the identity output layer is V^2 floats (1 GiB at 16384 in float32)
+__all__ = ["TeacherMixture", "mixture_weights"]
 
 
 def mixture_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -57,31 +57,36 @@ class TeacherMixture(nn.Module):
         if len(set(vocabs)) != 1:
             raise ValueError(f"the teachers' output layers have different vocabularies {vocabs}; "
                              f"several teachers must share the student's tokenizer and vocabulary")
-        vocab = vocabs[0]
-        if vocab > MAX_VOCAB:
-            raise ValueError(f"several teachers: vocabulary {vocab} is above {MAX_VOCAB} (the mixture's identity "
-                             f"output layer would take {vocab}^2 floats); not supported yet")
+        self.vocab_size = vocabs[0]
         self.teachers = nn.ModuleList(teachers)
         self.weights = mixture_weights(weights, len(teachers))
         self.temperature = float(temperature)
-        self.register_buffer("log_weights", torch.tensor(self.weights, dtype=torch.float32).log(), persistent=False)
-        self.lm_head = nn.Linear(vocab, vocab, bias=False)
-        with torch.no_grad():
-            self.lm_head.weight.copy_(torch.eye(vocab))
-        self.lm_head.weight.requires_grad_(False)
 
     def log_mixture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p_mix`` ``[B, T, V]`` (float32) of the tempered teachers."""
-        logps = []
-        for teacher in self.teachers:
-            _, logits = hidden_and_logits(teacher, input_ids, attention_mask)
-            logps.append(torch.log_softmax(logits.float() / self.temperature, dim=-1))
-        stacked = torch.stack(logps) + self.log_weights.view(-1, 1, 1, 1)
-        return torch.logsumexp(stacked, dim=0)
+        """``log p_mix`` ``[B, T, V]`` (float32; float64 for float64 teachers) of the tempered teachers, without grad.
+
+        Summed one teacher at a time (``log(a + b) = logaddexp``), in place where the tensor is
+        this method's own: at most three ``[B, T, V]`` tensors live at once (the sum, a
+        teacher's logits, its log-probabilities), whatever the number of teachers.
+        """
+        total = None
+        for teacher, log_weight in zip(self.teachers, [math.log(w) for w in self.weights]):
+            with torch.no_grad():  # a teacher: no gradient (and the in-place steps below rely on it)
+                _, logits = hidden_and_logits(teacher, input_ids, attention_mask)  # a new tensor: hidden @ weight.T
+            logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+            term = torch.log_softmax(logits.div_(self.temperature), dim=-1).add_(log_weight)
+            del logits
+            total = term if total is None else torch.logaddexp(total, term, out=total)
+            del term
+        return total
+
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``T * log p_mix`` ``[B, T, V]``: ``softmax(logits / T) = p_mix``."""
+        return self.log_mixture(input_ids, attention_mask).mul_(self.temperature)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``T * log p_mix`` (through the identity output layer)."""
-        return self.lm_head(self.temperature * self.log_mixture(input_ids, attention_mask))
+        """The same as :meth:`teacher_logits`."""
+        return self.teacher_logits(input_ids, attention_mask)
 
 
 def check_teacher_settings(config) -> None:

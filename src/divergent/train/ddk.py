@@ -102,7 +102,9 @@ class DomainSource:
         pairs = self.sampler.draw(n)
         for domain, _ in pairs:
             self.drawn[domain] += 1
-        return Batch.from_examples([example for _, example in pairs], self.pad_token_id)
+        batch = Batch.from_examples([example for _, example in pairs], self.pad_token_id)
+        batch.domains = torch.tensor([domain for domain, _ in pairs], dtype=torch.long)  # for one teacher per domain
+        return batch
 
 
 def domain_perplexities(model: nn.Module, domains: Sequence[Sequence[dict]], *, batch_size: int = 16,

@@ -27,7 +27,10 @@ One optimisation step of :class:`LMTrainer`:
    from the output layer's input and weight, by ``LinearDistillationLoss`` (output
    layer fused, chunked over tokens; default) or ``DistillationLoss`` on full logits
    (``fused=False``). The teacher side is the teacher's output-layer input and
-   weight (no grad) or a cached top-k teacher (``dv.TopK``).
+   weight (no grad), the logits of a teacher that gives them (a mixture of teachers,
+   :func:`divergent.models.hf.gives_logits`), or a cached top-k teacher (``dv.TopK``); with
+   one teacher per domain (:class:`divergent.models.domain_teachers.DomainTeachers`) each
+   domain's rows of the batch against their own teacher, summed under the one ``n``.
 4. Stop with :class:`~divergent.train.run.NonFiniteLossError` (before any update)
    on a non-finite loss or gradient; clip; AdamW/SGD step; linear warm-up then
    cosine (or constant) learning rate.
@@ -61,7 +64,8 @@ from divergent.functional.topk import TopK
 from divergent.functional.fused_linear import default_chunk_size
 from divergent.losses.linear import LinearDistillationLoss
 from divergent.losses.modules import DistillationLoss
-from divergent.models.hf import check_plain_output_layer, is_hf_model, output_layer_input, replace_output
+from divergent.models.domain_teachers import DomainTeachers
+from divergent.models.hf import check_plain_output_layer, gives_logits, is_hf_model, replace_output, teacher_side
 from divergent.train import distributed
 from divergent.train.distributed import init_distributed_from_env  # noqa: F401  (re-exported)
 from divergent.train.run import NonFiniteLossError, check_finite
@@ -208,7 +212,8 @@ class Batch:
     position (what the teacher predicts for the next token). ``teacher_rows``: a cached
     teacher with another tokenizer (:mod:`divergent.train.cross_tokenizer`): the same rows in
     the teacher's tokens, ``input_ids``/``attention_mask``/``labels`` ``[B, Tt]`` and its
-    ``teacher_indices``/``teacher_logprobs`` ``[B, Tt, k]``.
+    ``teacher_indices``/``teacher_logprobs`` ``[B, Tt, k]``. ``domains`` ``[B]``: each
+    row's domain index (data grouped by a domain column; one teacher per domain reads it).
     """
 
     input_ids: torch.Tensor
@@ -217,11 +222,16 @@ class Batch:
     teacher_indices: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
     teacher_rows: dict[str, torch.Tensor] | None = None
+    domains: torch.Tensor | None = None
+
+    _TENSORS = ("input_ids", "attention_mask", "labels", "teacher_indices", "teacher_logprobs", "domains")
 
     def _map(self, change) -> Batch:
+        def apply(t):
+            return None if t is None else change(t)
+
         rows = None if self.teacher_rows is None else {key: change(t) for key, t in self.teacher_rows.items()}
-        return Batch(*(None if t is None else change(t) for t in (self.input_ids, self.attention_mask, self.labels,
-                                                                  self.teacher_indices, self.teacher_logprobs)), rows)
+        return Batch(**{name: apply(getattr(self, name)) for name in self._TENSORS}, teacher_rows=rows)
 
     def rows(self, start: int, end: int) -> Batch:
         return self._map(lambda t: t[start:end])
@@ -237,7 +247,8 @@ class Batch:
         if "teacher_row" in examples[0]:  # the teacher's own tokens (cross-tokenizer, cached teacher)
             rows = collate([e["teacher_row"] for e in examples], 0, extra=("teacher_indices", "teacher_logprobs"))
         return cls(data["input_ids"], data["attention_mask"], data["labels"],
-                   data.get("teacher_indices"), data.get("teacher_logprobs"), rows)
+                   data.get("teacher_indices"), data.get("teacher_logprobs"), teacher_rows=rows,
+                   domains=data.get("domain_index"))
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -320,9 +331,10 @@ class LMObjective:
     with ``s_t`` the student's logits at position ``t``, ``y_{t+1} = labels[t + 1]`` (tokens
     whose label is -100 do not count) and ``D_t`` the divergence between the tempered
     teacher and student distributions at ``t``. The teacher is ``teacher`` (a causal LM,
-    run without grad) or the batch's cached top-k. ``n`` is ``normalizer`` — the step's
-    global count of counted tokens under accumulation and data parallelism — or the batch's
-    own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
+    run without grad; a module that gives its logits; or :class:`DomainTeachers`, whose
+    domain ``d`` teacher scores the rows with ``batch.domains == d``) or the batch's cached
+    top-k. ``n`` is ``normalizer`` — the step's global count of counted tokens under
+    accumulation and data parallelism — or the batch's own count. With ``soft_weight == 0`` no teacher is needed (plain cross-entropy, computed
     in chunks so the logits are never whole).
     """
 
@@ -377,53 +389,75 @@ class LMObjective:
             normalizer = max(int(count_targets(batch.labels)), 1)
         elif isinstance(normalizer, torch.Tensor):
             normalizer = float(normalizer.detach())
-        teacher_input = teacher_weight = None
+        # The teacher side in parts: (rows of the batch or None for all, teacher_input, teacher_weight);
+        # one part, or with one teacher per domain one part per domain present in the batch.
+        parts: list[tuple[torch.Tensor | None, Any, Any]] = [(None, None, None)]
         if self.needs_teacher:
             if batch.teacher_indices is not None:
                 k = batch.teacher_indices.shape[-1]
-                teacher_weight = TopK(batch.teacher_indices[:, :-1].reshape(-1, k),
-                                      batch.teacher_logprobs[:, :-1].reshape(-1, k).float())
+                parts = [(None, None, TopK(batch.teacher_indices[:, :-1].reshape(-1, k),
+                                           batch.teacher_logprobs[:, :-1].reshape(-1, k).float()))]
+            elif isinstance(teacher, DomainTeachers):
+                parts = [(rows, *self._teacher_pair(member, batch.input_ids[rows], batch.attention_mask[rows]))
+                         for member, rows in teacher.groups(batch.domains)]
             elif teacher is not None:
-                with torch.no_grad():
-                    hidden, teacher_weight = _as_autocast(*output_layer_input(teacher, batch.input_ids,
-                                                                              batch.attention_mask))
-                teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                teacher_weight = teacher_weight.detach()
+                parts = [(None, *self._teacher_pair(teacher, batch.input_ids, batch.attention_mask))]
             else:
                 raise ValueError(
                     f"soft_weight={self.soft_weight} needs a teacher: pass a teacher model or batches with a "
                     f"cached teacher (divergent cache-teacher); soft_weight=0 trains on the labels alone"
                 )
 
-        if teacher_input is not None:
-            _check_finite_states(teacher_input, "teacher")
-
         def at_output_layer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             _check_finite_states(hidden, "student")
             hidden, weight = _as_autocast(hidden, weight)
-            student_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            flat_labels = labels.reshape(-1)
             if not self.needs_teacher:
-                return self.hard_weight * self._chunked_ce(student_input, weight, flat_labels) / normalizer
-            if self.fused:
-                return self.fused_loss(student_input, weight, teacher_input, teacher_weight, flat_labels,
-                                       normalizer=normalizer)
-            vocab = self.vocab_size or weight.shape[0]
-            student_logits = (student_input @ weight.T)[:, :vocab]
-            if isinstance(teacher_weight, TopK):
-                teacher_logits = teacher_weight
-            else:
-                teacher_logits = (teacher_input @ teacher_weight.T)[:, :vocab]
-                if teacher_logits.shape[-1] != student_logits.shape[-1]:
-                    raise ValueError(
-                        f"student vocabulary ({student_logits.shape[-1]}) and teacher vocabulary "
-                        f"({teacher_logits.shape[-1]}) differ; set vocab_size when it is only padding — "
-                        f"different tokenizers are not supported"
-                    )
-            return self.unfused_loss(student_logits, teacher_logits, flat_labels, normalizer=normalizer)
+                student_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                return self.hard_weight * self._chunked_ce(student_input, weight, labels.reshape(-1)) / normalizer
+            total = None
+            for rows, teacher_input, teacher_weight in parts:
+                part_hidden, part_labels = (hidden, labels) if rows is None else (hidden[rows], labels[rows])
+                student_input = part_hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                loss = self._soft_loss(student_input, weight, teacher_input, teacher_weight,
+                                       part_labels.reshape(-1), normalizer)
+                total = loss if total is None else total + loss
+            return total
 
         with replace_output(student, at_output_layer):
             return _call(model, batch.input_ids, batch.attention_mask)
+
+    @staticmethod
+    def _teacher_pair(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[Any, Any]:
+        """``(teacher_input [N, H], weight [V, H])`` or ``(None, logits [N, V])`` of the predicted positions."""
+        with torch.no_grad():
+            hidden, teacher_weight = teacher_side(teacher, input_ids, attention_mask)
+        if hidden is None:  # a teacher that gives its logits [B, T, V]
+            return None, teacher_weight[:, :-1].reshape(-1, teacher_weight.shape[-1]).detach()
+        hidden, teacher_weight = _as_autocast(hidden, teacher_weight)
+        teacher_input = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        _check_finite_states(teacher_input, "teacher")
+        return teacher_input, teacher_weight.detach()
+
+    def _soft_loss(self, student_input: torch.Tensor, weight: torch.Tensor, teacher_input: Any, teacher_weight: Any,
+                   flat_labels: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """The loss of these rows (summed over their counted tokens, divided by ``normalizer``)."""
+        if self.fused:
+            return self.fused_loss(student_input, weight, teacher_input, teacher_weight, flat_labels,
+                                   normalizer=normalizer)
+        vocab = self.vocab_size or weight.shape[0]
+        student_logits = (student_input @ weight.T)[:, :vocab]
+        if isinstance(teacher_weight, TopK):
+            teacher_logits = teacher_weight
+        else:
+            dense = teacher_weight if teacher_input is None else teacher_input @ teacher_weight.T
+            teacher_logits = dense[:, :vocab]
+            if teacher_logits.shape[-1] != student_logits.shape[-1]:
+                raise ValueError(
+                    f"student vocabulary ({student_logits.shape[-1]}) and teacher vocabulary "
+                    f"({teacher_logits.shape[-1]}) differ; set vocab_size when it is only padding — "
+                    f"different tokenizers are not supported"
+                )
+        return self.unfused_loss(student_logits, teacher_logits, flat_labels, normalizer=normalizer)
 
     def _chunked_ce(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from torch.utils.checkpoint import checkpoint
@@ -521,7 +555,9 @@ def generated_batch(
     continuations = _sample(model, prompts, max_new_tokens, temperature, generator, pad_token_id, eos_token_id, device)
     for prompt, tokens in zip(prompts, continuations):
         examples.append({"input_ids": prompt + tokens, "labels": [-100] * len(prompt) + tokens})
-    return Batch.from_examples(examples, pad_token_id)
+    generated = Batch.from_examples(examples, pad_token_id)
+    generated.domains = batch.domains  # the same rows, in the same order
+    return generated
 
 
 # ----------------------------------------------------------------------------- memory
@@ -618,7 +654,11 @@ class LMTrainer:
         self.student = student.to(self.device).train()
         self.teacher = None
         if teacher is not None and (self.objective.needs_teacher or config.seq_kd_fraction > 0):
-            check_plain_output_layer(teacher)
+            if gives_logits(teacher) and config.seq_kd_fraction > 0:
+                raise ValueError(f"seq_kd_fraction={config.seq_kd_fraction} needs a teacher that generates; the "
+                                 f"{type(teacher).__name__} teacher gives logits only (set seq_kd_fraction=0)")
+            if not gives_logits(teacher):
+                check_plain_output_layer(teacher)
             self.teacher = teacher.to(self.device).eval()
             for parameter in self.teacher.parameters():
                 parameter.requires_grad_(False)
@@ -881,10 +921,12 @@ def evaluate_lm(
             counted = targets != -100
             teacher_logits = None
             if teacher is not None:
-                hidden, weight = output_layer_input(teacher, batch.input_ids, batch.attention_mask)
-                teacher_logits = (hidden[:, :-1][counted] @ weight.T).float()
-            model_hidden, model_weight = output_layer_input(model, batch.input_ids, batch.attention_mask)
-            logits = (model_hidden[:, :-1][counted] @ model_weight.T).float()
+                hidden, weight = teacher_side(teacher, batch.input_ids, batch.attention_mask, batch.domains)
+                teacher_logits = (weight[:, :-1][counted] if hidden is None
+                                  else hidden[:, :-1][counted] @ weight.T).float()
+            model_hidden, model_weight = teacher_side(model, batch.input_ids, batch.attention_mask, batch.domains)
+            logits = (model_weight[:, :-1][counted] if model_hidden is None
+                      else model_hidden[:, :-1][counted] @ model_weight.T).float()
             vocab = vocab_size or logits.shape[-1]
             logits = logits[:, :vocab]
             y = targets[counted]
