@@ -252,12 +252,18 @@ def _uld_falls(models, run_dir, cache_dir):
     assert after < before, (before, after)
 
 
-def test_cache_teacher_then_distill_lm_across_tokenizers(models, tmp_path):
+def _cache_teacher_cli(models, tmp_path):
+    """``divergent cache-teacher`` of the teacher (its own tokenizer) over 16 prompt/completion rows, k = 16."""
     data = H.write_jsonl(tmp_path / "pc.jsonl", H.prompt_completion_rows(16))
     cache = tmp_path / "cache"
     result = runner.invoke(app, ["cache-teacher", "--teacher", str(models["root"] / "teacher"), "--data", str(data),
                                  "--k", "16", "-o", str(cache), "--threads", "1"])
     assert result.exit_code == 0, result.output
+    return cache
+
+
+def test_cache_teacher_then_distill_lm_across_tokenizers(models, tmp_path):
+    cache = _cache_teacher_cli(models, tmp_path)
     assert (cache / "teacher-tokenizer" / "tokenizer.json").is_file()
     base = ["distill-lm", "--teacher-cache", str(cache), "--student", str(models["root"] / "student"),
             "--cross-tokenizer", "uld", "--batch-size", "4", "--threads", "1", "--set", "evaluations=1"]
@@ -350,11 +356,7 @@ def test_gold_from_served_and_cached_teachers_gives_the_local_loss(models, tmp_p
 
 
 def test_cache_teacher_then_distill_lm_with_gold(models, tmp_path):
-    data = H.write_jsonl(tmp_path / "pc.jsonl", H.prompt_completion_rows(16))
-    cache = tmp_path / "cache"
-    result = runner.invoke(app, ["cache-teacher", "--teacher", str(models["root"] / "teacher"), "--data", str(data),
-                                 "--k", "16", "-o", str(cache), "--threads", "1"])
-    assert result.exit_code == 0, result.output
+    cache = _cache_teacher_cli(models, tmp_path)
     result = runner.invoke(app, ["distill-lm", "--teacher-cache", str(cache), "--student", str(models["root"] / "student"),
                                  "--cross-tokenizer", "gold", "-d", "forward_kl", "--set", "gold_strategy=bayesian",
                                  "--batch-size", "4", "--threads", "1", "--set", "evaluations=1", "--steps", "8",
