@@ -87,8 +87,8 @@ def register(app: typer.Typer) -> None:
         from the same initial weights on the same batches, and prints per model: evaluation
         loss and perplexity (bits per byte for byte-level models), KL to the teacher, top-1
         agreement, tokens/s and peak memory. Writes results.csv/json, report.md and
-        curves.png, and each student with save_pretrained (runs/<model>/model). With
-        --seeds 0,1,2 every row runs on every seed and is compared with the student alone and
+        curves.png, and each student with save_pretrained (runs/<row>/model, the row being
+        scratch, a divergence or the cross-tokenizer mode). With --seeds 0,1,2 every row runs on every seed and is compared with the student alone and
         a baseline (paired differences, a verdict, report.md). With no options: that comparison
         on Python stdlib source as bytes with a cached tiny teacher (six divergences, three
         seeds; a few minutes on two CPU cores); --set seeds=[] gives one run. With

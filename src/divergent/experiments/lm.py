@@ -647,7 +647,10 @@ def _train_row(config: DistillLMConfig, setup: _Setup, name: str, divergence: st
         save_pretrained(trainer.student, model_dir, tokenizer=tokenizer, state_dict=state)
 
     checkpointer = Checkpointer(folder / "checkpoints", keep=config.keep_checkpoints, on_save=export)
-    row: dict[str, Any] = {"model": "distilled" if divergence else name, "divergence": divergence or "-",
+    shown = divergence or "-"
+    if divergence and config.cross_tokenizer:  # ULD replaces the divergence; GOLD uses it on the shared entries
+        shown = "uld" if config.cross_tokenizer == "uld" else f"gold ({divergence} on shared entries)"
+    row: dict[str, Any] = {"model": "distilled" if divergence else name, "divergence": shown,
                            "label": name, "config_hash": _config_hash(config)}
     task = bar.add_task(name, total=config.steps)
     try:
@@ -758,6 +761,11 @@ def _write_report(run_dir: Path, config: DistillLMConfig, setup: _Setup, table: 
     kl_note = ("KL and top-1 agreement are computed against the cached top-k teacher (top-k buckets plus the tail: "
                "a lower bound of the full KL)." if setup.cached_teacher else
                "KL(teacher ‖ student) is the mean per counted token at T = 1 over the full vocabulary.")
+    if config.cross_tokenizer:
+        kl_note = ("The teacher has another tokenizer: KL and top-1 agreement are not defined across two "
+                   "vocabularies, and its own loss is per teacher token, so those cells are empty; compare the "
+                   f"students' eval_loss (in the student's tokens). The {config.cross_tokenizer} row's objective is "
+                   f"in docs/llm.md (Another tokenizer).")
     text = f"""# divergent distill-lm
 
 Teacher: {setup.teacher_description}. Student: {config.student or 'default byte-level GPT ' + str(STUDENT_CONFIG)}.
@@ -769,7 +777,7 @@ Data: {setup.data_description}.
 eval_loss: mean cross-entropy on the evaluation examples (nats per counted token); perplexity = exp(eval_loss){'; bits_per_byte = eval_loss / ln 2 (the tokens are bytes)' if setup.byte_level else ''}.
 {kl_note} tokens_per_s: counted training tokens per second of training (evaluation excluded);
 peak_mb: peak resident memory of the process during that student's run (CPU; it includes the teacher
-and the data) or peak allocated memory (CUDA). Each distilled student is in `runs/<model>/model`
+and the data) or peak allocated memory (CUDA). Each student is in `runs/<row>/model` (the row's label: scratch, the divergence or the cross-tokenizer mode)
 (save_pretrained{', with the tokenizer' if not setup.byte_level else ''}).
 
 ## Data
