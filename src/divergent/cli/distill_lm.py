@@ -88,8 +88,9 @@ def register(app: typer.Typer) -> None:
         loss and perplexity (bits per byte for byte-level models), KL to the teacher, top-1
         agreement, tokens/s and peak memory. Writes results.csv/json, report.md and
         curves.png, and each student with save_pretrained (runs/<row>/model, the row being
-        scratch, a divergence or the cross-tokenizer mode). With --seeds 0,1,2 every row runs on every seed and is compared with the student alone and
-        a baseline (paired differences, a verdict, report.md). With no options: that comparison
+        scratch, a divergence or the cross-tokenizer mode). With --seeds 0,1,2 every row runs
+        on every seed and is compared with the student alone and a baseline (paired
+        differences, a verdict, report.md). With no options: that comparison
         on Python stdlib source as bytes with a cached tiny teacher (six divergences, three
         seeds; a few minutes on two CPU cores); --set seeds=[] gives one run. With
         --domain-column COL the rows are drawn by domain (--mixing ddk: DDK's weights from each
