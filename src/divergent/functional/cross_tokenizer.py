@@ -38,7 +38,7 @@ from torch import Tensor
 from divergent.functional import _validation as v
 from divergent.functional.generators import MEASURE_DIVERGENCES, check_f_divergence, registry_f
 
-__all__ = ["uld_distance", "uld_sequence_loss", "VocabularyMatch", "byte_offset_groups", "merge_groups",
+__all__ = ["uld_distance", "uld_sequence_loss", "answer_spans", "VocabularyMatch", "byte_offset_groups", "merge_groups",
            "gold_sequence_loss", "check_gold_settings", "MERGE_STRATEGIES", "MEASURE_DIVERGENCES"]
 
 # How a run of several tokens becomes one distribution (merge_groups).
@@ -123,6 +123,44 @@ def answer_span(labels: Tensor, ignore_index: int = -100) -> tuple[int, int]:
     return int(counted.nonzero()[0, 0]), int(counted.sum())
 
 
+def answer_spans(labels: Tensor, ignore_index: int = -100) -> list[tuple[int, int]]:
+    """``(start, size)`` of each maximal run of counted positions of one row of labels, in order.
+
+    One run for a prompt/completion row; one per assistant turn for a conversation. Empty
+    when nothing counts.
+
+    >>> import torch
+    >>> answer_spans(torch.tensor([-100, 5, 6, -100, -100, 7, -100]))
+    [(1, 2), (5, 1)]
+    """
+    counted = labels.ne(ignore_index).tolist()
+    spans, start = [], None
+    for position, flag in enumerate([*counted, False]):
+        if flag and start is None:
+            start = position
+        elif not flag and start is not None:
+            spans.append((start, position - start))
+            start = None
+    return spans
+
+
+def _span_pairs(student_labels: Tensor, teacher_labels: Tensor, row: int,
+                ignore_index: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """The answer spans of row ``row`` on both sides, paired in order (none when either side has none).
+
+    A row with several answers (a conversation's assistant turns) is compared answer by
+    answer; the two sides must mark the same number of answers.
+    """
+    student, teacher = answer_spans(student_labels, ignore_index), answer_spans(teacher_labels, ignore_index)
+    if not student or not teacher:
+        return []
+    if len(student) != len(teacher):
+        raise ValueError(f"row {row}: the student's labels mark {len(student)} answer span(s) and the teacher's "
+                         f"{len(teacher)}; both tokenizations must mark the same answers (re-tokenize the teacher's "
+                         f"rows with divergent.train.cross_tokenizer.teacher_batch)")
+    return list(zip(student, teacher))
+
+
 def _check_sequences(student_logits: Tensor, teacher_logits: Tensor, **per_position) -> tuple[Tensor, Tensor]:
     """Checked ``[B, L, V]`` logits of both sides; each ``per_position`` pair (student's, teacher's) ``[B, L]``."""
     student_logits = v.check_logits(student_logits, "student_logits")
@@ -167,6 +205,12 @@ def uld_sequence_loss(
     ``reduction="sum"``: Σ_b Σ_{i<m_b} ULD(q_i, p_i) instead, the sum over every aligned
     position (for a loss divided by a token count, as the LM trainer's).
 
+    A row whose labels mark several answers (:func:`answer_spans`: a conversation's assistant
+    turns) is compared answer by answer, the k-th span of one side with the k-th of the other
+    (each truncated and EOS-skipped on its own), and ``loss_b`` is the sum over all of them
+    divided by the number of aligned positions; both sides must mark the same number of
+    answers. (TRL takes one span from the first counted label, which mixes turns.)
+
     Args:
         student_logits: ``[B, Ls, Vs]``; teacher_logits: ``[B, Lt, Vt]`` (lengths and vocabularies may differ).
         student_labels: ``[B, Ls]``; teacher_labels: ``[B, Lt]`` (``ignore_index`` = not an answer token).
@@ -181,18 +225,17 @@ def uld_sequence_loss(
     dtype = v.compute_dtype(student_logits, teacher_logits)
     losses = []
     for b in range(student_logits.shape[0]):
-        s_start, s_size = answer_span(student_labels[b], ignore_index)
-        t_start, t_size = answer_span(teacher_labels[b], ignore_index)
-        s_size -= int(skip_student_eos and s_size > 0)
-        t_size -= int(skip_teacher_eos and t_size > 0)
-        length = min(s_size, t_size)
-        if length <= 0:
-            losses.append(student_logits[b].sum().to(dtype) * 0.0)
-            continue
-        q = torch.softmax(student_logits[b, s_start:s_start + length].to(dtype) / student_temperature, dim=-1)
-        p = torch.softmax(teacher_logits[b, t_start:t_start + length].to(dtype) / teacher_temperature, dim=-1)
-        rows = _sorted_l1(q, p).sum()
-        losses.append(rows / length if reduction == "mean" else rows)
+        total, count = student_logits[b].sum().to(dtype) * 0.0, 0
+        for (s_start, s_size), (t_start, t_size) in _span_pairs(student_labels[b], teacher_labels[b], b, ignore_index):
+            s_size -= int(skip_student_eos and s_size > 0)
+            t_size -= int(skip_teacher_eos and t_size > 0)
+            length = min(s_size, t_size)
+            if length <= 0:
+                continue
+            q = torch.softmax(student_logits[b, s_start:s_start + length].to(dtype) / student_temperature, dim=-1)
+            p = torch.softmax(teacher_logits[b, t_start:t_start + length].to(dtype) / teacher_temperature, dim=-1)
+            total, count = total + _sorted_l1(q, p).sum(), count + length
+        losses.append(total / count if reduction == "mean" and count else total)
     total = torch.stack(losses)
     return total.mean() if reduction == "mean" else total.sum()
 
@@ -400,7 +443,9 @@ def gold_sequence_loss(
 
     For each sequence b, on each side: the answer span (labels that are not
     ``ignore_index``; minus its last token with ``skip_*_eos``) and its byte offsets
-    relative to the answer text. The spans are grouped by :func:`byte_offset_groups`
+    relative to the answer text (several answers, :func:`answer_spans`, are paired in order
+    and each is aligned on its own, the offsets relative to its text; ``loss_b`` divides by
+    all their groups). The spans are grouped by :func:`byte_offset_groups`
     (pairs with an empty side dropped), the softmax rows (``logits / temperature``) of each
     group merged by :func:`merge_groups`; with ``"observed"`` the rows are the logits at the
     answer positions, with ``"bayesian"`` one position earlier (the row that predicts each
@@ -453,42 +498,38 @@ def gold_sequence_loss(
     shift = 1 if strategy == "bayesian" else 0
     losses = []
     for b in range(student_logits.shape[0]):
-        zero = student_logits[b].sum().to(dtype) * 0.0
-        s_start, s_size = answer_span(student_labels[b], ignore_index)
-        t_start, t_size = answer_span(teacher_labels[b], ignore_index)
-        s_size -= int(skip_student_eos and s_size > 0)
-        t_size -= int(skip_teacher_eos and t_size > 0)
-        if s_size <= 0 or t_size <= 0:
-            losses.append(zero)
-            continue
-        if shift and (s_start == 0 or t_start == 0):  # nothing predicts the first token: drop the first group pair
+        total, count = student_logits[b].sum().to(dtype) * 0.0, 0
+        for (s_start, s_size), (t_start, t_size) in _span_pairs(student_labels[b], teacher_labels[b], b, ignore_index):
+            s_size -= int(skip_student_eos and s_size > 0)
+            t_size -= int(skip_teacher_eos and t_size > 0)
+            if s_size <= 0 or t_size <= 0:
+                continue
+            if shift and (s_start == 0 or t_start == 0):  # nothing predicts the first token: drop the first group pair
+                s_groups, t_groups = byte_offset_groups(student_offsets[b, s_start:s_start + s_size],
+                                                        teacher_offsets[b, t_start:t_start + t_size])
+                s_start, s_size = s_start + len(s_groups[0]), s_size - len(s_groups[0])
+                t_start, t_size = t_start + len(t_groups[0]), t_size - len(t_groups[0])
+                if s_size <= 0 or t_size <= 0:
+                    continue
             s_groups, t_groups = byte_offset_groups(student_offsets[b, s_start:s_start + s_size],
                                                     teacher_offsets[b, t_start:t_start + t_size])
-            s_start, s_size = s_start + len(s_groups[0]), s_size - len(s_groups[0])
-            t_start, t_size = t_start + len(t_groups[0]), t_size - len(t_groups[0])
-            if s_size <= 0 or t_size <= 0:
-                losses.append(zero)
+            pairs = [(sg, tg) for sg, tg in zip(s_groups, t_groups) if sg and tg]
+            if not pairs:
                 continue
-        s_groups, t_groups = byte_offset_groups(student_offsets[b, s_start:s_start + s_size],
-                                                teacher_offsets[b, t_start:t_start + t_size])
-        pairs = [(sg, tg) for sg, tg in zip(s_groups, t_groups) if sg and tg]
-        if not pairs:
-            losses.append(zero)
-            continue
-        s_probs = torch.softmax(student_logits[b, s_start - shift:s_start + s_size - shift].to(dtype)
-                                / student_temperature, dim=-1)
-        t_probs = torch.softmax(teacher_logits[b, t_start - shift:t_start + t_size - shift].to(dtype)
-                                / teacher_temperature, dim=-1)
-        s = merge_groups(s_probs, [sg for sg, _ in pairs], student_ids[b, s_start:s_start + s_size], strategy)
-        t = merge_groups(t_probs, [tg for _, tg in pairs], teacher_ids[b, t_start:t_start + t_size], strategy)
-        total = zero
-        if len(match):
-            s_m, t_m = s[:, s_cols].clamp_min(_EPS), t[:, t_cols].clamp_min(_EPS)
-            total = total + w_m * (t_m * registry_f(s_m.log() - t_m.log(), divergence, **params)).sum()
-        s_u, t_u = s[:, ~s_shared], t[:, ~t_shared]
-        if s_u.shape[-1] and t_u.shape[-1]:
-            total = total + w_u * _sorted_l1(s_u, t_u).sum()
-        losses.append(total / len(pairs) if reduction == "mean" else total)
+            s_probs = torch.softmax(student_logits[b, s_start - shift:s_start + s_size - shift].to(dtype)
+                                    / student_temperature, dim=-1)
+            t_probs = torch.softmax(teacher_logits[b, t_start - shift:t_start + t_size - shift].to(dtype)
+                                    / teacher_temperature, dim=-1)
+            s = merge_groups(s_probs, [sg for sg, _ in pairs], student_ids[b, s_start:s_start + s_size], strategy)
+            t = merge_groups(t_probs, [tg for _, tg in pairs], teacher_ids[b, t_start:t_start + t_size], strategy)
+            if len(match):
+                s_m, t_m = s[:, s_cols].clamp_min(_EPS), t[:, t_cols].clamp_min(_EPS)
+                total = total + w_m * (t_m * registry_f(s_m.log() - t_m.log(), divergence, **params)).sum()
+            s_u, t_u = s[:, ~s_shared], t[:, ~t_shared]
+            if s_u.shape[-1] and t_u.shape[-1]:
+                total = total + w_u * _sorted_l1(s_u, t_u).sum()
+            count += len(pairs)
+        losses.append(total / count if reduction == "mean" and count else total)
     stacked = torch.stack(losses)
     if torch.isnan(stacked).any():
         raise ValueError("gold_sequence_loss: NaN in the result; student_logits or teacher_logits hold NaN or rows "

@@ -35,7 +35,7 @@ from torch import nn
 
 from divergent.functional.cross_tokenizer import (
     VocabularyMatch,
-    answer_span,
+    answer_spans,
     check_gold_settings,
     gold_sequence_loss,
     uld_sequence_loss,
@@ -201,36 +201,45 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
                   student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's rows re-tokenized by the teacher: ``(input_ids, attention_mask, labels)``, right-padded.
 
-    Row b's prompt (tokens before its first counted label) and answer (the counted tokens)
-    are decoded separately (special tokens dropped) and encoded with ``teacher_tokenizer``
-    (no special tokens added); an answer that ends with the student's EOS gets the
-    teacher's EOS. The teacher's labels are -100 on the prompt and the answer's ids on it.
+    Each row is cut into runs of uncounted tokens (prompt, a user turn) and counted ones (an
+    answer, an assistant turn; :func:`~divergent.functional.cross_tokenizer.answer_spans`);
+    each run is decoded on its own (special tokens dropped) and encoded with
+    ``teacher_tokenizer`` (no special tokens added), and an answer that ends with the
+    student's EOS gets the teacher's EOS. The teacher's labels are -100 on the uncounted
+    runs and the ids on the answers, so both sides mark the same answers in the same order.
     """
-    rows, answers = [], []
+    rows, counted_runs = [], []
     student_eos = getattr(student_tokenizer, "eos_token_id", None)
     teacher_eos = getattr(teacher_tokenizer, "eos_token_id", None)
     for b in range(input_ids.shape[0]):
         real = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
-        start, size = answer_span(labels[b][: real.shape[0]])
         ids = real.tolist()
-        prompt_text = student_tokenizer.decode(ids[:start], skip_special_tokens=True)
-        answer_ids = ids[start:start + size]
-        answer_text = student_tokenizer.decode(answer_ids, skip_special_tokens=True)
-        prompt = teacher_tokenizer(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
-        answer = teacher_tokenizer(answer_text, add_special_tokens=False)["input_ids"] if answer_text else []
-        if answer_ids and student_eos is not None and answer_ids[-1] == student_eos and teacher_eos is not None:
-            answer = answer + [teacher_eos]
-        rows.append(prompt + answer)
-        answers.append((len(prompt), len(answer)))
+        bounds, position = [], 0
+        for start, size in answer_spans(labels[b][: real.shape[0]]):
+            bounds += [(position, start, False), (start, start + size, True)]
+            position = start + size
+        bounds.append((position, len(ids), False))
+        row, runs = [], []
+        for start, end, counted in bounds:
+            text = student_tokenizer.decode(ids[start:end], skip_special_tokens=True) if end > start else ""
+            encoded = teacher_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            if counted and student_eos is not None and teacher_eos is not None and ids[end - 1] == student_eos:
+                encoded = encoded + [teacher_eos]
+            if counted and encoded:
+                runs.append((len(row), len(encoded)))
+            row += encoded
+        rows.append(row)
+        counted_runs.append(runs)
     width = max(1, max(len(r) for r in rows))
     pad = getattr(teacher_tokenizer, "pad_token_id", None) or 0  # any valid id: the mask hides it
     out_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     out_mask = torch.zeros((len(rows), width), dtype=torch.long)
     out_labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, (row, (prompt_len, answer_len)) in enumerate(zip(rows, answers)):
+    for b, (row, runs) in enumerate(zip(rows, counted_runs)):
         out_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         out_mask[b, : len(row)] = 1
-        out_labels[b, prompt_len:prompt_len + answer_len] = out_ids[b, prompt_len:prompt_len + answer_len]
+        for start, size in runs:
+            out_labels[b, start:start + size] = out_ids[b, start:start + size]
     device = input_ids.device
     return out_ids.to(device), out_mask.to(device), out_labels.to(device)
 
@@ -294,11 +303,10 @@ def decoded_byte_offsets(ids: list[int], tokenizer: Any) -> list[tuple[int, int]
 
 
 def _offsets(ids: torch.Tensor, labels: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """``[B, L, 2]`` byte offsets of each row's answer span (:func:`answer_byte_offsets`), (0, 0) elsewhere."""
+    """``[B, L, 2]`` byte offsets of each answer span in its own text (:func:`answer_byte_offsets`), (0, 0) elsewhere."""
     out = torch.zeros((*ids.shape, 2), dtype=torch.long)
     for b in range(ids.shape[0]):
-        start, size = answer_span(labels[b])
-        if size:
+        for start, size in answer_spans(labels[b]):
             answer = ids[b, start:start + size].tolist()
             out[b, start:start + size] = torch.tensor(answer_byte_offsets(answer, tokenizer))
     return out.to(ids.device)
