@@ -57,6 +57,10 @@ def test_teacher_rows_mark_the_same_turns(pair):
             s_text = s_tok.decode(batch.input_ids[b, s0:s0 + sn], skip_special_tokens=True)
             t_text = t_tok.decode(t_ids[b, t0:t0 + tn], skip_special_tokens=True)
             assert s_text == t_text and s_text.strip()
+        # the chat markup between the answers is kept: the teacher reads every role marker and end of turn
+        s_row, t_row = batch.input_ids[b][batch.attention_mask[b].bool()].tolist(), t_ids[b][t_mask[b].bool()].tolist()
+        for marker in ("<|system|>", "<|user|>", "<|assistant|>", "</s>"):
+            assert t_row.count(t_tok.convert_tokens_to_ids(marker)) == s_row.count(s_tok.convert_tokens_to_ids(marker)) > 0
         # the whole row reads the same text on both sides
         s_all = s_tok.decode(batch.input_ids[b][batch.attention_mask[b].bool()], skip_special_tokens=True)
         assert t_tok.decode(t_ids[b][t_mask[b].bool()], skip_special_tokens=True) == s_all

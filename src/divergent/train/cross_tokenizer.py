@@ -203,14 +203,23 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 
     Each row is cut into runs of uncounted tokens (prompt, a user turn) and counted ones (an
     answer, an assistant turn; :func:`~divergent.functional.cross_tokenizer.answer_spans`);
-    each run is decoded on its own (special tokens dropped) and encoded with
-    ``teacher_tokenizer`` (no special tokens added), and an answer that ends with the
-    student's EOS gets the teacher's EOS. The teacher's labels are -100 on the uncounted
+    each run is decoded on its own and encoded with ``teacher_tokenizer`` (no special tokens
+    added). An answer is decoded without special tokens, and one that ends with the student's
+    EOS gets the teacher's EOS; the runs between answers keep their special tokens as text (a
+    chat template's role and end-of-turn markers, which the teacher's tokenizer maps to its
+    own special tokens where it has the same strings, as TRL's GOLD has the teacher read the
+    student's rendered template), except the student's BOS and padding; a row that starts
+    with the student's BOS starts with the teacher's. The teacher's labels are -100 on the uncounted
     runs and the ids on the answers, so both sides mark the same answers in the same order.
     """
     rows, counted_runs = [], []
     student_eos = getattr(student_tokenizer, "eos_token_id", None)
     teacher_eos = getattr(teacher_tokenizer, "eos_token_id", None)
+    student_bos = getattr(student_tokenizer, "bos_token_id", None)
+    teacher_bos = getattr(teacher_tokenizer, "bos_token_id", None)
+    # Markup between the answers (a chat template's role and end-of-turn tokens) is kept as text, as
+    # TRL's GOLD does (the teacher reads the student's rendered template); the row's own BOS and padding are not.
+    dropped = {student_bos, getattr(student_tokenizer, "pad_token_id", None)} - {None}
     for b in range(input_ids.shape[0]):
         real = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
         ids = real.tolist()
@@ -220,8 +229,14 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
             position = start + size
         bounds.append((position, len(ids), False))
         row, runs = [], []
+        if ids and student_bos is not None and ids[0] == student_bos and teacher_bos is not None:
+            row.append(teacher_bos)
         for start, end, counted in bounds:
-            text = student_tokenizer.decode(ids[start:end], skip_special_tokens=True) if end > start else ""
+            if counted:
+                text = student_tokenizer.decode(ids[start:end], skip_special_tokens=True)
+            else:
+                kept = [i for i in ids[start:end] if i not in dropped]
+                text = student_tokenizer.decode(kept, skip_special_tokens=False) if kept else ""
             encoded = teacher_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             if counted and student_eos is not None and teacher_eos is not None and ids[end - 1] == student_eos:
                 encoded = encoded + [teacher_eos]
