@@ -196,18 +196,21 @@ def test_distillation_trainer_with_served_and_cached_teachers(models, server, tm
                     report_to=[], seed=0, disable_tqdm=True, logging_steps=1, cross_tokenizer="uld", teacher_top_k=16)
     s_tok, t_tok = models["student_tok"], models["teacher_tok"]
     cache = _cache(models, tmp_path, 16, "float16")
-    for name, kwargs in [("served", dict(teacher_model=server.url, teacher_processing_class=t_tok,
-                                         train_dataset=H.prompt_completion_rows(8))),
-                         ("cached", dict(teacher_processing_class=t_tok))]:
-        args = DistillationConfig(output_dir=str(tmp_path / name), teacher_cache=str(cache.directory) if name == "cached"
-                                  else None, **settings)
+    teachers = [("served", dict(teacher_model=server.url, teacher_processing_class=t_tok,
+                                train_dataset=H.prompt_completion_rows(8))),
+                ("cached", dict(teacher_processing_class=t_tok))]
+    for mode, (name, kwargs) in [(mode, teacher) for mode in ("uld", "gold") for teacher in teachers]:
+        gold = dict(divergence="forward_kl", gold_strategy="bayesian") if mode == "gold" else {}
+        args = DistillationConfig(output_dir=str(tmp_path / name / mode), teacher_cache=str(cache.directory)
+                                  if name == "cached" else None, **{**settings, "cross_tokenizer": mode, **gold})
         student = H.llama(len(s_tok), 32, 1, seed=0)
         trainer = DistillationTrainer(model=student, args=args, processing_class=s_tok, **kwargs)
         before = [p.detach().clone() for p in student.parameters()]
         sequences = server.sequences
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        assert len(losses) == 2 and all(0 < x < 20 for x in losses), (name, losses)
+        assert len(losses) == 2 and all(0 < x < 20 for x in losses), (name, mode, losses)
+        assert trainer.objective.mode == mode
         assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
         assert (server.sequences > sequences) == (name == "served")
     # a cache read with another tokenizer than its own, and more log-probs than the server allows
