@@ -188,3 +188,24 @@ def test_fused_dense_teacher_logits_equal_the_unfused_loss_on_full_logits(name, 
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
     torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-12)
+
+
+def test_evaluation_at_another_temperature_reads_the_mixture_of_the_teachers_themselves(models):
+    """Training at T = 2 mixes the tempered teachers; evaluation (KL, teacher loss) and a cache of the mixture are at
+    T = 1, so they read sum_i w_i softmax(z_i), computed here by hand in float64."""
+    a, b, student = models
+    mixture = TeacherMixture([a, b], [0.3, 0.7], temperature=2.0)
+    ids = _ids(4, (1, 6))
+    examples = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}]
+    metrics = evaluate_lm(student, examples, teacher=mixture)
+    p = _hand_mixture([a, b], [0.3, 0.7], ids, 1.0)[0, :-1]
+    assert not torch.allclose(p, _hand_mixture([a, b], [0.3, 0.7], ids, 2.0)[0, :-1])  # the temperature matters
+    with torch.no_grad():
+        logq = torch.log_softmax(student(input_ids=ids).logits.double(), -1)[0, :-1]
+    assert metrics["kl_teacher"] == pytest.approx(float((p * (p.log() - logq)).sum(-1).mean()), rel=1e-5)
+    assert metrics["teacher_loss"] == pytest.approx(float(-p.log().gather(1, ids[0, 1:, None]).mean()), rel=1e-5)
+    _, logprobs, _ = teacher_topk(mixture, ids, torch.ones_like(ids), k=3, vocab_size=VOCAB)
+    torch.testing.assert_close(logprobs[0, :-1].double(), p.log().topk(3, dim=-1).values, rtol=1e-5, atol=1e-6)
+    # training still reads the tempered mixture: softmax(logits / T) = sum_i w_i softmax(z_i / T)
+    torch.testing.assert_close(torch.softmax(mixture(ids).double() / 2.0, -1)[0, :-1],
+                               _hand_mixture([a, b], [0.3, 0.7], ids, 2.0)[0, :-1], rtol=1e-5, atol=1e-7)

@@ -105,8 +105,10 @@ def teacher_topk(
         return teacher.served_topk(input_ids.cpu(), attention_mask.cpu(), k=k, vocab_size=vocab_size)
     from divergent.models.hf import gives_logits, output_layer_input
 
-    if gives_logits(teacher):  # e.g. a mixture of teachers: its logits, not an output layer
-        teacher = teacher.teacher_logits
+    if gives_logits(teacher):  # e.g. a mixture of teachers: its logits (at T = 1, as every cache), not an output layer
+        from divergent.models.hf import teacher_side
+
+        teacher = lambda ids, mask, model=teacher: teacher_side(model, ids, mask, temperature=1.0)[1]  # noqa: E731
     if isinstance(teacher, torch.nn.Module):
         hidden, weight = output_layer_input(teacher, input_ids, attention_mask)
         logits_of = lambda rows: rows.float() @ weight.float().T  # noqa: E731

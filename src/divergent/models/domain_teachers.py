@@ -133,14 +133,18 @@ class DomainTeachers(nn.Module):
                              f"of the {len(self.names)} domains {self.names}")
         return [(self.teachers[d], (domains == d).nonzero().squeeze(1)) for d in present]
 
+    tempers = True  # passes a temperature on to a teacher that takes one (a mixture)
+
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       domains: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, T, V]``: row ``b``'s logits from the teacher of domain ``domains[b]``."""
+                       domains: torch.Tensor | None = None, *, temperature: float | None = None) -> torch.Tensor:
+        """``[B, T, V]``: row ``b``'s logits from the teacher of domain ``domains[b]`` (at ``temperature``, see
+        :func:`divergent.models.hf.teacher_side`)."""
         out = None
         for teacher, rows in self.groups(domains):
             rows = rows.to(input_ids.device)
             hidden, weight = teacher_side(teacher, input_ids[rows],
-                                          None if attention_mask is None else attention_mask[rows])
+                                          None if attention_mask is None else attention_mask[rows],
+                                          temperature=temperature)
             logits = weight if hidden is None else hidden @ weight.T
             if out is None:
                 out = logits.new_empty((input_ids.shape[0], *logits.shape[1:]))

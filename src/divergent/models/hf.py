@@ -328,17 +328,21 @@ def output_vocab(model: nn.Module) -> int:
 
 def teacher_side(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-    domains: torch.Tensor | None = None,
+    domains: torch.Tensor | None = None, *, temperature: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The teacher as the fused loss takes it: ``(hidden [B, T, H], weight [V, H])`` of its output
     layer, or ``(None, logits [B, T, V])`` for a model that gives its logits (:func:`gives_logits`).
 
     ``domains`` ``[B]``: each row's domain, passed to a model that takes it (``takes_domains``,
-    :class:`divergent.models.domain_teachers.DomainTeachers`)."""
+    :class:`divergent.models.domain_teachers.DomainTeachers`). ``temperature``: for a model
+    whose distribution depends on the temperature (``tempers``: a
+    :class:`divergent.models.mixture.TeacherMixture` mixes its *tempered* teachers), the
+    temperature to give it at, e.g. 1.0 in evaluation; None = its own (the training one)."""
     if gives_logits(model):
+        kwargs = {"temperature": temperature} if temperature is not None and getattr(model, "tempers", False) else {}
         if getattr(model, "takes_domains", False):
-            return None, model.teacher_logits(input_ids, attention_mask, domains)
-        return None, model.teacher_logits(input_ids, attention_mask)
+            return None, model.teacher_logits(input_ids, attention_mask, domains, **kwargs)
+        return None, model.teacher_logits(input_ids, attention_mask, **kwargs)
     return output_layer_input(model, input_ids, attention_mask)
 
 

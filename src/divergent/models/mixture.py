@@ -62,31 +62,49 @@ class TeacherMixture(nn.Module):
         self.weights = mixture_weights(weights, len(teachers))
         self.temperature = float(temperature)
 
-    def log_mixture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    tempers = True  # its distribution depends on the temperature (models.hf.teacher_side passes one)
+
+    def log_mixture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    temperature: float | None = None) -> torch.Tensor:
         """``log p_mix`` ``[B, T, V]`` (float32; float64 for float64 teachers) of the tempered teachers, without grad.
+
+        ``temperature``: the teachers' temperature (default: the mixture's own).
 
         Summed one teacher at a time (``log(a + b) = logaddexp``), in place where the tensor is
         this method's own: at most three ``[B, T, V]`` tensors live at once (the sum, a
         teacher's logits, its log-probabilities), whatever the number of teachers.
         """
+        temperature = self.temperature if temperature is None else _check_temperature(temperature)
         total = None
         for teacher, log_weight in zip(self.teachers, [math.log(w) for w in self.weights]):
             with torch.no_grad():  # a teacher: no gradient (and the in-place steps below rely on it)
                 _, logits = hidden_and_logits(teacher, input_ids, attention_mask)  # a new tensor: hidden @ weight.T
             logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-            term = torch.log_softmax(logits.div_(self.temperature), dim=-1).add_(log_weight)
+            term = torch.log_softmax(logits.div_(temperature), dim=-1).add_(log_weight)
             del logits
             total = term if total is None else torch.logaddexp(total, term, out=total)
             del term
         return total
 
-    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``T * log p_mix`` ``[B, T, V]``: ``softmax(logits / T) = p_mix``."""
-        return self.log_mixture(input_ids, attention_mask).mul_(self.temperature)
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                       temperature: float | None = None) -> torch.Tensor:
+        """Logits ``T * log p_mix`` ``[B, T, V]``: ``softmax(logits / T) = p_mix``.
+
+        ``temperature``: T (default: the mixture's own); evaluation asks at 1.0, where the
+        logits are ``log sum_i w_i softmax(z_i)``, the mixture of the teachers themselves.
+        """
+        temperature = self.temperature if temperature is None else _check_temperature(temperature)
+        return self.log_mixture(input_ids, attention_mask, temperature=temperature).mul_(temperature)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same as :meth:`teacher_logits`."""
         return self.teacher_logits(input_ids, attention_mask)
+
+
+def _check_temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_teacher_settings(config) -> None:

@@ -921,10 +921,12 @@ def evaluate_lm(
             counted = targets != -100
             teacher_logits = None
             if teacher is not None:
-                hidden, weight = teacher_side(teacher, batch.input_ids, batch.attention_mask, batch.domains)
+                hidden, weight = teacher_side(teacher, batch.input_ids, batch.attention_mask, batch.domains,
+                                              temperature=1.0)  # a mixture: of the teachers themselves, at T = 1
                 teacher_logits = (weight[:, :-1][counted] if hidden is None
                                   else hidden[:, :-1][counted] @ weight.T).float()
-            model_hidden, model_weight = teacher_side(model, batch.input_ids, batch.attention_mask, batch.domains)
+            model_hidden, model_weight = teacher_side(model, batch.input_ids, batch.attention_mask, batch.domains,
+                                                      temperature=1.0)
             logits = (model_weight[:, :-1][counted] if model_hidden is None
                       else model_hidden[:, :-1][counted] @ model_weight.T).float()
             vocab = vocab_size or logits.shape[-1]
