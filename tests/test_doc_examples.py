@@ -203,12 +203,15 @@ SHELL_SKIPS = [
      "(tests/test_compare_user_data.py runs each kind on generated files)"),
     (r"(--model|--teacher|--student) \./?my-|--model my-model|my_grpo.yaml|my-run.yaml", "the reader's own model or "
      "settings file (tests/test_rl_user.py, test_dpo_cli.py and test_lm_cli.py run each on tiny generated ones)"),
+    (r"^(?!.*HOST).*(--cross-tokenizer|--teacher \./other-family)", "the reader's own models with two tokenizers "
+     "(tests/test_cross_tokenizer_cli.py, test_cross_tokenizer_gold_train.py and test_cross_tokenizer_teachers.py run "
+     "these commands, cache-teacher then distill-lm included, on tiny generated ones)"),
     (r"--teacher \./teacher|--teacher-cache \./teacher-cache", "the reader's own teacher and data (tests/test_lm_cli.py runs "
      "the same commands on tiny generated models and files)"),
     (r" \.\.\. ", "elides its other options (`...`)"),
-    (r"--teacher \./qwen|--teacher \./other-family", "the reader's own teacher and reference models and corpus "
+    (r"--teacher \./qwen", "the reader's own teacher and reference models and corpus "
      "(tests/test_refine_data.py and test_cross_tokenizer_cli.py run the same commands on tiny generated ones)"),
-    (r"--teacher http://HOST", "needs a running vLLM/SGLang server (tests/test_served_teacher.py runs these commands "
+    (r"--teacher http://HOST", "needs a running vLLM/SGLang server (tests/test_served_teacher.py, and across tokenizers test_cross_tokenizer_teachers.py, run these commands "
      "against a 127.0.0.1 server answering in vLLM's and SGLang's JSON)"),
 ]
 
