@@ -211,8 +211,9 @@ SHELL_SKIPS = [
     (r" \.\.\. ", "elides its other options (`...`)"),
     (r"--teacher \./qwen", "the reader's own teacher and reference models and corpus "
      "(tests/test_refine_data.py and test_cross_tokenizer_cli.py run the same commands on tiny generated ones)"),
-    (r"--teacher http://HOST", "needs a running vLLM/SGLang server (tests/test_served_teacher.py, and across tokenizers test_cross_tokenizer_teachers.py, run these commands "
-     "against a 127.0.0.1 server answering in vLLM's and SGLang's JSON)"),
+    (r"--teacher http://HOST", "needs a running vLLM/SGLang server (tests/test_served_teacher.py, and across "
+     "tokenizers test_cross_tokenizer_teachers.py, run these commands against a 127.0.0.1 server answering in vLLM's "
+     "and SGLang's JSON)"),
 ]
 
 # CI-sized settings of each run command: the command's own option or --set for the key is replaced
