@@ -24,7 +24,6 @@ order, when used up) and a seeded generator, all of it in :meth:`DomainSampler.s
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
