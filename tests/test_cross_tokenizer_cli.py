@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_distill_lm_across_tokenizers_and_its_errors(tmp_path):
     for args, message in [
         (["--cross-tokenizer", "ulf"], "did you mean 'uld'"),
         (["--cross-tokenizer", "uld", "-d", "forward_kl,js"], "ULD, which replaces the divergence"),
-        (["--cross-tokenizer", "uld", "--on-policy", "0.5"], "on_policy_fraction"),
+        (["--cross-tokenizer", "uld", "--set", "seq_kd_fraction=0.5"], "cannot train on the teacher's generations"),
     ]:
         bad = CliRunner().invoke(app, [*base, *args, "-o", str(tmp_path / "bad")])
         assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
@@ -102,5 +103,10 @@ def test_hf_distillation_trainer_across_tokenizers(tmp_path):
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
     with pytest.raises(ValueError, match="did you mean 'uld'"):
         DistillationConfig(cross_tokenizer="ULD", **settings)
-    with pytest.raises(ValueError, match="cross_tokenizer='uld' trains on the data's text only"):
-        DistillationConfig(cross_tokenizer="uld", on_policy_fraction=0.5, **settings)
+    with pytest.raises(ValueError, match="cross_tokenizer='uld' cannot train on the teacher's generations"):
+        DistillationConfig(cross_tokenizer="uld", seq_kd_fraction=0.5, **settings)
+    # the student's generations, re-tokenized for the teacher each step (GOLD's sums on unnormalised vectors may be < 0)
+    _, losses, _ = H.train_across_tokenizers(tmp_path / "on-policy", H.tokenizer(300), H.tokenizer(400),
+                                             cross_tokenizer="gold", divergence="forward_kl", on_policy_fraction=1.0,
+                                             max_new_tokens=6)
+    assert len(losses) == 2 and all(math.isfinite(x) and x != 0 for x in losses)

@@ -277,6 +277,10 @@ def test_cache_teacher_then_distill_lm_across_tokenizers(models, tmp_path):
     bad = runner.invoke(app, [*base, "--teacher-tokenizer", str(models["root"] / "student"), "-o", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "written with another tokenizer than --teacher-tokenizer" in bad.output, bad.output
     assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output
+    # the student's generations need a teacher that reads new text: a cache alone is refused
+    bad = runner.invoke(app, [*base, "--on-policy", "0.5", "-o", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "needs a local --teacher PATH to score the student's generated text" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output
 
 
 def test_distill_lm_with_a_served_teacher_across_tokenizers(models, server, tmp_path):

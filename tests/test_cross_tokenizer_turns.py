@@ -130,3 +130,51 @@ def test_distill_lm_across_tokenizers_on_conversations(tmp_path):
     run = next((root / "runs").iterdir())
     rows = {r["label"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
     assert rows["gold"]["status"] == "finished" and rows["gold"]["loss"] > 0
+
+
+# -- on-policy: the student's own generations, read by the teacher in its tokens ----------------------
+
+
+def test_on_policy_batch_is_read_by_the_teacher_as_the_students_text(pair):
+    """A generated batch (the student's sampled continuations, counted) goes through the same re-tokenization:
+    the teacher's counted tokens spell the student's generated text, and the objective is finite."""
+    from divergent.train.cross_tokenizer import CrossTokenizerObjective, teacher_batch
+    from divergent.train.lm import generated_batch
+
+    s_tok, t_tok, batch = pair
+    student, teacher = H.llama(len(s_tok), 32, 1, seed=0), H.llama(len(t_tok), 48, 1, seed=1)
+    generated = generated_batch(student, batch, max_new_tokens=6, prompt_len=4, temperature=1.0,
+                                generator=torch.Generator().manual_seed(0), pad_token_id=s_tok.pad_token_id,
+                                eos_token_id=s_tok.eos_token_id)
+    t_ids, _, t_labels = teacher_batch(generated.input_ids, generated.attention_mask, generated.labels, s_tok, t_tok)
+    for b in range(generated.input_ids.shape[0]):
+        (s0, sn), = answer_spans(generated.labels[b])
+        (t0, tn), = answer_spans(t_labels[b])
+        said = s_tok.decode(generated.input_ids[b, s0:s0 + sn], skip_special_tokens=True)
+        assert said and t_tok.decode(t_ids[b, t0:t0 + tn], skip_special_tokens=True) == said
+    for mode in ("uld", "gold"):
+        loss = CrossTokenizerObjective(mode, s_tok, t_tok, gold={"divergence": "forward_kl"} if mode == "gold" else None)(
+            student, student, generated, teacher=teacher)
+        assert torch.isfinite(loss) and float(loss.detach()) > 0
+
+
+def test_distill_lm_on_policy_across_tokenizers_and_what_it_refuses(tmp_path):
+    root = tmp_path
+    s_tok, t_tok = H.tokenizer(300), H.tokenizer(400)
+    H.llama(len(s_tok), 32, 1, seed=0).save_pretrained(root / "student")
+    s_tok.save_pretrained(root / "student")
+    H.llama(len(t_tok), 48, 1, seed=1).save_pretrained(root / "teacher")
+    t_tok.save_pretrained(root / "teacher")
+    data = H.write_jsonl(root / "pc.jsonl", H.prompt_completion_rows(16))
+    base = ["distill-lm", "--student", str(root / "student"), "--data", str(data), "--cross-tokenizer", "gold",
+            "-d", "js", "--batch-size", "4", "--threads", "1", "--set", "evaluations=1", "--set", "max_new_tokens=6"]
+    result = CliRunner().invoke(app, [*base, "--teacher", str(root / "teacher"), "--on-policy", "1", "--steps", "3",
+                                      "-o", str(root / "runs")])
+    assert result.exit_code == 0, result.output
+    run = next((root / "runs").iterdir())
+    rows = {r["label"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
+    assert rows["gold"]["status"] == "finished" and len(rows["gold"]["history"]) >= 1
+    bad = CliRunner().invoke(app, [*base, "--teacher", "http://127.0.0.1:9/v1", "--teacher-tokenizer",
+                                   str(root / "teacher"), "--on-policy", "0.5", "-o", str(root / "bad")])
+    assert bad.exit_code == 2 and "need a local teacher to score generated continuations" in bad.output, bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output

@@ -86,18 +86,24 @@ def check_settings(config: Any) -> None:
         what = ("with ULD, which replaces the divergence; give no --divergences" if mode == "uld" else
                 "that uses one divergence on the shared vocabulary; give one with -d")
         raise ValueError(f"cross_tokenizer={mode!r} trains one distilled student {what}, got {config.divergences}")
-    if config.on_policy_fraction + config.seq_kd_fraction > 0:
-        raise ValueError(f"cross_tokenizer={mode!r} trains on the data's text only: set on_policy_fraction and "
-                         f"seq_kd_fraction to 0")
+    _check_generation(mode, config)
+    if config.on_policy_fraction > 0 and (is_served(config.teacher) or not config.teacher):
+        raise ValueError(f"cross_tokenizer={mode!r} with on_policy_fraction={config.on_policy_fraction} needs a local "
+                         f"--teacher PATH to score the student's generated text (a served teacher is cached before "
+                         f"training and a cache holds its own rows only); give one, or set on_policy_fraction to 0")
     gold_options(config)
+
+
+def _check_generation(mode: str, config: Any) -> None:
+    if config.seq_kd_fraction > 0:
+        raise ValueError(f"cross_tokenizer={mode!r} cannot train on the teacher's generations (seq_kd_fraction="
+                         f"{config.seq_kd_fraction}): they are in its own tokens; set seq_kd_fraction to 0 "
+                         f"(on_policy_fraction, the student's generations, works)")
 
 
 def check_trainer_settings(args: Any) -> None:
     """What ``DistillationConfig(cross_tokenizer=...)`` needs; raises naming the setting."""
-    mode = args.cross_tokenizer
-    if args.on_policy_fraction + args.seq_kd_fraction > 0:
-        raise ValueError(f"cross_tokenizer={mode!r} trains on the data's text only: set on_policy_fraction and "
-                         f"seq_kd_fraction to 0")
+    _check_generation(args.cross_tokenizer, args)
     gold_options(args)
 
 
