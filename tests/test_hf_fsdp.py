@@ -123,12 +123,16 @@ FSDP_FLAGS = ("--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "
               "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false")
 
 
-def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-") -> dict:
-    """One plain process (4 rows x 2 accumulation) or ``accelerate launch`` FSDP on 2 CPU processes (2 x 2 x 2)."""
+def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-", *, worker: str = WORKER,
+         flags: tuple[str, ...] = FSDP_FLAGS) -> dict:
+    """One plain process (4 rows x 2 accumulation) or ``accelerate launch`` FSDP on 2 CPU processes (2 x 2 x 2).
+
+    ``worker``/``flags``: another worker script (formatted with ``tests``, ``steps``, ``k``) and launch mode
+    (tests/test_teachers_accelerate.py: DDP)."""
     from test_accelerate_launch import _accelerate_launch
 
     script = tmp_path / "hf_fsdp_worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), steps=STEPS, k=K))
+    script.write_text(worker.format(tests=str(TESTS), steps=STEPS, k=K))
     out = tmp_path / f"{mode}_{nproc}.pt"
     batch, accum = (4, 2) if nproc == 1 else (2, 2)
     args = [str(out), mode, str(batch), str(accum), str(root), url]
@@ -139,7 +143,7 @@ def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-") -> d
                               timeout=300)
         assert done.returncode == 0, done.stderr[-5000:]
     else:
-        _accelerate_launch(tmp_path, script, *args, flags=FSDP_FLAGS)
+        _accelerate_launch(tmp_path, script, *args, flags=flags)
     return torch.load(out)
 
 
