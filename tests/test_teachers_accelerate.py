@@ -17,11 +17,11 @@ import torch
 
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
-from test_cross_tokenizer_teachers import _cache, models  # noqa: E402,F401  (the 300/400-token pair)
+from test_cross_tokenizer_teachers import _cache, models, server  # noqa: E402,F401  (the 300/400-token pair)
 from test_domain_teachers import _save, tiny  # noqa: E402,F401  (the two peaked teachers)
 from test_hf_fsdp import STEPS, _run, _trained  # noqa: E402
 
-# Modes: "domains" (one teacher per domain, DDK every 2 steps) or "<uld|gold>-<local|cached>".
+# Modes: "domains" (one teacher per domain, DDK every 2 steps) or "<uld|gold>-<local|cached|served>".
 WORKER = """
 import sys, torch
 torch.set_num_threads(1)
@@ -30,7 +30,7 @@ from test_teachers_accelerate import uneven_rows
 from divergent.hf import DistillationConfig, DistillationTrainer
 from divergent.models.hf import load_tokenizer
 
-out, mode, batch, accum, root, _ = sys.argv[1:7]
+out, mode, batch, accum, root, url = sys.argv[1:7]
 settings = dict(output_dir=out + ".run", per_device_train_batch_size=int(batch),
                 gradient_accumulation_steps=int(accum), max_steps={steps}, learning_rate=0.5, optim="sgd",
                 lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, save_strategy="no", use_cpu=True,
@@ -48,6 +48,9 @@ else:
                   teacher_processing_class=load_tokenizer(root + "/teacher", "teacher"))
     if source == "cached":
         settings["teacher_cache"] = root + "/cache"
+    elif source == "served":
+        settings["teacher_top_k"] = 16
+        kwargs.update(teacher_model=url, train_dataset=uneven_rows())
     else:
         kwargs.update(teacher_model=root + "/teacher", train_dataset=uneven_rows())
 trainer = DistillationTrainer(model=root + "/student", args=DistillationConfig(**settings), **kwargs)
@@ -70,10 +73,10 @@ def uneven_rows(n: int = 24) -> list[dict]:
             for i in range(n)]
 
 
-def _both(tmp_path, root, mode):
+def _both(tmp_path, root, mode, url="-"):
     """``(one process, two processes)`` of the worker in ``mode``."""
-    single = _run(tmp_path, root, mode, 1, worker=WORKER, flags=DDP)
-    return single, _run(tmp_path, root, mode, 2, worker=WORKER, flags=DDP)
+    single = _run(tmp_path, root, mode, 1, url, worker=WORKER, flags=DDP)
+    return single, _run(tmp_path, root, mode, 2, url, worker=WORKER, flags=DDP)
 
 
 def _assert_equal(single: dict, double: dict) -> None:
@@ -132,3 +135,13 @@ def test_cached_teacher_across_tokenizers_under_ddp_equals_one_process(tmp_path,
     single, double = _both(tmp_path, models["root"], f"{mode}-cached")
     _assert_equal(single, double)
     _trained(single, models["root"])
+
+
+@pytest.mark.slow  # two launches, each rank asking the test's server for its rows every step: ~15 s on 2 busy cores
+def test_served_teacher_across_tokenizers_under_ddp_equals_one_process(tmp_path, models, server):  # noqa: F811
+    """Each rank re-tokenizes its own micro-batches for the teacher and asks the server (tests/served_server.py on
+    127.0.0.1) for their top-16; the step is still normalised by the count over both ranks."""
+    single, double = _both(tmp_path, models["root"], "gold-served", server.url)
+    _assert_equal(single, double)
+    _trained(single, models["root"])
+    assert server.sequences >= 2 * STEPS * 8  # both runs asked the server for every row they trained on
