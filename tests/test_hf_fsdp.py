@@ -30,7 +30,7 @@ WORKER = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_hf_fsdp import enable_cpu_fsdp, examples
+from test_hf_fsdp import enable_cpu_fsdp, examples, full_state
 enable_cpu_fsdp()
 from divergent.hf import DistillationConfig, DistillationTrainer
 
@@ -48,13 +48,7 @@ elif mode == "served":
 trainer = DistillationTrainer(model=root + "/student", teacher_model=teacher, args=DistillationConfig(**settings),
                               train_dataset=rows)
 trainer.train()
-# The full parameters, gathered (accelerate's get_state_dict offloads to the CPU, which crashes on CPU ranks).
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
-if isinstance(trainer.model_wrapped, FSDP):
-    with FSDP.state_dict_type(trainer.model_wrapped, StateDictType.FULL_STATE_DICT):
-        state = trainer.model_wrapped.state_dict()
-else:
-    state = trainer.model.state_dict()
+state = full_state(trainer)
 if trainer.accelerator.is_main_process:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     torch.save({{"state": {{k: v.detach().clone() for k, v in state.items()}}, "losses": losses,
@@ -72,6 +66,17 @@ def examples(n: int = 24) -> list[dict]:
         prompt = i % 5
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return rows
+
+
+def full_state(trainer) -> dict:
+    """The trained student's full parameters, gathered from the FSDP shards (accelerate's get_state_dict offloads
+    to the CPU, which crashes on CPU ranks); every rank must call it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+    if isinstance(trainer.model_wrapped, FSDP):
+        with FSDP.state_dict_type(trainer.model_wrapped, StateDictType.FULL_STATE_DICT):
+            return trainer.model_wrapped.state_dict()
+    return trainer.model.state_dict()
 
 
 def enable_cpu_fsdp() -> None:

@@ -1,7 +1,7 @@
 """The new teachers of divergent.hf.DistillationTrainer under ``accelerate launch`` (DDP, 2 CPU processes, gloo)
 train the same student as one plain process: one teacher per domain (``teacher_model={domain: folder}``, DDK
-mixing) and a teacher with another tokenizer (``cross_tokenizer="uld"|"gold"``, a local teacher and a
-``teacher_cache`` in the teacher's tokens).
+mixing) and a teacher with another tokenizer (``cross_tokenizer="uld"|"gold"``: a local teacher, a
+``teacher_cache`` in the teacher's tokens, a served teacher); GOLD also with the student sharded by FSDP.
 
 The reference is the same worker run as ONE process without accelerate: global batch 8 as 4 rows x 2
 accumulation there and 2 rows x 2 accumulation x 2 processes here (tests/test_hf_fsdp.py's ``_run``). The
@@ -19,13 +19,16 @@ pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 from test_cross_tokenizer_teachers import _cache, models, server  # noqa: E402,F401  (the 300/400-token pair)
 from test_domain_teachers import _save, tiny  # noqa: E402,F401  (the two peaked teachers)
-from test_hf_fsdp import STEPS, _run, _trained  # noqa: E402
+import test_hf_fsdp  # noqa: E402
+from test_hf_fsdp import FSDP_FLAGS, STEPS, _run, _trained  # noqa: E402
 
 # Modes: "domains" (one teacher per domain, DDK every 2 steps) or "<uld|gold>-<local|cached|served>".
 WORKER = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
+from test_hf_fsdp import enable_cpu_fsdp, full_state
+enable_cpu_fsdp()  # (only under --use_fsdp)
 from test_teachers_accelerate import uneven_rows
 from divergent.hf import DistillationConfig, DistillationTrainer
 from divergent.models.hf import load_tokenizer
@@ -55,12 +58,13 @@ else:
         kwargs.update(teacher_model=root + "/teacher", train_dataset=uneven_rows())
 trainer = DistillationTrainer(model=root + "/student", args=DistillationConfig(**settings), **kwargs)
 trainer.train()
+state = full_state(trainer)
 if trainer.accelerator.is_main_process:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     history = trainer.domain_callback.history if trainer.domain_callback is not None else None
-    torch.save({{"state": {{k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}, "losses": losses,
+    torch.save({{"state": {{k: v.detach().clone() for k, v in state.items()}}, "losses": losses,
                  "wrapped": type(trainer.model_wrapped).__name__, "processes": trainer.accelerator.num_processes,
-                 "history": history, "objective": type(trainer.objective).__name__}}, out)
+                 "history": history, "objective": type(trainer.objective).__name__, "fsdp": trainer.is_fsdp_enabled}}, out)
 """
 
 DDP = ("--multi_gpu",)
@@ -145,3 +149,13 @@ def test_served_teacher_across_tokenizers_under_ddp_equals_one_process(tmp_path,
     _assert_equal(single, double)
     _trained(single, models["root"])
     assert server.sequences >= 2 * STEPS * 8  # both runs asked the server for every row they trained on
+
+
+@pytest.mark.slow  # two launches: ~15 s on 2 busy cores
+@pytest.mark.parametrize("source", ["local", "cached"])
+def test_gold_under_fsdp_equals_one_process(tmp_path, models, cached, source):  # noqa: F811
+    """The student sharded by FSDP (tests/test_hf_fsdp.py's launch), the teacher whole (or its cache) on each rank."""
+    single = _run(tmp_path, models["root"], f"gold-{source}", 1, worker=WORKER)
+    double = _run(tmp_path, models["root"], f"gold-{source}", 2, worker=WORKER, flags=FSDP_FLAGS)
+    test_hf_fsdp._assert_equal(single, double)
+    _trained(single, models["root"])
