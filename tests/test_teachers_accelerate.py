@@ -5,7 +5,7 @@ mixing) and a teacher with another tokenizer (``cross_tokenizer="uld"|"gold"``: 
 
 The reference is the same worker run as ONE process without accelerate: global batch 8 as 4 rows x 2
 accumulation there and 2 rows x 2 accumulation x 2 processes here (tests/test_hf_fsdp.py's ``_run``). The
-prompts differ in length, so the ranks count different numbers of tokens per micro-batch: only the global
+answers differ in length, so the ranks count different numbers of tokens per micro-batch: only the global
 token count as each objective's normaliser gives the one-process update. Compared: the logged loss of every
 step and the final parameters (and, by domain, DDK's measured weights).
 """
