@@ -151,12 +151,13 @@ def test_served_teacher_gives_the_local_loss(models, api):
         torch.testing.assert_close(dense.exp().sum(-1), torch.ones(t_ids.shape), rtol=0, atol=1e-5)
 
 
-def _cache(models, tmp_path, k, dtype="float32"):
+def _cache(models, tmp_path, k, dtype="float32", rows=None):
     from divergent.data.lm_data import tokenize_rows
     from divergent.data.teacher_cache import TeacherCache, write_teacher_cache
     from divergent.models.hf import tokenizer_fingerprint
 
-    examples, _ = tokenize_rows(H.prompt_completion_rows(4), models["teacher_tok"], max_length=64, source="rows")
+    rows = rows or H.prompt_completion_rows(4)
+    examples, _ = tokenize_rows(rows, models["teacher_tok"], max_length=64, source="rows")
     write_teacher_cache(models["teacher"], {"train": examples}, tmp_path / "cache", k=k, vocab_size=V_TEACHER,
                         tokenizer_fingerprint=tokenizer_fingerprint(models["teacher_tok"]), logprob_dtype=dtype)
     return TeacherCache(tmp_path / "cache")

@@ -161,13 +161,13 @@ def _task_rows():
     return rows + [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}.", "task": "sums"} for i in range(10)]
 
 
-def _cli_run(tmp_path, out, mixing, parity, sums):
-    data = H.write_jsonl(tmp_path / "tasks.jsonl", _task_rows())
+def _cli_run(tmp_path, out, mixing, parity, sums, rows=None, extra=()):
+    data = H.write_jsonl(tmp_path / "tasks.jsonl", _task_rows() if rows is None else rows)
     result = CliRunner().invoke(app, [
         "distill-lm", "--teacher", f"sums={tmp_path / sums}", "--teacher", f"parity={tmp_path / parity}",
         "--student", str(tmp_path / "student"), "--data", str(data), "--domain-column", "task", "--mixing", mixing,
         "--ddk-interval", "1", "--steps", "2", "--batch-size", "4", "--max-length", "30", "--threads", "1",
-        "--set", "include_scratch=false", "-o", str(tmp_path / out)])
+        "--set", "include_scratch=false", *extra, "-o", str(tmp_path / out)])
     assert result.exit_code == 0, result.output
     (run_dir,) = [p for p in (tmp_path / out).iterdir() if p.name.startswith("distill-lm-")]
     return run_dir, json.loads((run_dir / "results.json").read_text())["rows"][0]
@@ -189,6 +189,30 @@ def test_cli_distils_each_domain_from_its_teacher(tmp_path, tiny, mixing):
     _, same = _cli_run(tmp_path, "same", mixing, "a", "a")
     assert row["domains"]["teacher_ppl"][0] == pytest.approx(same["domains"]["teacher_ppl"][0], rel=1e-6)
     assert row["domains"]["teacher_ppl"][1] != pytest.approx(same["domains"]["teacher_ppl"][1], rel=1e-2)
+
+
+def test_cli_proportional_mixing_with_a_teacher_per_domain(tmp_path, tiny):
+    """--mixing proportional: each domain drawn by its share of the training rows (16 parity, 10 sums; the
+    evaluation rows given apart), and the domain table names each domain's teacher."""
+    tok, a, b, student = tiny
+    _save(tmp_path, tok, a=copy.deepcopy(a), b=copy.deepcopy(b), student=copy.deepcopy(student))
+    rows = _task_rows()
+    evaluation = H.write_jsonl(tmp_path / "eval.jsonl", rows[::5])
+    run_dir, row = _cli_run(tmp_path, "runs", "proportional", "a", "b", rows=rows + rows[:6],
+                            extra=("--eval-data", str(evaluation)))
+    report = (run_dir / "report.md").read_text()
+    assert "drawn by proportional (each domain by its share of the training rows)" in report
+    assert f"sums = {tmp_path / 'b'}" in report and f"parity = {tmp_path / 'a'}" in report
+    assert row["domains"]["names"] == ["parity", "sums"]
+    with open(run_dir / "domains.csv") as handle:
+        table = {r["domain"]: r for r in csv.DictReader(handle)}
+    assert {name: r["teacher"] for name, r in table.items()} == {"parity": str(tmp_path / "a"),
+                                                                  "sums": str(tmp_path / "b")}
+    assert float(table["parity"]["final_weight"]) == pytest.approx(16 / 26, abs=1e-3)
+    assert float(table["sums"]["final_weight"]) == pytest.approx(10 / 26, abs=1e-3)
+    # fixed weights: never measured again after the start
+    assert [h["weights"] for h in row["domains"]["history"]] == [pytest.approx([16 / 26, 10 / 26])] * len(
+        row["domains"]["history"])
 
 
 @pytest.mark.parametrize("teachers, extra, message", [

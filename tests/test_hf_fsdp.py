@@ -30,7 +30,7 @@ WORKER = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_hf_fsdp import enable_cpu_fsdp, examples
+from test_hf_fsdp import enable_cpu_fsdp, examples, full_state
 enable_cpu_fsdp()
 from divergent.hf import DistillationConfig, DistillationTrainer
 
@@ -48,13 +48,7 @@ elif mode == "served":
 trainer = DistillationTrainer(model=root + "/student", teacher_model=teacher, args=DistillationConfig(**settings),
                               train_dataset=rows)
 trainer.train()
-# The full parameters, gathered (accelerate's get_state_dict offloads to the CPU, which crashes on CPU ranks).
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
-if isinstance(trainer.model_wrapped, FSDP):
-    with FSDP.state_dict_type(trainer.model_wrapped, StateDictType.FULL_STATE_DICT):
-        state = trainer.model_wrapped.state_dict()
-else:
-    state = trainer.model.state_dict()
+state = full_state(trainer)
 if trainer.accelerator.is_main_process:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     torch.save({{"state": {{k: v.detach().clone() for k, v in state.items()}}, "losses": losses,
@@ -72,6 +66,17 @@ def examples(n: int = 24) -> list[dict]:
         prompt = i % 5
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return rows
+
+
+def full_state(trainer) -> dict:
+    """The trained student's full parameters, gathered from the FSDP shards (accelerate's get_state_dict offloads
+    to the CPU, which crashes on CPU ranks); every rank must call it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+    if isinstance(trainer.model_wrapped, FSDP):
+        with FSDP.state_dict_type(trainer.model_wrapped, StateDictType.FULL_STATE_DICT):
+            return trainer.model_wrapped.state_dict()
+    return trainer.model.state_dict()
 
 
 def enable_cpu_fsdp() -> None:
@@ -123,12 +128,16 @@ FSDP_FLAGS = ("--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "
               "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false")
 
 
-def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-") -> dict:
-    """One plain process (4 rows x 2 accumulation) or ``accelerate launch`` FSDP on 2 CPU processes (2 x 2 x 2)."""
+def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-", *, worker: str = WORKER,
+         flags: tuple[str, ...] = FSDP_FLAGS) -> dict:
+    """One plain process (4 rows x 2 accumulation) or ``accelerate launch`` FSDP on 2 CPU processes (2 x 2 x 2).
+
+    ``worker``/``flags``: another worker script (formatted with ``tests``, ``steps``, ``k``) and launch mode
+    (tests/test_teachers_accelerate.py: DDP)."""
     from test_accelerate_launch import _accelerate_launch
 
     script = tmp_path / "hf_fsdp_worker.py"
-    script.write_text(WORKER.format(tests=str(TESTS), steps=STEPS, k=K))
+    script.write_text(worker.format(tests=str(TESTS), steps=STEPS, k=K))
     out = tmp_path / f"{mode}_{nproc}.pt"
     batch, accum = (4, 2) if nproc == 1 else (2, 2)
     args = [str(out), mode, str(batch), str(accum), str(root), url]
@@ -139,7 +148,7 @@ def _run(tmp_path: Path, root: Path, mode: str, nproc: int, url: str = "-") -> d
                               timeout=300)
         assert done.returncode == 0, done.stderr[-5000:]
     else:
-        _accelerate_launch(tmp_path, script, *args, flags=FSDP_FLAGS)
+        _accelerate_launch(tmp_path, script, *args, flags=flags)
     return torch.load(out)
 
 
