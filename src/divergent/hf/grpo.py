@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import trl
 
+from divergent.hf.resume import ExactResume
 from divergent.rl import estimators, get_regulariser, group_advantages, masked_token_mean
 from divergent.rl.registry import RegulariserInputs
 
@@ -130,7 +131,7 @@ def _metric_name(regulariser: str, params: dict[str, Any]) -> str:
     return regulariser
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(ExactResume, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with :class:`GRPOConfig`'s regulariser (see the module docstring).
 
     ``teacher_model``: the KDRL teacher, a model or a local ``save_pretrained`` folder; it must

@@ -1,0 +1,98 @@
+"""Exact resume of TRL's GRPO-family trainers: :class:`ExactResume`, mixed into
+:class:`~divergent.hf.FDPGTrainer` and :class:`~divergent.hf.GRPOTrainer`.
+
+Two pieces of TRL 1.16's GRPO state are not in its checkpoints; with both restored, a run
+resumed from a checkpoint takes the uninterrupted run's steps exactly (same samples, same
+losses, same parameters on CPU; tests/test_hf_resume.py).
+
+1. The prompt order of epochs after the first (:class:`EpochSeededRepeatSampler`).
+
+TRL 1.16's ``RepeatSampler`` (``trl/trainer/utils.py``, ``__init__`` and ``__iter__``) seeds
+one ``torch.Generator`` with ``args.seed`` when it is built and draws each epoch's prompt
+permutation from it, so epoch e's order is the (e+1)-th permutation of that generator. It has
+no ``set_epoch``, and a checkpoint does not carry the generator: a trainer rebuilt to resume
+from a checkpoint at epoch e >= 1 starts the generator afresh and trains the rest of the run on
+epoch 0's order (``transformers.Trainer`` restores the global RNGs and skips the batches already
+trained, but asks the sampler for the epoch only through ``set_epoch``).
+
+:class:`EpochSeededRepeatSampler` is TRL's sampler with a ``set_epoch`` that re-seeds the
+generator and draws the permutations of the epochs before — ``transformers.Trainer`` calls it
+at the start of every epoch, resumed or not — so the uninterrupted run keeps TRL's order
+exactly and a resumed one continues it.
+
+2. The generation buffer. TRL generates once per ``steps_per_generation * num_iterations``
+micro-steps and serves the micro-steps in between from ``_buffered_inputs``, counting them in
+``_step`` (``trl/trainer/grpo_trainer.py``, ``__init__`` and ``_prepare_inputs``); neither is
+saved, so a run resumed from a checkpoint inside that window (``num_iterations > 1``, or
+``steps_per_generation`` above the accumulation steps) generates afresh where the uninterrupted
+run reused its samples. :class:`ExactResume` saves both with each such checkpoint
+(``generation_buffer_<process>.ckpt``, checksummed, one per process) and reads them back.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from trl.trainer.utils import RepeatSampler
+
+from divergent.io import load_state, save_state
+
+__all__ = ["EpochSeededRepeatSampler", "ExactResume", "epoch_seeded"]
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` whose epoch-e order does not depend on how many passes it made."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.shuffle or self.seed is None:  # no order to restore (unshuffled, or unseeded by the user)
+            return
+        self.generator.manual_seed(self.seed)
+        for _ in range(epoch):  # a pass draws its permutation on its first item, as TRL's does
+            next(RepeatSampler.__iter__(self), None)
+
+
+def epoch_seeded(sampler):
+    """``sampler`` as an :class:`EpochSeededRepeatSampler` when it is TRL's ``RepeatSampler``, else itself."""
+    if type(sampler) is not RepeatSampler:
+        return sampler
+    seeded = copy.copy(sampler)  # same fields and the same generator object: TRL's order until set_epoch
+    seeded.__class__ = EpochSeededRepeatSampler
+    return seeded
+
+
+class ExactResume:
+    """Mixin for a ``trl.GRPOTrainer`` subclass (listed before it): the epoch order and the
+    generation buffer travel with its checkpoints (see the module docstring)."""
+
+    BUFFER_FILE = "generation_buffer_{}.ckpt"
+
+    def _get_train_sampler(self, dataset=None):
+        return epoch_seeded(super()._get_train_sampler(dataset))
+
+    def _inside_generation_window(self, step: int) -> bool:
+        return step % (self.args.steps_per_generation * self.num_iterations) != 0
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._buffered_inputs is None or not self._inside_generation_window(self._step):
+            return  # the next micro-step generates anyway: nothing to carry
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        save_state(os.path.join(folder, self.BUFFER_FILE.format(self.accelerator.process_index)),
+                   {"step": self._step, "buffer": self._buffered_inputs})
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, self.BUFFER_FILE.format(self.accelerator.process_index))
+        if os.path.exists(path):
+            state = load_state(path, map_location=self.accelerator.device, what="generation buffer")
+            self._step, self._buffered_inputs = state["step"], state["buffer"]
+        elif self._inside_generation_window(self.state.global_step * self.args.gradient_accumulation_steps):
+            raise ValueError(
+                f"checkpoint {checkpoint} is inside a generation window (step {self.state.global_step}, "
+                f"steps_per_generation={self.args.steps_per_generation}, num_iterations={self.num_iterations}) "
+                f"and has no {os.path.basename(path)}: resuming would draw new samples where the run reused "
+                f"its own; resume from a checkpoint whose step starts a generation, or one this trainer wrote")

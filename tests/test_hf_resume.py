@@ -1,0 +1,156 @@
+"""A TRL run stopped at a checkpoint and resumed with train(resume_from_checkpoint=...) ends exactly
+where the uninterrupted run ends: divergent.hf.FDPGTrainer and divergent.hf.GRPOTrainer on CPU with
+a tiny Llama (tests/lm_helpers.py), seeds fixed. Exact means bitwise: the same parameters, the same
+logged values of every step after the checkpoint (loss, rewards, fdpg/*), the same running Z,
+baseline window and λ. The reference is the uninterrupted run itself.
+
+The cases are the two places where TRL 1.16 alone does not resume exactly (divergent.hf.resume):
+a checkpoint in a later epoch (TRL's RepeatSampler replays epoch 0's prompt order) and a checkpoint
+inside a generation window (num_iterations > 1: TRL's buffer of samples is not saved); plus one in
+epoch 0 at a generation boundary, where TRL alone was already exact."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import lm_helpers
+
+trl = pytest.importorskip("trl", reason="trl is not installed")
+datasets = pytest.importorskip("datasets")
+from trl.trainer.utils import RepeatSampler  # noqa: E402
+
+from divergent.hf import FDPGConfig, FDPGTrainer, GRPOConfig, GRPOTrainer  # noqa: E402
+from divergent.hf.resume import EpochSeededRepeatSampler, epoch_seeded  # noqa: E402
+
+TOKENIZER = lm_helpers.tokenizer()
+PROMPTS = ["what is two plus two?", "the cat sat on"]
+
+
+def _dataset():
+    # 8 rows, 2 prompts a step: an epoch is 4 steps (num_iterations=1)
+    return datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+
+
+def even(completion_ids, **_):
+    return [float(sum(ids) % 2 == 0) for ids in completion_ids]
+
+
+def feature(completion_ids, **_):
+    return [(sum(ids) % 7) / 6 for ids in completion_ids]
+
+
+class _Recording:
+    """Keeps the prompts each generation batch was drawn for."""
+
+    def _generate_and_score_completions(self, inputs):
+        self.__dict__.setdefault("drawn", []).append([x["prompt"] for x in inputs])
+        return super()._generate_and_score_completions(inputs)
+
+
+class FDPG(_Recording, FDPGTrainer):
+    pass
+
+
+class GRPO(_Recording, GRPOTrainer):
+    pass
+
+
+def _run(tmp_path, trainer_class, config_class, reward, steps, save_steps, resume=None, **kwargs):
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
+                    max_completion_length=6, max_steps=steps, logging_steps=1, report_to=[], use_cpu=True,
+                    disable_tqdm=True, learning_rate=1e-2, seed=0, save_strategy="steps", save_steps=save_steps,
+                    lr_scheduler_type="constant", bf16=False, beta=0.0)
+    settings.update(kwargs)
+    model = lm_helpers.llama(len(TOKENIZER), 32, 1, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trainer_class(model=model, reward_funcs=reward, args=config_class(**settings),
+                                train_dataset=_dataset(), processing_class=TOKENIZER)
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _steps(trainer, after):
+    """The logged values of each step after ``after`` (timings left out)."""
+    return {h["step"]: {k: v for k, v in h.items() if k != "step_time"}
+            for h in trainer.state.log_history if "loss" in h and h["step"] > after}
+
+
+def _assert_resumes_exactly(tmp_path, trainer_class, config_class, reward, steps, checkpoint, **kwargs):
+    whole = _run(tmp_path / "whole", trainer_class, config_class, reward, steps, checkpoint, **kwargs)
+    resumed = _run(tmp_path / "resumed", trainer_class, config_class, reward, steps, checkpoint,
+                   resume=str(tmp_path / "whole" / f"checkpoint-{checkpoint}"), **kwargs)
+    generations = len(resumed.drawn)
+    assert 0 < generations < len(whole.drawn)  # it resumed, not restarted
+    assert resumed.drawn == whole.drawn[-generations:]  # the same prompts, in the same order
+    logged = _steps(whole, after=checkpoint)
+    assert len(logged) == steps - checkpoint and _steps(resumed, after=checkpoint) == logged
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    return whole, resumed
+
+
+@pytest.mark.parametrize("steps,checkpoint,kwargs", [
+    (3, 2, {}),  # epoch 0, at a generation
+    (6, 5, {"target": "feature", "moment": 0.3, "divergence": "forward_kl"}),  # epoch 1: prompt order, λ
+    (4, 1, {"num_iterations": 2}),  # inside a generation window: TRL's buffer of samples
+])
+def test_a_resumed_fdpg_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, steps, checkpoint, kwargs):
+    kwargs = {"divergence": "js", **kwargs}
+    reward = feature if kwargs.get("target") == "feature" else even
+    whole, resumed = _assert_resumes_exactly(tmp_path, FDPG, FDPGConfig, reward, steps, checkpoint, **kwargs)
+    assert resumed.fdpg_z.state_dict() == whole.fdpg_z.state_dict()
+    assert resumed.fdpg_baseline.state_dict() == whole.fdpg_baseline.state_dict()
+    assert len(whole.fdpg_baseline.buffer) == 8 * math.ceil(steps / kwargs.get("num_iterations", 1))
+    if kwargs.get("target") == "feature":
+        assert resumed.fdpg_target.lam.tolist() == whole.fdpg_target.lam.tolist()
+
+
+def test_a_resumed_grpo_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
+    # a later epoch and inside a generation window at once (num_iterations=2: an epoch is 8 steps; step 10
+    # reuses step 9's samples, step 11 draws the second prompts of epoch 1)
+    _assert_resumes_exactly(tmp_path, GRPO, GRPOConfig, even, 12, 9, regulariser="reverse_kl",
+                            coefficient=0.1, num_iterations=2)
+
+
+def test_each_epoch_has_the_order_of_the_uninterrupted_sampler():
+    """TRL's RepeatSampler draws epoch e's permutation as its (e+1)-th pass; after set_epoch(e) a fresh
+    EpochSeededRepeatSampler (a resumed run's) yields that pass, and one set at each epoch in turn (an
+    uninterrupted run's) yields TRL's order unchanged."""
+    def make():
+        return RepeatSampler(list(range(10)), mini_repeat_count=2, batch_size=3, repeat_count=2, shuffle=True, seed=7)
+
+    reference = make()
+    passes = [list(reference) for _ in range(4)]
+    assert passes[0] != passes[1]  # the order changes each epoch
+    continuing = epoch_seeded(make())
+    assert isinstance(continuing, EpochSeededRepeatSampler)
+    for epoch, expected in enumerate(passes):
+        continuing.set_epoch(epoch)
+        assert list(continuing) == expected
+        fresh = epoch_seeded(make())
+        fresh.set_epoch(epoch)
+        assert list(fresh) == expected
+    unshuffled = epoch_seeded(RepeatSampler(list(range(4)), mini_repeat_count=1, shuffle=False))
+    unshuffled.set_epoch(3)
+    assert list(unshuffled) == [0, 1, 2, 3]
+    other = torch.utils.data.SequentialSampler(range(3))
+    assert epoch_seeded(other) is other
+
+
+def test_a_checkpoint_inside_a_generation_window_without_its_buffer_is_an_error(tmp_path):
+    _run(tmp_path / "whole", FDPG, FDPGConfig, even, 1, 1, num_iterations=2, divergence="js")
+    checkpoint = tmp_path / "whole" / "checkpoint-1"
+    (checkpoint / FDPGTrainer.BUFFER_FILE.format(0)).unlink()
+    with pytest.raises(ValueError, match="inside a generation window.*generation_buffer_0.ckpt"):
+        _run(tmp_path / "resumed", FDPG, FDPGConfig, even, 2, 1, resume=str(checkpoint), num_iterations=2,
+             divergence="js")
+
+
+def test_a_checkpoint_at_a_generation_writes_no_buffer(tmp_path):
+    _run(tmp_path, FDPG, FDPGConfig, even, 1, 1, divergence="js")
+    assert not (tmp_path / "checkpoint-1" / FDPGTrainer.BUFFER_FILE.format(0)).exists()
+    assert (tmp_path / "checkpoint-1" / FDPGTrainer.STATE_FILE).exists()
+
