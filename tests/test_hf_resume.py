@@ -140,17 +140,33 @@ def test_each_epoch_has_the_order_of_the_uninterrupted_sampler():
     assert epoch_seeded(other) is other
 
 
-def test_a_checkpoint_inside_a_generation_window_without_its_buffer_is_an_error(tmp_path):
-    _run(tmp_path / "whole", FDPG, FDPGConfig, even, 1, 1, num_iterations=2, divergence="js")
+DPH = dict(regulariser="dph", dph_divergence="forward_kl", regulariser_params={
+    "dph_probe_prompts": 4, "dph_probe_samples": 4, "dph_solved_fraction": 0.25, "dph_batch_size": 4})
+
+
+@pytest.mark.parametrize("trainer_class,config_class,kwargs,message", [
+    (FDPG, FDPGConfig, {"num_iterations": 2, "divergence": "js"},
+     "inside a generation window.*no generation buffer in resume_state_0.ckpt"),
+    (GRPO, GRPOConfig, DPH, "no DPH rehearsal set in resume_state_0.ckpt"),
+])
+def test_a_checkpoint_without_its_resume_state_is_an_error(tmp_path, trainer_class, config_class, kwargs, message):
+    _run(tmp_path / "whole", trainer_class, config_class, even, 1, 1, **kwargs)
     checkpoint = tmp_path / "whole" / "checkpoint-1"
-    (checkpoint / FDPGTrainer.BUFFER_FILE.format(0)).unlink()
-    with pytest.raises(ValueError, match="inside a generation window.*generation_buffer_0.ckpt"):
-        _run(tmp_path / "resumed", FDPG, FDPGConfig, even, 2, 1, resume=str(checkpoint), num_iterations=2,
-             divergence="js")
+    (checkpoint / FDPGTrainer.PROCESS_FILE.format(0)).unlink()
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path / "resumed", trainer_class, config_class, even, 2, 1, resume=str(checkpoint), **kwargs)
 
 
 def test_a_checkpoint_at_a_generation_writes_no_buffer(tmp_path):
     _run(tmp_path, FDPG, FDPGConfig, even, 1, 1, divergence="js")
-    assert not (tmp_path / "checkpoint-1" / FDPGTrainer.BUFFER_FILE.format(0)).exists()
+    assert not (tmp_path / "checkpoint-1" / FDPGTrainer.PROCESS_FILE.format(0)).exists()
     assert (tmp_path / "checkpoint-1" / FDPGTrainer.STATE_FILE).exists()
 
+
+
+def test_a_resumed_dph_run_keeps_the_rehearsal_set_of_the_initial_policy(tmp_path):
+    """DPH's rehearsal set is sampled from the initial policy on the first step; a resumed run reads it from
+    the checkpoint instead of sampling the checkpoint's policy."""
+    whole, resumed = _assert_resumes_exactly(tmp_path, GRPO, GRPOConfig, even, 3, 2, **DPH)
+    for key, value in whole._rehearsal.items():
+        assert torch.equal(resumed._rehearsal[key], value), key

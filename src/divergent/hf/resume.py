@@ -26,7 +26,7 @@ micro-steps and serves the micro-steps in between from ``_buffered_inputs``, cou
 saved, so a run resumed from a checkpoint inside that window (``num_iterations > 1``, or
 ``steps_per_generation`` above the accumulation steps) generates afresh where the uninterrupted
 run reused its samples. :class:`ExactResume` saves both with each such checkpoint
-(``generation_buffer_<process>.ckpt``, checksummed, one per process) and reads them back.
+(``resume_state_<process>.ckpt``, checksummed, one per process) and reads them back.
 """
 
 from __future__ import annotations
@@ -63,9 +63,13 @@ def epoch_seeded(sampler):
 
 class ExactResume:
     """Mixin for a ``trl.GRPOTrainer`` subclass (listed before it): the epoch order and the
-    generation buffer travel with its checkpoints (see the module docstring)."""
+    generation buffer travel with its checkpoints (see the module docstring).
 
-    BUFFER_FILE = "generation_buffer_{}.ckpt"
+    A subclass with more state of one process adds it in :meth:`_process_state` and reads it back in
+    :meth:`_restore_process_state` (both call ``super()``); it is saved in ``PROCESS_FILE``.
+    """
+
+    PROCESS_FILE = "resume_state_{}.ckpt"
 
     def _get_train_sampler(self, dataset=None):
         return epoch_seeded(super()._get_train_sampler(dataset))
@@ -73,26 +77,39 @@ class ExactResume:
     def _inside_generation_window(self, step: int) -> bool:
         return step % (self.args.steps_per_generation * self.num_iterations) != 0
 
+    def _process_file(self, folder) -> str:
+        return os.path.join(folder, self.PROCESS_FILE.format(self.accelerator.process_index))
+
+    def _process_state(self) -> dict:
+        """This process's state a checkpoint needs beyond TRL's (tensors, numbers, strings, lists, dicts)."""
+        if self._buffered_inputs is None or not self._inside_generation_window(self._step):
+            return {}  # the next micro-step generates anyway: nothing to carry
+        return {"generation": {"step": self._step, "buffer": self._buffered_inputs}}
+
+    def _restore_process_state(self, state: dict, checkpoint: str) -> None:
+        if "generation" in state:
+            self._step, self._buffered_inputs = state["generation"]["step"], state["generation"]["buffer"]
+        elif self._inside_generation_window(self.state.global_step * self.args.gradient_accumulation_steps):
+            raise ValueError(
+                f"checkpoint {checkpoint} is inside a generation window (step {self.state.global_step}, "
+                f"steps_per_generation={self.args.steps_per_generation}, num_iterations={self.num_iterations}) "
+                f"and has no generation buffer in {os.path.basename(self._process_file(checkpoint))}: resuming "
+                f"would draw new samples where the run reused its own; resume from a checkpoint whose step "
+                f"starts a generation, or one this trainer wrote")
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self._buffered_inputs is None or not self._inside_generation_window(self._step):
-            return  # the next micro-step generates anyway: nothing to carry
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        os.makedirs(folder, exist_ok=True)
-        save_state(os.path.join(folder, self.BUFFER_FILE.format(self.accelerator.process_index)),
-                   {"step": self._step, "buffer": self._buffered_inputs})
+        state = self._process_state()
+        if state:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_state(self._process_file(folder), state)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, self.BUFFER_FILE.format(self.accelerator.process_index))
-        if os.path.exists(path):
-            state = load_state(path, map_location=self.accelerator.device, what="generation buffer")
-            self._step, self._buffered_inputs = state["step"], state["buffer"]
-        elif self._inside_generation_window(self.state.global_step * self.args.gradient_accumulation_steps):
-            raise ValueError(
-                f"checkpoint {checkpoint} is inside a generation window (step {self.state.global_step}, "
-                f"steps_per_generation={self.args.steps_per_generation}, num_iterations={self.num_iterations}) "
-                f"and has no {os.path.basename(path)}: resuming would draw new samples where the run reused "
-                f"its own; resume from a checkpoint whose step starts a generation, or one this trainer wrote")
+        path = self._process_file(checkpoint)
+        state = load_state(path, map_location=self.accelerator.device, what="resume state") \
+            if os.path.exists(path) else {}
+        self._restore_process_state(state, checkpoint)
