@@ -4,10 +4,12 @@ a tiny Llama (tests/lm_helpers.py), seeds fixed. Exact means bitwise: the same p
 logged values of every step after the checkpoint (loss, rewards, fdpg/*), the same running Z,
 baseline window and λ. The reference is the uninterrupted run itself.
 
-The cases are the two places where TRL 1.16 alone does not resume exactly (divergent.hf.resume):
-a checkpoint in a later epoch (TRL's RepeatSampler replays epoch 0's prompt order) and a checkpoint
-inside a generation window (num_iterations > 1: TRL's buffer of samples is not saved); plus one in
-epoch 0 at a generation boundary, where TRL alone was already exact."""
+The cases are the places where TRL 1.16 alone does not resume exactly (divergent.hf.resume):
+a checkpoint in a later epoch (TRL's RepeatSampler replays epoch 0's prompt order), a checkpoint
+inside a generation window (num_iterations > 1: TRL's buffer of samples is not saved) and DPH's
+rehearsal set (sampled from the initial policy on the first step); plus one in epoch 0 at a
+generation boundary, where TRL alone was already exact. A checkpoint between two logs: only the
+first log after it differs (an average over fewer steps), as transformers.Trainer's own loss."""
 
 import math
 import warnings
@@ -170,3 +172,16 @@ def test_a_resumed_dph_run_keeps_the_rehearsal_set_of_the_initial_policy(tmp_pat
     whole, resumed = _assert_resumes_exactly(tmp_path, GRPO, GRPOConfig, even, 3, 2, **DPH)
     for key, value in whole._rehearsal.items():
         assert torch.equal(resumed._rehearsal[key], value), key
+
+
+def test_a_checkpoint_between_two_logs_changes_only_the_first_log_after_it(tmp_path):
+    """transformers.Trainer's loss and TRL's metrics accumulate in memory between logs, not in checkpoints:
+    with checkpoint 3 and logging every 2 steps the resumed run's log of step 4 averages step 4 alone; the
+    parameters and the later logs are the uninterrupted run's."""
+    kwargs = dict(divergence="js", logging_steps=2)
+    whole = _run(tmp_path / "whole", FDPG, FDPGConfig, even, 6, 3, **kwargs)
+    resumed = _run(tmp_path / "resumed", FDPG, FDPGConfig, even, 6, 3,
+                   resume=str(tmp_path / "whole" / "checkpoint-3"), **kwargs)
+    assert sorted(_steps(resumed, after=3)) == [4, 6] and _steps(resumed, after=5) == _steps(whole, after=5)
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
