@@ -7,13 +7,14 @@ losses, same parameters on CPU; tests/test_hf_resume.py).
 
 1. The prompt order of epochs after the first (:class:`EpochSeededRepeatSampler`).
 
-TRL 1.16's ``RepeatSampler`` (``trl/trainer/utils.py``, ``__init__`` and ``__iter__``) seeds
+TRL 1.16's ``RepeatSampler`` (``trl/trainer/utils.py`` of 1.16.0, lines 925-933) seeds
 one ``torch.Generator`` with ``args.seed`` when it is built and draws each epoch's prompt
 permutation from it, so epoch e's order is the (e+1)-th permutation of that generator. It has
 no ``set_epoch``, and a checkpoint does not carry the generator: a trainer rebuilt to resume
 from a checkpoint at epoch e >= 1 starts the generator afresh and trains the rest of the run on
 epoch 0's order (``transformers.Trainer`` restores the global RNGs and skips the batches already
-trained, but asks the sampler for the epoch only through ``set_epoch``).
+trained, but asks the sampler for the epoch only through ``set_epoch``: ``trainer.py`` of
+5.25.0, lines 1887-1903).
 
 :class:`EpochSeededRepeatSampler` is TRL's sampler with a ``set_epoch`` that re-seeds the
 generator and draws the permutations of the epochs before — ``transformers.Trainer`` calls it
@@ -22,11 +23,18 @@ exactly and a resumed one continues it.
 
 2. The generation buffer. TRL generates once per ``steps_per_generation * num_iterations``
 micro-steps and serves the micro-steps in between from ``_buffered_inputs``, counting them in
-``_step`` (``trl/trainer/grpo_trainer.py``, ``__init__`` and ``_prepare_inputs``); neither is
+``_step`` (``trl/trainer/grpo_trainer.py`` of 1.16.0, lines 948-951 and 1538-1546); neither is
 saved, so a run resumed from a checkpoint inside that window (``num_iterations > 1``, or
 ``steps_per_generation`` above the accumulation steps) generates afresh where the uninterrupted
 run reused its samples. :class:`ExactResume` saves both with each such checkpoint
-(``resume_state_<process>.ckpt``, checksummed, one per process) and reads them back.
+(``resume_state_<process>.ckpt``, checksummed, one per process) and reads them back; a subclass
+adds its own state of a process there (:class:`~divergent.hf.GRPOTrainer`: DPH's rehearsal set).
+
+Shown on one CPU process with a map-style dataset. Not shown: several processes (the files are
+per process, the sampler's order is the same on each), vLLM generation, iterable datasets (TRL
+shuffles those with ``datasets``' own seeded shuffle). The first log after a checkpoint that is
+not on a logging step averages only the resumed steps (``transformers.Trainer`` keeps its loss
+and TRL its metrics in memory between logs); parameters and later logs are exact.
 """
 
 from __future__ import annotations
