@@ -12,6 +12,7 @@ generation boundary, where TRL alone was already exact. A checkpoint between two
 first log after it differs (an average over fewer steps), as transformers.Trainer's own loss."""
 
 import math
+from pathlib import Path
 import warnings
 
 import pytest
@@ -74,10 +75,14 @@ def _run(tmp_path, trainer_class, config_class, reward, steps, save_steps, resum
     return trainer
 
 
+def _untimed(logs):
+    """Logged values by step, timings left out."""
+    return {h["step"]: {k: v for k, v in h.items() if k != "step_time"} for h in logs}
+
+
 def _steps(trainer, after):
-    """The logged values of each step after ``after`` (timings left out)."""
-    return {h["step"]: {k: v for k, v in h.items() if k != "step_time"}
-            for h in trainer.state.log_history if "loss" in h and h["step"] > after}
+    """The logged values of each step after ``after``."""
+    return _untimed(h for h in trainer.state.log_history if "loss" in h and h["step"] > after)
 
 
 def _assert_resumes_exactly(tmp_path, trainer_class, config_class, reward, steps, checkpoint, **kwargs):
@@ -185,3 +190,48 @@ def test_a_checkpoint_between_two_logs_changes_only_the_first_log_after_it(tmp_p
     assert sorted(_steps(resumed, after=3)) == [4, 6] and _steps(resumed, after=5) == _steps(whole, after=5)
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+# f-DPG as a TRL user runs it on several processes: `accelerate launch script.py` (2 CPU ranks, gloo).
+WORKER = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_hf_resume import FDPG, FDPGConfig, even, _run
+out, resume = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+trainer = _run(out + ".run", FDPG, FDPGConfig, even, 12, 9, resume=resume, divergence="js",
+               per_device_train_batch_size=4, num_iterations=2)
+rank, model = trainer.accelerator.process_index, trainer.accelerator.unwrap_model(trainer.model)
+torch.save({{"params": {{k: v.detach().clone() for k, v in model.state_dict().items()}},
+            "z": trainer.fdpg_z.state_dict(), "baseline": trainer.fdpg_baseline.state_dict(),
+            "drawn": getattr(trainer, "drawn", []), "world": trainer.accelerator.num_processes,
+            "logs": [h for h in trainer.state.log_history if "loss" in h and h["step"] > 9]}},
+           f"{{out}}.{{rank}}.pt")
+"""
+
+
+@pytest.mark.slow  # two `accelerate launch` start-ups of 2 processes: ~20 s on 2 cores
+def test_a_resumed_fdpg_run_on_two_processes_ends_exactly_where_the_uninterrupted_run_ends(tmp_path):
+    """2 ranks x 4 samples of one prompt, a later epoch and inside a generation window (num_iterations=2):
+    each rank's resume_state file, the sampler's order on both ranks (a resumed loader on several processes
+    does not pass set_epoch to the sampler: ExactResume sets it), Z over the gathered batch."""
+    from test_accelerate_launch import _accelerate_launch
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).resolve().parent)))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _accelerate_launch(tmp_path / "a", script, str(tmp_path / "whole"))
+    assert {p.name for p in (tmp_path / "whole.run" / "checkpoint-9").glob("resume_state_*")} == \
+        {"resume_state_0.ckpt", "resume_state_1.ckpt"}
+    _accelerate_launch(tmp_path / "b", script, str(tmp_path / "resumed"), str(tmp_path / "whole.run" / "checkpoint-9"))
+    for rank in (0, 1):
+        whole, resumed = torch.load(tmp_path / f"whole.{rank}.pt"), torch.load(tmp_path / f"resumed.{rank}.pt")
+        assert whole["world"] == resumed["world"] == 2
+        assert 0 < len(resumed["drawn"]) < len(whole["drawn"])
+        assert resumed["drawn"] == whole["drawn"][-len(resumed["drawn"]):]
+        assert sorted(_untimed(whole["logs"])) == [10, 11, 12]
+        assert _untimed(resumed["logs"]) == _untimed(whole["logs"])
+        assert resumed["z"] == whole["z"] and resumed["baseline"] == whole["baseline"]
+        for name, value in whole["params"].items():
+            assert torch.equal(resumed["params"][name], value), name

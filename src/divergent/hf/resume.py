@@ -17,9 +17,9 @@ trained, but asks the sampler for the epoch only through ``set_epoch``: ``traine
 5.25.0, lines 1887-1903).
 
 :class:`EpochSeededRepeatSampler` is TRL's sampler with a ``set_epoch`` that re-seeds the
-generator and draws the permutations of the epochs before — ``transformers.Trainer`` calls it
-at the start of every epoch, resumed or not — so the uninterrupted run keeps TRL's order
-exactly and a resumed one continues it.
+generator and draws the permutations of the epochs before — :class:`ExactResume` calls it at
+the start of every epoch (``Trainer._run_epoch``), resumed or not — so the uninterrupted run
+keeps TRL's order exactly and a resumed one continues it.
 
 2. The generation buffer. TRL generates once per ``steps_per_generation * num_iterations``
 micro-steps and serves the micro-steps in between from ``_buffered_inputs``, counting them in
@@ -30,9 +30,9 @@ run reused its samples. :class:`ExactResume` saves both with each such checkpoin
 (``resume_state_<process>.ckpt``, checksummed, one per process) and reads them back; a subclass
 adds its own state of a process there (:class:`~divergent.hf.GRPOTrainer`: DPH's rehearsal set).
 
-Shown on one CPU process with a map-style dataset. Not shown: several processes (the files are
-per process, the sampler's order is the same on each), vLLM generation, iterable datasets (TRL
-shuffles those with ``datasets``' own seeded shuffle). The first log after a checkpoint that is
+Shown with a map-style dataset on one CPU process and on two (``accelerate launch``, gloo; a slow
+test). Not shown: GPUs, vLLM generation, iterable datasets (TRL shuffles those with ``datasets``'
+own seeded shuffle). The first log after a checkpoint that is
 not on a logging step averages only the resumed steps (``transformers.Trainer`` keeps its loss
 and TRL its metrics in memory between logs); parameters and later logs are exact.
 """
@@ -80,7 +80,17 @@ class ExactResume:
     PROCESS_FILE = "resume_state_{}.ckpt"
 
     def _get_train_sampler(self, dataset=None):
-        return epoch_seeded(super()._get_train_sampler(dataset))
+        self._epoch_sampler = epoch_seeded(super()._get_train_sampler(dataset))
+        return self._epoch_sampler
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        # accelerate's loaders do not always pass set_epoch down to the sampler (a resumed loader on several
+        # processes: SkipBatchSampler over BatchSamplerShard, neither of which forwards it), so the epoch is
+        # set here, before the epoch's first batch; the loaders' own calls, where they arrive, set the same.
+        sampler = getattr(self, "_epoch_sampler", None)
+        if isinstance(sampler, EpochSeededRepeatSampler):
+            sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def _inside_generation_window(self, step: int) -> bool:
         return step % (self.args.steps_per_generation * self.num_iterations) != 0
@@ -118,6 +128,7 @@ class ExactResume:
         if checkpoint is None:
             return
         path = self._process_file(checkpoint)
-        state = load_state(path, map_location=self.accelerator.device, what="resume state") \
+        device = self.accelerator.device  # "cpu:1" on a CPU rank, which torch.load cannot map to
+        state = load_state(path, map_location="cpu" if device.type == "cpu" else device, what="resume state") \
             if os.path.exists(path) else {}
         self._restore_process_state(state, checkpoint)
