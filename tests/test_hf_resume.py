@@ -103,6 +103,8 @@ def _assert_resumes_exactly(tmp_path, trainer_class, config_class, reward, steps
     (3, 2, {}),  # epoch 0, at a generation
     (6, 5, {"target": "feature", "moment": 0.3, "divergence": "forward_kl"}),  # epoch 1: prompt order, λ
     (4, 1, {"num_iterations": 2}),  # inside a generation window: TRL's buffer of samples
+    # one generation of 4 prompts for 2 steps of 2 accumulated micro-batches; epoch 1, inside the window
+    (7, 5, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "steps_per_generation": 4}),
 ])
 def test_a_resumed_fdpg_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, steps, checkpoint, kwargs):
     kwargs = {"divergence": "js", **kwargs}
@@ -110,7 +112,9 @@ def test_a_resumed_fdpg_run_ends_exactly_where_the_uninterrupted_run_ends(tmp_pa
     whole, resumed = _assert_resumes_exactly(tmp_path, FDPG, FDPGConfig, reward, steps, checkpoint, **kwargs)
     assert resumed.fdpg_z.state_dict() == whole.fdpg_z.state_dict()
     assert resumed.fdpg_baseline.state_dict() == whole.fdpg_baseline.state_dict()
-    assert len(whole.fdpg_baseline.buffer) == 8 * math.ceil(steps / kwargs.get("num_iterations", 1))
+    per_generation = kwargs.get("steps_per_generation", 1) // kwargs.get("gradient_accumulation_steps", 1)
+    generations = math.ceil(steps / kwargs.get("num_iterations", 1) / per_generation)
+    assert len(whole.fdpg_baseline.buffer) == 8 * per_generation * generations
     if kwargs.get("target") == "feature":
         assert resumed.fdpg_target.lam.tolist() == whole.fdpg_target.lam.tolist()
 

@@ -128,7 +128,7 @@ class ExactResume:
         if checkpoint is None:
             return
         path = self._process_file(checkpoint)
-        device = self.accelerator.device  # "cpu:1" on a CPU rank, which torch.load cannot map to
+        device = self.accelerator.device  # "cpu:0" on a CPU rank, which torch.load cannot map to
         state = load_state(path, map_location="cpu" if device.type == "cpu" else device, what="resume state") \
             if os.path.exists(path) else {}
         self._restore_process_state(state, checkpoint)
