@@ -24,7 +24,8 @@ math is :mod:`divergent.rl.fdpg` (the same functions ``divergent fdpg`` calls):
   KL(π‖a), plus TRL's own ``reward`` (the same values).
 
 TRL's checkpoints carry ``fdpg_state.json`` (Z, the baseline's window, λ), read back on
-``train(resume_from_checkpoint=...)``. Evaluation batches use the training Z and do not add to it.
+``train(resume_from_checkpoint=...)``; with :class:`~divergent.hf.resume.ExactResume` (the epoch's
+prompt order, TRL's generation buffer) a resumed run ends exactly where the uninterrupted one ends. Evaluation batches use the training Z and do not add to it.
 
 q is the policy at generation time: TRL's ``old_per_token_logps`` where TRL computes them
 (``num_iterations > 1``, misaligned accumulation, vLLM), otherwise one no-grad forward of the
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 import trl
 
+from divergent.hf.resume import ExactResume
 from divergent.io import read_json, write_json
 from divergent.rl.fdpg import PseudoRewardBaseline, RunningZ, fdpg_divergence_estimates, fdpg_loss
 from divergent.rl.fdpg import fdpg_pseudo_reward, fit_moment_lambda
@@ -130,7 +132,7 @@ class FDPGConfig(trl.GRPOConfig):
                           lam=lam)
 
 
-class FDPGTrainer(trl.GRPOTrainer):
+class FDPGTrainer(ExactResume, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` training f-DPG (see the module docstring).
 
     ``reward_funcs`` score the target's factor: a constraint's b ∈ {0, 1}, a feature's φ or a

@@ -37,6 +37,7 @@ sets ``delta=c``.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 import trl
 
+from divergent.hf.resume import ExactResume
 from divergent.rl import estimators, get_regulariser, group_advantages, masked_token_mean
 from divergent.rl.registry import RegulariserInputs
 
@@ -130,7 +132,7 @@ def _metric_name(regulariser: str, params: dict[str, Any]) -> str:
     return regulariser
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(ExactResume, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with :class:`GRPOConfig`'s regulariser (see the module docstring).
 
     ``teacher_model``: the KDRL teacher, a model or a local ``save_pretrained`` folder; it must
@@ -273,6 +275,22 @@ class GRPOTrainer(trl.GRPOTrainer):
         return self._spec.value(regulariser_inputs, **self._params)
 
     # -- DPH's rehearsal set ---------------------------------------------------------------------
+
+    def _process_state(self) -> dict:  # the rehearsal set travels with checkpoints (ExactResume)
+        state = super()._process_state()
+        if self._rehearsal is not None:
+            state["dph_rehearsal"] = self._rehearsal
+        return state
+
+    def _restore_process_state(self, state: dict, checkpoint: str) -> None:
+        super()._restore_process_state(state, checkpoint)
+        if "dph_rehearsal" in state:
+            self._rehearsal = state["dph_rehearsal"]
+        elif "rehearsal" in self._spec.needs and self.state.global_step > 0:
+            raise ValueError(f"checkpoint {checkpoint} has no DPH rehearsal set in "
+                             f"{os.path.basename(self._process_file(checkpoint))}: resuming would sample it from "
+                             f"the checkpoint's policy, not the initial one; resume from a checkpoint this "
+                             f"trainer wrote")
 
     def _rehearsal_fields(self, model, step: int) -> dict[str, torch.Tensor | None]:
         if self._rehearsal is None:
