@@ -20,6 +20,7 @@ config to :mod:`divergent.experiments` inside :func:`run_command`, and prints.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,13 @@ def load_plugins(modules: list[str]) -> list[str]:
         except Exception as exc:  # the user's module raised while registering
             raise ValueError(f"--plugin {name}: importing it raised {type(exc).__name__}: {exc}") from None
     return names
+
+
+def command_line(name: str) -> str | None:
+    """The command as typed (``divergent NAME ...``, shell-quoted) for a report's *Reproduce*; None when
+    the process was not started as ``divergent NAME`` (e.g. from Python or with a global option first)."""
+    args = sys.argv[1:]
+    return "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == [name] else None
 
 
 def fail(message: str, code: int = 2) -> None:

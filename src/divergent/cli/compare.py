@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from typing import Optional
 
 import typer
@@ -14,6 +12,7 @@ from divergent.cli._common import (
     OutDirOption,
     ResumeOption,
     SetOption,
+    command_line,
     run_command,
     settings,
     split_list,
@@ -80,7 +79,6 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_compare(resume)
                 return
-            command = "divergent " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
-            run_compare(config, command=command)
+            run_compare(config, command=command_line("compare"))
 
         run_command(body, debug=debug)

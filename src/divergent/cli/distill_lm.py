@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,15 +14,11 @@ from divergent.cli._common import (
     OutDirOption,
     ResumeOption,
     SetOption,
+    command_line,
     run_command,
     settings,
     split_list,
 )
-
-
-def _command(name: str) -> str | None:
-    args = sys.argv[1:]
-    return "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == [name] else None
 
 
 ServedTokenizerOption = typer.Option(
@@ -130,7 +124,7 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_distill_lm(resume)
                 return
-            run_distill_lm(config, command=_command("distill-lm"))
+            run_distill_lm(config, command=command_line("distill-lm"))
 
         run_command(body, debug=debug)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from divergent.cli._common import ConfigOption, DebugOption, OutDirOption, ResumeOption, SetOption, run_command, settings
+from divergent.cli._common import ConfigOption, DebugOption, OutDirOption, ResumeOption, SetOption, command_line, run_command, settings
 
 
 def register(app: typer.Typer) -> None:
@@ -60,8 +58,6 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_dpo(resume)
                 return
-            args = sys.argv[1:]
-            command = "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == ["dpo"] else None
-            run_dpo(config, command=command)
+            run_dpo(config, command=command_line("dpo"))
 
         run_command(body, debug=debug)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,15 +13,11 @@ from divergent.cli._common import (
     OutDirOption,
     ResumeOption,
     SetOption,
+    command_line,
     run_command,
     settings,
     split_list,
 )
-
-
-def _command() -> str | None:
-    args = sys.argv[1:]
-    return "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == ["fdpg"] else None
 
 
 def register(app: typer.Typer) -> None:
@@ -85,6 +79,6 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_fdpg(resume)
                 return
-            run_fdpg(config, command=_command())
+            run_fdpg(config, command=command_line("fdpg"))
 
         run_command(body, debug=debug)

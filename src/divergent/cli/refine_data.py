@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +13,7 @@ from divergent.cli._common import (
     OutDirOption,
     ResumeOption,
     SetOption,
+    command_line,
     run_command,
     settings,
 )
@@ -69,8 +68,6 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_refine_data(resume)
                 return
-            args = sys.argv[1:]
-            command = "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == ["refine-data"] else None
-            run_refine_data(config, command=command)
+            run_refine_data(config, command=command_line("refine-data"))
 
         run_command(body, debug=debug)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,14 +14,10 @@ from divergent.cli._common import (
     OutDirOption,
     ResumeOption,
     SetOption,
+    command_line,
     run_command,
     settings,
 )
-
-
-def _command() -> str | None:
-    args = sys.argv[1:]
-    return "divergent " + " ".join(shlex.quote(a) for a in args) if args[:1] == ["rl"] else None
 
 
 def _regulariser_param(regulariser: str, option: str, matches) -> str:
@@ -119,6 +113,6 @@ def register(app: typer.Typer) -> None:
             if resume is not None:
                 resume_rl(resume)
                 return
-            run_rl(config, command=_command())
+            run_rl(config, command=command_line("rl"))
 
         run_command(body, debug=debug)
