@@ -67,6 +67,18 @@ def save_pair(tmp_path: Path, vocab_size: int = 300):
     return teacher_dir, student_dir, tok
 
 
+def save_other_pair(tmp_path: Path):
+    """``(teacher_dir, student_dir, student_tok, teacher_tok)``: a student with a 300-token BPE and a teacher with a
+    400-token BPE (both trained with `tokenizers`), each saved with its own tokenizer."""
+    student_tok, teacher_tok = tokenizer(300), tokenizer(400)
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    llama(len(teacher_tok), 48, 2, seed=1).save_pretrained(teacher_dir)
+    teacher_tok.save_pretrained(teacher_dir)
+    llama(len(student_tok), 32, 1, seed=0).save_pretrained(student_dir)
+    student_tok.save_pretrained(student_dir)
+    return teacher_dir, student_dir, student_tok, teacher_tok
+
+
 def chat_rows(n: int = 12):
     rows = []
     for i in range(n):

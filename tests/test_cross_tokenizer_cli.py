@@ -15,17 +15,6 @@ pytest.importorskip("transformers")
 import lm_helpers as H  # noqa: E402
 
 
-def _other_pair(tmp_path):
-    """A student with a 300-token BPE and a teacher with a 400-token BPE (both trained with `tokenizers`)."""
-    student_tok, teacher_tok = H.tokenizer(300), H.tokenizer(400)
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    H.llama(len(teacher_tok), 48, 2, seed=1).save_pretrained(teacher_dir)
-    teacher_tok.save_pretrained(teacher_dir)
-    H.llama(len(student_tok), 32, 1, seed=0).save_pretrained(student_dir)
-    student_tok.save_pretrained(student_dir)
-    return teacher_dir, student_dir, student_tok, teacher_tok
-
-
 def test_teacher_batch_reads_the_same_text_in_its_own_tokens():
     from divergent.train.cross_tokenizer import teacher_batch
 
@@ -45,7 +34,7 @@ def test_teacher_batch_reads_the_same_text_in_its_own_tokens():
 
 
 def test_distill_lm_across_tokenizers_and_its_errors(tmp_path):
-    teacher, student, _, _ = _other_pair(tmp_path)
+    teacher, student, _, _ = H.save_other_pair(tmp_path)
     data = H.write_jsonl(tmp_path / "pc.jsonl", H.prompt_completion_rows(12))
     base = ["distill-lm", "--teacher", str(teacher), "--student", str(student), "--data", str(data),
             "--batch-size", "4", "--threads", "1"]

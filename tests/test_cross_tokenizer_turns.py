@@ -114,17 +114,9 @@ def test_a_different_number_of_answers_is_an_error(pair):
         uld_sequence_loss(s_logits, t_logits, s_labels, t_labels)
 
 
-def _save_two_families(root):
-    """``root/student`` (a 300-token tokenizer) and ``root/teacher`` (400 tokens), tiny Llamas with their tokenizers."""
-    for name, vocab, hidden, seed in (("student", 300, 32, 0), ("teacher", 400, 48, 1)):
-        tok = H.tokenizer(vocab)
-        H.llama(len(tok), hidden, 1, seed=seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root
-
-
 def test_distill_lm_across_tokenizers_on_conversations(tmp_path):
-    root = _save_two_families(tmp_path)
+    root = tmp_path
+    H.save_other_pair(root)
     data = H.write_jsonl(root / "chat.jsonl", H.chat_rows(16))
     result = CliRunner().invoke(app, [
         "distill-lm", "--teacher", str(root / "teacher"), "--student", str(root / "student"), "--data", str(data),
@@ -163,7 +155,8 @@ def test_on_policy_batch_is_read_by_the_teacher_as_the_students_text(pair):
 
 
 def test_distill_lm_on_policy_across_tokenizers_and_what_it_refuses(tmp_path):
-    root = _save_two_families(tmp_path)
+    root = tmp_path
+    H.save_other_pair(root)
     data = H.write_jsonl(root / "pc.jsonl", H.prompt_completion_rows(16))
     base = ["distill-lm", "--student", str(root / "student"), "--data", str(data), "--cross-tokenizer", "gold",
             "-d", "js", "--batch-size", "4", "--threads", "1", "--set", "evaluations=1", "--set", "max_new_tokens=6"]

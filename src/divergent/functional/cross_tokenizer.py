@@ -115,14 +115,6 @@ def _temperature(value: object, argument: str) -> float:
         raise type(exc)(str(exc).replace("temperature", argument, 1)) from None
 
 
-def answer_span(labels: Tensor, ignore_index: int = -100) -> tuple[int, int]:
-    """(first counted position, number of counted positions) of one row of labels; (0, 0) when none count."""
-    counted = labels.ne(ignore_index)
-    if not bool(counted.any()):
-        return 0, 0
-    return int(counted.nonzero()[0, 0]), int(counted.sum())
-
-
 def answer_spans(labels: Tensor, ignore_index: int = -100) -> list[tuple[int, int]]:
     """``(start, size)`` of each maximal run of counted positions of one row of labels, in order.
 

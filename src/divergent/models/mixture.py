@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from divergent.functional._validation import check_temperature
 from divergent.models.hf import hidden_and_logits, output_layer
 
 __all__ = ["TeacherMixture", "mixture_weights"]
@@ -74,7 +75,7 @@ class TeacherMixture(nn.Module):
         this method's own: at most three ``[B, T, V]`` tensors live at once (the sum, a
         teacher's logits, its log-probabilities), whatever the number of teachers.
         """
-        temperature = self.temperature if temperature is None else _check_temperature(temperature)
+        temperature = self.temperature if temperature is None else check_temperature(temperature)
         total = None
         for teacher, log_weight in zip(self.teachers, [math.log(w) for w in self.weights]):
             with torch.no_grad():  # a teacher: no gradient (and the in-place steps below rely on it)
@@ -93,18 +94,12 @@ class TeacherMixture(nn.Module):
         ``temperature``: T (default: the mixture's own); evaluation asks at 1.0, where the
         logits are ``log sum_i w_i softmax(z_i)``, the mixture of the teachers themselves.
         """
-        temperature = self.temperature if temperature is None else _check_temperature(temperature)
+        temperature = self.temperature if temperature is None else check_temperature(temperature)
         return self.log_mixture(input_ids, attention_mask, temperature=temperature).mul_(temperature)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same as :meth:`teacher_logits`."""
         return self.teacher_logits(input_ids, attention_mask)
-
-
-def _check_temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def check_teacher_settings(config) -> None:
